@@ -1,0 +1,41 @@
+# One command each for what people and CI run. Every target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test check lint protos protos-check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: start a server on localhost:50051 with the example workers, print what they do, stop cleanly
+run: $(STAMP)
+	$(PY) -m tensorps.examples.demo $(ARGS)
+
+## test: lint, type-check, verify generated code, then the test suite (TENSORPS_SLOW=1 adds slow profiles)
+test: $(STAMP) check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(STAMP) protos-check lint
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+protos: $(STAMP)
+	PYTHON=$(PY) scripts/gen_protos.sh
+
+## protos-check: fail if the committed generated code differs from a fresh generation
+protos-check: $(STAMP)
+	PYTHON=$(PY) scripts/check_protos.sh
+
+bench: $(STAMP)
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

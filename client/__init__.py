@@ -1,0 +1,32 @@
+"""The thin tensorps client: numpy arrays in and out, exceptions named like tf.errors."""
+
+from tensorps.client.client import Client, VariableInfo
+from tensorps.client.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TensorPSError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TensorPSError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "VariableInfo",
+]

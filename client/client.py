@@ -1,0 +1,360 @@
+"""The thin client: numpy arrays in, numpy arrays out, typed exceptions, any tensor size."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tensorps.client import codec, wire
+from tensorps.client.codec import CodecError, DType, Shape
+from tensorps.client.errors import InvalidArgumentError, TensorPSError, UnavailableError, from_rpc_error
+from tensorps.v1 import tensorps_pb2 as pb
+
+Array = np.ndarray[Any, Any]
+_SERVICE = "/tensorps.v1.ParameterServer/"
+# Above this many bytes a tensor travels as a stream of chunks instead of one message.
+STREAM_THRESHOLD = 4 << 20
+CHUNK_BYTES = 1 << 20
+_MAX_MESSAGE = 2**31 - 1
+_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    """A variable's metadata; `version` grows with every successful write."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: Shape | None
+    initialized: bool
+    version: int
+
+
+def _info(proto: pb.VariableInfo) -> VariableInfo:
+    return VariableInfo(
+        name=proto.name,
+        dtype=codec.dtype_from_code(proto.dtype).numpy,
+        shape=codec.shape_from_proto(proto.shape),
+        initialized=proto.initialized,
+        version=proto.version,
+    )
+
+
+def _head(dtype: DType, shape: Shape) -> bytes:
+    proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
+    codec.shape_to_proto(shape, proto.tensor_shape)
+    return proto.SerializeToString()
+
+
+class Client:
+    """A connection to a tensorps server; use it as a context manager, from any number of threads.
+
+    `target` is "host:port". `timeout` (seconds) bounds every call. `channels` connections are opened and
+    calls spread over them, because servers with several worker processes balance per connection.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        timeout: float | None = None,
+        channels: int = 2,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        credentials = None
+        if root_certificates or certificate_chain or private_key:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        self._channels = [self._open(i, credentials) for i in range(max(1, channels))]
+        self._next = itertools.count()
+        self._dtypes: dict[str, DType] = {}
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, index: int, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        # A distinct argument per channel: grpcio would otherwise share one connection among them.
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("tensorps.channel_index", index),
+        ]
+        if credentials is not None:
+            return grpc.secure_channel(self.target, credentials, options=options)
+        return grpc.insecure_channel(self.target, options=options)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport -----------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.Channel:
+        return self._channels[next(self._next) % len(self._channels)]
+
+    def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
+        for attempt in itertools.count():
+            stub = self._channel().unary_unary(_SERVICE + method)
+            try:
+                response: bytes = stub(request, timeout=self.timeout, metadata=self._metadata)
+                return response
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if not (idempotent and isinstance(error, UnavailableError) and attempt < _RETRIES):
+                    raise error from None
+        raise AssertionError("unreachable")
+
+    def _read_chunks(
+        self, chunks: Iterator[bytes], *, expect_value: bool = True
+    ) -> tuple[VariableInfo, Array | None]:
+        try:
+            first = pb.ReadChunk.FromString(next(chunks))
+            info = _info(first.info)
+            if not expect_value or info.shape is None:
+                for _ in chunks:
+                    pass  # the end of the stream carries the call's status
+                return info, None
+            dtype = codec.dtype_of(info.dtype)
+            buffer = np.empty(codec.nbytes_of(info.shape, dtype), np.uint8)
+            filled = 0
+            for raw in chunks:
+                rest, data = wire.detach(raw, (15,))
+                if pb.ReadChunk.FromString(rest).offset != filled or filled + data.nbytes > buffer.nbytes:
+                    raise InvalidArgumentError("the server sent chunks out of order")
+                buffer[filled : filled + data.nbytes] = data
+                filled += data.nbytes
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        except StopIteration:
+            raise InvalidArgumentError("the server's stream ended before the variable's info") from None
+        if filled != buffer.nbytes:
+            raise InvalidArgumentError(f"the server's stream ended after {filled} of {buffer.nbytes} bytes")
+        return info, codec.array_from_buffer(buffer, dtype, info.shape)
+
+    def _remember(self, info: VariableInfo) -> VariableInfo:
+        dtype = codec.dtype_of(info.dtype)
+        with self._lock:
+            self._dtypes[info.name] = dtype
+            if info.shape is not None:
+                self._sizes[info.name] = codec.nbytes_of(info.shape, dtype)
+        return info
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._dtypes.pop(name, None)
+            self._sizes.pop(name, None)
+
+    # ---- values --------------------------------------------------------------------------------
+
+    def _as_array(self, name: str, value: Any, dtype: DType | None = None) -> Array:
+        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly."""
+        try:
+            codec.validate_name(name)
+            if isinstance(value, np.ndarray | np.generic):
+                array = np.asarray(value)
+                codec.dtype_of(array.dtype)
+                return codec.as_wire_array(array)
+            if dtype is None:
+                dtype = self._dtypes.get(name) or codec.dtype_of(self.info(name).dtype)
+            return codec.from_python(value, dtype, name=name)
+        except CodecError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+
+    # ---- catalog -------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        dtype: Any = None,
+        shape: Sequence[int] | None = None,
+        value: Any = None,
+    ) -> VariableInfo:
+        """Create a variable: declared (dtype, optional shape) and uninitialized, or with an initial value."""
+        try:
+            codec.validate_name(name)
+            declared = codec.dtype_of(dtype) if dtype is not None else None
+            dims = codec.validate_shape(shape) if shape is not None else None
+        except CodecError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        request = pb.CreateVariableRequest(name=name)
+        if declared is not None:
+            request.dtype = declared.code  # type: ignore[assignment]
+        if dims is not None:
+            codec.shape_to_proto(dims, request.shape)
+        if value is None:
+            if declared is None:
+                raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
+            response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
+            return self._remember(_info(pb.CreateVariableResponse.FromString(response).info))
+        if declared is None and not isinstance(value, np.ndarray | np.generic):
+            raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
+        array = self._as_array(name, value, declared)
+        if array.nbytes > STREAM_THRESHOLD:
+            # Declare, then stream the initial value; a failed write removes the half-made variable.
+            request.ClearField("shape")
+            info = self.create(name, dtype=codec.dtype_of(array.dtype), shape=dims or array.shape)
+            try:
+                self.assign(name, array, read_value=False)
+            except TensorPSError:
+                self.delete(name)
+                raise
+            return self.info(name)
+        payload = wire.frame(
+            request.SerializeToString(), 4, _head(codec.dtype_of(array.dtype), array.shape), 4, array
+        )
+        response = self._unary("CreateVariable", payload, idempotent=False)
+        return self._remember(_info(pb.CreateVariableResponse.FromString(response).info))
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        request = pb.DeleteVariableRequest(name=name).SerializeToString()
+        self._unary("DeleteVariable", request, idempotent=False)
+
+    def info(self, name: str) -> VariableInfo:
+        request = pb.GetVariableRequest(name=name).SerializeToString()
+        response = self._unary("GetVariable", request, idempotent=True)
+        return self._remember(_info(pb.GetVariableResponse.FromString(response).info))
+
+    def is_initialized(self, name: str) -> bool:
+        return self.info(name).initialized
+
+    def list(self, prefix: str = "") -> list[VariableInfo]:
+        request = pb.ListVariablesRequest(prefix=prefix).SerializeToString()
+        response = pb.ListVariablesResponse.FromString(self._unary("ListVariables", request, idempotent=True))
+        return [_info(v) for v in response.variables]
+
+    # ---- reads and writes ----------------------------------------------------------------------
+
+    def read(self, name: str) -> Array:
+        """The variable's value, as a read-only array (copy it to modify it)."""
+        size = self._sizes.get(name)
+        if size is not None and size <= STREAM_THRESHOLD:
+            request = pb.ReadRequest(name=name).SerializeToString()
+            raw = self._unary("Read", request, idempotent=True)
+            rest, content = wire.detach(raw, (2, 4))
+            response = pb.ReadResponse.FromString(rest)
+            self._remember(_info(response.info))
+            return codec.tensor_from_parts(response.value, content)
+        return self._read_stream(name)
+
+    def _read_stream(self, name: str) -> Array:
+        request = pb.ReadRequest(name=name).SerializeToString()
+        for attempt in itertools.count():
+            stream = self._channel().unary_stream(_SERVICE + "ReadStream")
+            try:
+                info, value = self._read_chunks(stream(request, timeout=self.timeout, metadata=self._metadata))
+            except UnavailableError:
+                if attempt >= _RETRIES:
+                    raise
+                continue
+            self._remember(info)
+            assert value is not None
+            return value
+        raise AssertionError("unreachable")
+
+    def assign(
+        self,
+        name: str,
+        value: Any,
+        *,
+        validate_shape: bool = True,
+        use_locking: bool = True,
+        read_value: bool = True,
+    ) -> Any:
+        """TF's Assign. Returns the variable's value after the write, or its VariableInfo if not read_value."""
+        return self._write(
+            pb.WRITE_OP_ASSIGN, "Assign", name, value, read_value, use_locking, validate_shape, idempotent=True
+        )
+
+    def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
+        """TF's AssignAdd: same shape, no broadcasting; integer overflow wraps."""
+        return self._write(pb.WRITE_OP_ASSIGN_ADD, "AssignAdd", name, delta, read_value, use_locking)
+
+    def assign_sub(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
+        """TF's AssignSub: same shape, no broadcasting; integer overflow wraps."""
+        return self._write(pb.WRITE_OP_ASSIGN_SUB, "AssignSub", name, delta, read_value, use_locking)
+
+    def _write(
+        self,
+        op: int,
+        method: str,
+        name: str,
+        value: Any,
+        read_value: bool,
+        use_locking: bool,
+        validate_shape: bool | None = None,
+        *,
+        idempotent: bool = False,
+    ) -> Any:
+        array = self._as_array(name, value)
+        dtype = codec.dtype_of(array.dtype)
+        try:
+            if array.nbytes > STREAM_THRESHOLD:
+                return self._write_stream(op, name, array, dtype, read_value, use_locking, validate_shape)
+            request = pb.AssignRequest(name=name, use_locking=use_locking, read_value=read_value)
+            if validate_shape is not None:
+                request.validate_shape = validate_shape
+            payload = wire.frame(request.SerializeToString(), 8, _head(dtype, array.shape), 4, array)
+            raw = self._unary(method, payload, idempotent=idempotent)
+        except TensorPSError:
+            if not isinstance(value, np.ndarray | np.generic):
+                self._forget(name)  # the dtype used for the conversion may be stale
+            raise
+        rest, content = wire.detach(raw, (2, 4))
+        response = pb.AssignResponse.FromString(rest)
+        info = self._remember(_info(response.info))
+        if not read_value:
+            return info
+        return codec.tensor_from_parts(response.value, content)
+
+    def _write_stream(
+        self,
+        op: int,
+        name: str,
+        array: Array,
+        dtype: DType,
+        read_value: bool,
+        use_locking: bool,
+        validate_shape: bool | None,
+    ) -> Any:
+        header = pb.WriteHeader(
+            op=op,  # type: ignore[arg-type]
+            name=name,
+            use_locking=use_locking,
+            read_value=read_value,
+            dtype=dtype.code,  # type: ignore[arg-type]
+        )
+        if validate_shape is not None:
+            header.validate_shape = validate_shape
+        codec.shape_to_proto(array.shape, header.shape)
+        flat = memoryview(array.reshape(-1).view(np.uint8))
+
+        def chunks() -> Iterator[bytes]:
+            yield pb.WriteChunk(header=header).SerializeToString()
+            for offset in range(0, flat.nbytes, CHUNK_BYTES):
+                head = pb.WriteChunk(offset=offset).SerializeToString()
+                yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
+
+        stream = self._channel().stream_stream(_SERVICE + "WriteStream")
+        responses = stream(chunks(), timeout=self.timeout, metadata=self._metadata)
+        info, value = self._read_chunks(responses, expect_value=read_value)
+        self._remember(info)
+        return value if read_value else info
+

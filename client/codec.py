@@ -1,0 +1,235 @@
+"""Tensors on the wire: dtypes, shapes, names and tensor bytes, shared by the client and the server.
+
+Everything here validates before it allocates: a shape's byte size is computed with Python integers
+(an int64 product can wrap to 0), dims must be non-negative, and the rank is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from tensorps.v1 import tensorps_pb2 as pb
+
+MAX_RANK = 32
+MAX_NAME_LENGTH = 255
+
+Shape = tuple[int, ...]
+
+
+class CodecError(ValueError):
+    """A tensor, shape, dtype or name that tensorps cannot accept (INVALID_ARGUMENT on the server)."""
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    numpy: np.dtype[Any]
+    code: int
+
+
+def _dtype(name: str, numpy: Any, code: int) -> DType:
+    # Native order: tensorps runs on little-endian hosts, which is also the wire's order.
+    return DType(name, np.dtype(numpy), code)
+
+
+DTYPES: tuple[DType, ...] = (
+    _dtype("float16", np.float16, pb.DT_HALF),
+    _dtype("bfloat16", ml_dtypes.bfloat16, pb.DT_BFLOAT16),
+    _dtype("float32", np.float32, pb.DT_FLOAT),
+    _dtype("float64", np.float64, pb.DT_DOUBLE),
+    _dtype("int8", np.int8, pb.DT_INT8),
+    _dtype("int16", np.int16, pb.DT_INT16),
+    _dtype("int32", np.int32, pb.DT_INT32),
+    _dtype("int64", np.int64, pb.DT_INT64),
+    _dtype("uint8", np.uint8, pb.DT_UINT8),
+    _dtype("uint16", np.uint16, pb.DT_UINT16),
+    _dtype("uint32", np.uint32, pb.DT_UINT32),
+    _dtype("uint64", np.uint64, pb.DT_UINT64),
+    _dtype("complex64", np.complex64, pb.DT_COMPLEX64),
+    _dtype("complex128", np.complex128, pb.DT_COMPLEX128),
+    _dtype("bool", np.bool_, pb.DT_BOOL),
+)
+_BY_CODE = {d.code: d for d in DTYPES}
+_BY_NAME = {d.name: d for d in DTYPES}
+_BY_NUMPY = {d.numpy: d for d in DTYPES}
+# TensorFlow's spellings, so that "float" and "half" work as they do in tf.as_dtype.
+_BY_NAME.update({"float": _BY_NAME["float32"], "double": _BY_NAME["float64"], "half": _BY_NAME["float16"]})
+
+
+def dtype_from_code(code: int) -> DType:
+    try:
+        return _BY_CODE[code]
+    except KeyError:
+        raise CodecError(f"unsupported dtype code {code} (supported: {supported_dtypes()})") from None
+
+
+def dtype_of(spec: Any) -> DType:
+    """The tensorps dtype of a name ("float32"), a numpy dtype or type, or an array's dtype."""
+    if isinstance(spec, DType):
+        return spec
+    if isinstance(spec, str) and spec in _BY_NAME:
+        return _BY_NAME[spec]
+    try:
+        npdtype = np.dtype(spec)
+    except TypeError:
+        raise CodecError(f"unsupported dtype {spec!r} (supported: {supported_dtypes()})") from None
+    found = _BY_NUMPY.get(npdtype.newbyteorder("=") if npdtype.byteorder in "<>" else npdtype)
+    if found is None:
+        raise CodecError(f"unsupported dtype {npdtype} (supported: {supported_dtypes()})")
+    return found
+
+
+def supported_dtypes() -> str:
+    return " ".join(d.name for d in DTYPES)
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\-/:]*")
+
+
+def validate_name(name: str) -> None:
+    """TensorFlow's op-name rule plus ':' (so "dense/kernel:0" works); no empty, '.' or '..' parts."""
+    if not name:
+        raise CodecError("variable name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise CodecError(f"variable name is {len(name)} characters long, the limit is {MAX_NAME_LENGTH}")
+    if not _NAME_RE.fullmatch(name):
+        raise CodecError(
+            f"invalid variable name {name!r}: use 1-{MAX_NAME_LENGTH} characters of [A-Za-z0-9_.-/:], "
+            "starting with a letter, digit or '.'"
+        )
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise CodecError(f"invalid variable name {name!r}: a '/'-separated part is empty, '.' or '..'")
+
+
+def format_shape(shape: Shape | None) -> str:
+    """TensorFlow's shape text in error messages: [4,5], [] for a scalar, <unknown> for none."""
+    if shape is None:
+        return "<unknown>"
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def validate_shape(shape: Sequence[int]) -> Shape:
+    if len(shape) > MAX_RANK:
+        raise CodecError(f"shape has rank {len(shape)}, the limit is {MAX_RANK}")
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise CodecError(f"shape {format_shape(dims)} has a negative dimension")
+    return dims
+
+
+def nbytes_of(shape: Shape, dtype: DType) -> int:
+    """Byte size of a tensor, in Python integers so that huge dims cannot wrap around."""
+    return math.prod(shape) * dtype.numpy.itemsize
+
+
+def shape_to_proto(shape: Shape | None, out: pb.TensorShapeProto | None = None) -> pb.TensorShapeProto:
+    proto = out if out is not None else pb.TensorShapeProto()
+    if shape is None:
+        proto.unknown_rank = True
+    else:
+        proto.dim.extend(pb.TensorShapeProto.Dim(size=d) for d in shape)
+    return proto
+
+
+def shape_from_proto(proto: pb.TensorShapeProto) -> Shape | None:
+    if proto.unknown_rank:
+        return None
+    if len(proto.dim) > MAX_RANK:
+        raise CodecError(f"shape has rank {len(proto.dim)}, the limit is {MAX_RANK}")
+    return validate_shape([d.size for d in proto.dim])
+
+
+def as_wire_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The array as little-endian, C-contiguous memory (a copy only when it is not already)."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def tensor_to_proto(array: np.ndarray[Any, Any], out: pb.TensorProto | None = None) -> pb.TensorProto:
+    array = as_wire_array(array)
+    proto = out if out is not None else pb.TensorProto()
+    proto.dtype = dtype_of(array.dtype).code  # type: ignore[assignment]
+    shape_to_proto(array.shape, proto.tensor_shape)
+    proto.tensor_content = array.tobytes()
+    return proto
+
+
+def array_from_buffer(data: Any, dtype: DType, shape: Shape) -> np.ndarray[Any, Any]:
+    """A read-only view of `data` as a tensor, after checking that its length fits the shape exactly."""
+    expected = nbytes_of(shape, dtype)
+    actual = memoryview(data).nbytes
+    if actual != expected:
+        raise CodecError(
+            f"tensor content has {actual} bytes, but shape {format_shape(shape)} of {dtype.name} "
+            f"needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
+    if dtype.code == pb.DT_BOOL and expected and array.view(np.uint8).max() > 1:
+        raise CodecError("bool tensor content holds bytes other than 0 and 1")
+    return array
+
+
+def tensor_header_from_proto(proto: pb.TensorProto) -> tuple[DType, Shape]:
+    dtype = dtype_from_code(proto.dtype)
+    if not proto.HasField("tensor_shape"):
+        raise CodecError("tensor has no shape")
+    shape = shape_from_proto(proto.tensor_shape)
+    if shape is None:
+        raise CodecError("tensor has an unknown shape")
+    return dtype, shape
+
+
+def tensor_from_proto(proto: pb.TensorProto) -> np.ndarray[Any, Any]:
+    dtype, shape = tensor_header_from_proto(proto)
+    return array_from_buffer(proto.tensor_content, dtype, shape)
+
+
+def tensor_from_parts(proto: pb.TensorProto, content: Any) -> np.ndarray[Any, Any]:
+    """A tensor whose content was cut out of its message (wire.detach): a view, no copy."""
+    dtype, shape = tensor_header_from_proto(proto)
+    return array_from_buffer(content, dtype, shape)
+
+
+def from_python(value: Any, dtype: DType, *, name: str = "") -> np.ndarray[Any, Any]:
+    """Python scalars and (nested) lists as an array of `dtype`, converted only losslessly, as TF does.
+
+    Floats never become integers ([[2.5, 3]] for int32 fails, as tf.constant does); integers must fit the
+    target's range; bools only go to bool; finite floats must stay finite.
+    """
+    where = f" for variable '{name}'" if name else ""
+    try:
+        source = np.array(value)
+    except (ValueError, TypeError) as exc:
+        raise CodecError(f"cannot convert {value!r} to a tensor{where}: {exc}") from None
+    target = dtype.numpy
+    kind = source.dtype.kind
+    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "c": "iufc", "V": "iuf"}[target.kind]
+    if source.size and kind not in allowed:
+        raise CodecError(f"cannot convert {_short(value)} to {dtype.name}{where} without loss")
+    if kind == "O" or kind not in "biufc":
+        raise CodecError(f"cannot convert {_short(value)} to {dtype.name}{where}")
+    with np.errstate(all="ignore"):
+        converted = source.astype(target)
+    if kind in "iu" and target.kind in "iu":
+        info = np.iinfo(target)
+        if source.size and (source.min() < info.min or source.max() > info.max):
+            raise CodecError(f"{_short(value)} does not fit in {dtype.name}{where}")
+    if kind in "iufc" and target.kind in "fcV":
+        widened = converted.astype(np.complex128 if target.kind == "c" else np.float64)
+        overflow = np.isinf(widened) & np.isfinite(source)
+        if np.any(overflow):
+            raise CodecError(f"{_short(value)} overflows {dtype.name}{where}")
+    return converted
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,122 @@
+"""Tensor bytes on the wire without protobuf's copies (the idea of TF's grpc_tensor_coding.cc).
+
+The generated classes copy a `bytes` field on every set, serialize, parse and get. Here the small part of
+a message goes through protobuf and `tensor_content` is appended as its raw tag + length + bytes, which is
+a valid encoding of the same message; on receipt a small field scanner cuts the content out as a
+zero-copy memoryview and hands protobuf the rest. Other-language clients still see plain protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tensorps.client.codec import CodecError
+
+_LEN = 2
+_MAX_VARINT_BYTES = 10
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return encode_varint(field << 3 | wire_type)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(buf):
+            break
+        byte = buf[pos + i]
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos + i + 1
+        shift += 7
+    raise CodecError("malformed protobuf: truncated or overlong varint")
+
+
+def _skip(buf: memoryview, pos: int, wire_type: int) -> int:
+    """Position after a field's value of `wire_type` starting at `pos`."""
+    if wire_type == 0:
+        return _read_varint(buf, pos)[1]
+    if wire_type == 1:
+        end = pos + 8
+    elif wire_type == _LEN:
+        length, pos = _read_varint(buf, pos)
+        end = pos + length
+    elif wire_type == 5:
+        end = pos + 4
+    else:
+        raise CodecError(f"malformed protobuf: unsupported wire type {wire_type}")
+    if end > len(buf):
+        raise CodecError("malformed protobuf: a field runs past the end of the message")
+    return end
+
+
+def _cut(buf: memoryview, field: int, inner: Sequence[int]) -> tuple[list[Any], memoryview | None]:
+    """Split `buf` into the parts without LEN field `field` (recursing through `inner`) and its payload.
+
+    Repeated occurrences are all removed and the last payload wins, as protobuf merges them.
+    """
+    parts: list[Any] = []
+    payload: memoryview | None = None
+    pos = start = 0
+    while pos < len(buf):
+        key, value_pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise CodecError("malformed protobuf: field number 0")
+        end = _skip(buf, value_pos, wire_type)
+        if number == field and wire_type == _LEN:
+            parts.append(buf[start:pos])
+            length, body = _read_varint(buf, value_pos)
+            if inner:
+                sub_parts, sub_payload = _cut(buf[body:end], inner[0], inner[1:])
+                if sub_payload is not None:
+                    payload = sub_payload
+                sub = b"".join(sub_parts)
+                parts.append(_tag(field, _LEN) + encode_varint(len(sub)) + sub)
+            else:
+                payload = buf[body:end]
+            start = end
+        pos = end
+    parts.append(buf[start:])
+    return parts, payload
+
+
+def detach(raw: bytes, path: Sequence[int]) -> tuple[bytes, memoryview]:
+    """Cut the bytes field at `path` (field numbers, outermost first) out of a serialized message.
+
+    Returns the message without that field (small: parse it with protobuf) and a zero-copy view of the
+    field's bytes (empty if absent).
+    """
+    parts, payload = _cut(memoryview(raw), path[0], path[1:])
+    return b"".join(parts), payload if payload is not None else memoryview(b"")
+
+
+def frame(prefix: bytes, field: int, tensor_head: bytes, content_field: int, content: Any) -> bytes:
+    """`prefix` + a LEN field `field` holding `tensor_head` followed by bytes field `content_field`.
+
+    The content (any buffer) is copied exactly once, into the returned message.
+    """
+    if isinstance(content, np.ndarray):
+        # A byte view: memoryview cannot export every dtype (bfloat16), bytes.join needs no format.
+        content = content.reshape(-1).view(np.uint8)
+    view = memoryview(content)
+    content_key = _tag(content_field, _LEN) + encode_varint(view.nbytes)
+    body_length = len(tensor_head) + len(content_key) + view.nbytes
+    outer = _tag(field, _LEN) + encode_varint(body_length) if field else b""
+    return b"".join((prefix, outer, tensor_head, content_key, view))

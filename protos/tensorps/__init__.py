@@ -1,0 +1,1 @@
+"""tensorps: a networked parameter server with TensorFlow's exact Assign semantics."""

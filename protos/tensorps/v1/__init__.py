@@ -1,0 +1,1 @@
+"""Generated protocol of tensorps.v1 (see tensorps.proto); regenerate with `make protos`."""

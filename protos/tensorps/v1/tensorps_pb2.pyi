@@ -1,0 +1,221 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DT_INVALID: _ClassVar[DataType]
+    DT_FLOAT: _ClassVar[DataType]
+    DT_DOUBLE: _ClassVar[DataType]
+    DT_INT32: _ClassVar[DataType]
+    DT_UINT8: _ClassVar[DataType]
+    DT_INT16: _ClassVar[DataType]
+    DT_INT8: _ClassVar[DataType]
+    DT_COMPLEX64: _ClassVar[DataType]
+    DT_INT64: _ClassVar[DataType]
+    DT_BOOL: _ClassVar[DataType]
+    DT_BFLOAT16: _ClassVar[DataType]
+    DT_UINT16: _ClassVar[DataType]
+    DT_COMPLEX128: _ClassVar[DataType]
+    DT_HALF: _ClassVar[DataType]
+    DT_UINT32: _ClassVar[DataType]
+    DT_UINT64: _ClassVar[DataType]
+
+class WriteOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WRITE_OP_UNSPECIFIED: _ClassVar[WriteOp]
+    WRITE_OP_ASSIGN: _ClassVar[WriteOp]
+    WRITE_OP_ASSIGN_ADD: _ClassVar[WriteOp]
+    WRITE_OP_ASSIGN_SUB: _ClassVar[WriteOp]
+DT_INVALID: DataType
+DT_FLOAT: DataType
+DT_DOUBLE: DataType
+DT_INT32: DataType
+DT_UINT8: DataType
+DT_INT16: DataType
+DT_INT8: DataType
+DT_COMPLEX64: DataType
+DT_INT64: DataType
+DT_BOOL: DataType
+DT_BFLOAT16: DataType
+DT_UINT16: DataType
+DT_COMPLEX128: DataType
+DT_HALF: DataType
+DT_UINT32: DataType
+DT_UINT64: DataType
+WRITE_OP_UNSPECIFIED: WriteOp
+WRITE_OP_ASSIGN: WriteOp
+WRITE_OP_ASSIGN_ADD: WriteOp
+WRITE_OP_ASSIGN_SUB: WriteOp
+
+class TensorShapeProto(_message.Message):
+    __slots__ = ("dim", "unknown_rank")
+    class Dim(_message.Message):
+        __slots__ = ("size", "name")
+        SIZE_FIELD_NUMBER: _ClassVar[int]
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        size: int
+        name: str
+        def __init__(self, size: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_RANK_FIELD_NUMBER: _ClassVar[int]
+    dim: _containers.RepeatedCompositeFieldContainer[TensorShapeProto.Dim]
+    unknown_rank: bool
+    def __init__(self, dim: _Optional[_Iterable[_Union[TensorShapeProto.Dim, _Mapping]]] = ..., unknown_rank: _Optional[bool] = ...) -> None: ...
+
+class TensorProto(_message.Message):
+    __slots__ = ("dtype", "tensor_shape", "version_number", "tensor_content")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    tensor_shape: TensorShapeProto
+    version_number: int
+    tensor_content: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., tensor_shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., version_number: _Optional[int] = ..., tensor_content: _Optional[bytes] = ...) -> None: ...
+
+class VariableInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "initialized", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: TensorShapeProto
+    initialized: bool
+    version: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., initialized: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
+class CreateVariableRequest(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: TensorShapeProto
+    value: TensorProto
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class CreateVariableResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: VariableInfo
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ...) -> None: ...
+
+class DeleteVariableRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteVariableResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVariablesRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ListVariablesResponse(_message.Message):
+    __slots__ = ("variables",)
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    variables: _containers.RepeatedCompositeFieldContainer[VariableInfo]
+    def __init__(self, variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ...) -> None: ...
+
+class GetVariableRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetVariableResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: VariableInfo
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("name", "validate_shape", "use_locking", "read_value", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    USE_LOCKING_FIELD_NUMBER: _ClassVar[int]
+    READ_VALUE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    validate_shape: bool
+    use_locking: bool
+    read_value: bool
+    value: TensorProto
+    def __init__(self, name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class AssignResponse(_message.Message):
+    __slots__ = ("info", "value")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    info: VariableInfo
+    value: TensorProto
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class ReadRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReadResponse(_message.Message):
+    __slots__ = ("info", "value")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    info: VariableInfo
+    value: TensorProto
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class WriteHeader(_message.Message):
+    __slots__ = ("op", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    USE_LOCKING_FIELD_NUMBER: _ClassVar[int]
+    READ_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    op: WriteOp
+    name: str
+    validate_shape: bool
+    use_locking: bool
+    read_value: bool
+    dtype: DataType
+    shape: TensorShapeProto
+    def __init__(self, op: _Optional[_Union[WriteOp, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ...) -> None: ...
+
+class WriteChunk(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: WriteHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[WriteHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ReadChunk(_message.Message):
+    __slots__ = ("info", "offset", "data")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    info: VariableInfo
+    offset: int
+    data: bytes
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

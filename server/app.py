@@ -1,0 +1,275 @@
+"""Process model: a supervisor that owns the store and N forked worker processes serving one port.
+
+Python serves gRPC on one core (the GIL), so several processes serve the same port with SO_REUSEPORT
+over one shared-memory store. Workers are forked before any gRPC server or channel exists in the process
+(gRPC's core is not fork-safe once started). The kernel balances connections, not calls, across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tensorps.server.config import ServerConfig
+from tensorps.server.ops import Ops
+from tensorps.server.service import SERVICE_NAME, ParameterServer
+from tensorps.server.store import Store, StoreError
+
+log = logging.getLogger("tensorps.server")
+
+# Room for the protobuf framing around a tensor of max_message_bytes.
+_FRAMING_SLACK = 64 * 1024
+_RESTART_BACKOFF_MAX = 10.0
+
+
+class StartupError(Exception):
+    """The server cannot start (port taken, store unusable); the CLI prints it and exits 1."""
+
+
+def grpc_options(config: ServerConfig, *, reuseport: bool) -> list[tuple[str, int]]:
+    limit = config.max_message_bytes + _FRAMING_SLACK
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1 if reuseport else 0),
+    ]
+
+
+def build_server(config: ServerConfig, ops: Ops, *, reuseport: bool) -> tuple[grpc.Server, health.HealthServicer]:
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=grpc_options(config, reuseport=reuseport),
+    )
+    server.add_generic_rpc_handlers((ParameterServer(ops).handler(),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(config.address)
+    return server, health_servicer
+
+
+def _set_health(servicer: health.HealthServicer, status: int) -> None:
+    for service in ("", SERVICE_NAME):
+        servicer.set(service, status)  # type: ignore[arg-type]
+
+
+# ---- worker --------------------------------------------------------------------------------------
+
+
+def run_worker(config: ServerConfig, ready_fd: int) -> int:
+    """Serve until SIGTERM/SIGINT, then finish in-flight calls within the grace period. Returns 0."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal's ^C reaches all
+    store = Store.open(config.store_path)
+    ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
+    server, health_servicer = build_server(config, ops, reuseport=True)
+    server.start()
+    _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("worker %d serving on %s", os.getpid(), config.address)
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
+    while not stop.wait(0.5):
+        pass
+    _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.stop(config.grace).wait()
+    store.close()
+    log.info("worker %d stopped", os.getpid())
+    return 0
+
+
+# ---- supervisor ----------------------------------------------------------------------------------
+
+
+def claim_port(config: ServerConfig) -> int:
+    """Fail if any socket holds the port; resolve port 0 to a free port.
+
+    gRPC sets SO_REUSEPORT, which would let a second server silently share a busy port, so the check binds a
+    plain socket first.
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host.strip("[]"), config.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {config.port} on {config.host} is already in use") from None
+            raise StartupError(f"cannot bind {config.address}: {exc.strerror}") from None
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class _Worker:
+    pid: int
+    started: float
+    failures: int = 0
+
+
+@dataclass
+class Supervisor:
+    config: ServerConfig
+    workers: dict[int, _Worker] = field(default_factory=dict)
+    stopping: bool = False
+    force: bool = False
+
+    def _spawn(self, slot: int, failures: int = 0) -> None:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(ready_r)
+                code = run_worker(self.config, ready_w)
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(ready_w)
+        self.workers[slot] = _Worker(pid, time.monotonic(), failures)
+        self._ready_fds.append(ready_r)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            self.force = True
+            log.warning("second signal: stopping workers at once")
+            self._signal_workers(signal.SIGKILL)
+            return
+        self.stopping = True
+        log.info("received %s: finishing in-flight calls (grace %.1f s)", signal.Signals(signum).name, self.config.grace)
+        self._signal_workers(signal.SIGTERM)
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        pending = list(self._ready_fds)
+        while pending and time.monotonic() < deadline:
+            for fd in list(pending):
+                os.set_blocking(fd, False)
+                try:
+                    data = os.read(fd, 1)
+                except BlockingIOError:
+                    continue
+                if data:
+                    pending.remove(fd)
+                else:
+                    return False  # the worker died before it was ready
+            time.sleep(0.01)
+        for fd in self._ready_fds:
+            os.close(fd)
+        self._ready_fds.clear()
+        return not pending
+
+    def run(self) -> int:
+        self._ready_fds: list[int] = []
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for slot in range(self.config.workers):
+            self._spawn(slot)
+        if not self._wait_ready(30.0):
+            log.error("workers failed to start")
+            self._signal_workers(signal.SIGKILL)
+            self._reap_all(5.0)
+            return 1
+        log.info(
+            "tensorps ready: serving on %s with %d worker%s, store %s",
+            self.config.address,
+            self.config.workers,
+            "" if self.config.workers == 1 else "s",
+            self.config.store_path,
+        )
+        while not self.stopping:
+            self._reap_and_restart()
+            time.sleep(0.05)
+        self._reap_all(self.config.grace + 5.0)
+        return 0
+
+    def _reap_and_restart(self) -> None:
+        for slot, worker in list(self.workers.items()):
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid == 0 or self.stopping:
+                continue
+            cause = _describe_exit(status)
+            lived = time.monotonic() - worker.started
+            failures = worker.failures + 1 if lived < 5.0 else 0
+            delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2**failures) if failures else 0.0
+            log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
+            del self.workers[slot]
+            time.sleep(delay)
+            if not self.stopping:
+                self._spawn(slot, failures)
+                self._wait_ready(30.0)
+
+    def _reap_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.workers:
+            for slot, worker in list(self.workers.items()):
+                try:
+                    pid, status = os.waitpid(worker.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = worker.pid, 0
+                if pid:
+                    log.info("worker %d %s", worker.pid, _describe_exit(status))
+                    del self.workers[slot]
+            if time.monotonic() > deadline and not self.force:
+                log.warning("workers still running after the grace period: killing them")
+                self.force = True
+                self._signal_workers(signal.SIGKILL)
+            time.sleep(0.02)
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server until it is told to stop; returns the process exit code."""
+    port = claim_port(config)
+    config = replace(config, port=port)
+    try:
+        store = Store.open(
+            config.store_path,
+            stripes=config.stripes,
+            max_variables=config.max_variables,
+            max_total_bytes=config.max_total_bytes,
+        )
+    except (StoreError, OSError) as exc:
+        raise StartupError(f"cannot open the store {config.store_path}: {exc}") from None
+    created = store.created
+    log.info("%s store %s", "created" if created else "attached to", config.store_path)
+    store.close()  # the workers map it themselves, after the fork
+    try:
+        code = Supervisor(config).run()
+    finally:
+        if created and not config.keep_store:
+            Store.remove_files(config.store_path)
+            log.info("removed store %s", config.store_path)
+    return code
+

@@ -1,0 +1,38 @@
+"""Every server setting in one frozen dataclass; the CLI fills it from flags and TENSORPS_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 1
+    # Directory of the shared-memory store; None means /dev/shm/tensorps-<port>.
+    store: str | None = None
+    keep_store: bool = False
+    stripes: int = 64
+    max_variables: int = 65536
+    # None: 90 % of the store filesystem's free space when the store is created.
+    max_total_bytes: int | None = None
+    # None: only the total applies.
+    max_variable_bytes: int | None = None
+    # Unary messages up to this size; the client streams anything larger in chunks.
+    max_message_bytes: int = 64 * MiB
+    threads: int = 16
+    max_concurrent_rpcs: int = 256
+    grace: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def store_path(self) -> str:
+        return self.store or f"/dev/shm/tensorps-{self.port}"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,293 @@
+"""The gRPC adapter: raw request bytes -> ops -> raw response bytes, errors -> status codes.
+
+Handlers take the request as bytes (no deserializer) so that a malformed message is an INVALID_ARGUMENT
+rather than grpcio's generic INTERNAL, and so that tensor bytes are cut out of the message without a copy
+(wire.py). The path of a tensor byte from the socket to shared memory: wire.detach (a view of the request)
+-> codec.array_from_buffer (a typed view) -> ops.assign (np.copyto into the segment).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from tensorps.client import codec, wire
+from tensorps.client.codec import CodecError, DType, Shape
+from tensorps.server.ops import Info, OpError, Ops
+from tensorps.server.store import StoreError
+from tensorps.v1 import tensorps_pb2 as pb
+
+SERVICE_NAME = "tensorps.v1.ParameterServer"
+CHUNK_BYTES = 1 << 20
+
+log = logging.getLogger("tensorps.server")
+R = TypeVar("R")
+Array = np.ndarray[Any, Any]
+
+
+def info_to_proto(info: Info, out: pb.VariableInfo | None = None) -> pb.VariableInfo:
+    proto = out if out is not None else pb.VariableInfo()
+    proto.name = info.name
+    proto.dtype = info.dtype.code  # type: ignore[assignment]
+    codec.shape_to_proto(info.shape, proto.shape)
+    proto.initialized = info.initialized
+    proto.version = info.version
+    return proto
+
+
+def tensor_head(dtype: DType, shape: Shape) -> bytes:
+    """A serialized TensorProto without tensor_content, to be followed by it (wire.frame)."""
+    proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
+    codec.shape_to_proto(shape, proto.tensor_shape)
+    return proto.SerializeToString()
+
+
+def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
+    @functools.wraps(handler)
+    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return handler(self, request, context)
+        except OpError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except (CodecError, DecodeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request")
+        except StoreError as exc:
+            log.exception("store failure")
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+
+    return wrapper
+
+
+def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[..., Iterator[R]]:
+    @functools.wraps(handler)
+    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
+        try:
+            yield from handler(self, request, context)
+        except OpError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except (CodecError, DecodeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request")
+        except StoreError as exc:
+            log.exception("store failure")
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+
+    return wrapper
+
+
+def _flag(message: Any, field: str, default: bool) -> bool:
+    return bool(getattr(message, field)) if message.HasField(field) else default
+
+
+def _name(name: str) -> str:
+    codec.validate_name(name)
+    return name
+
+
+def _chunks(info: Info, array: Array) -> Iterator[bytes]:
+    """A value as ReadChunk messages: the info first, then the bytes in order."""
+    yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
+    flat = memoryview(codec.as_wire_array(array)).cast("B")
+    for offset in range(0, flat.nbytes, CHUNK_BYTES):
+        head = pb.ReadChunk(offset=offset).SerializeToString()
+        yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
+
+
+class ParameterServer:
+    """The servicer of tensorps.v1.ParameterServer over one Ops instance."""
+
+    def __init__(self, ops: Ops) -> None:
+        self.ops = ops
+
+    # ---- catalog -------------------------------------------------------------------------------
+
+    @_abort_on_error
+    def create_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        rest, content = wire.detach(raw, (4, 4))
+        request = pb.CreateVariableRequest.FromString(rest)
+        name = _name(request.name)
+        shape = codec.shape_from_proto(request.shape) if request.HasField("shape") else None
+        value = None
+        if request.HasField("value"):
+            value_dtype, value_shape = codec.tensor_header_from_proto(request.value)
+            if request.dtype and request.dtype != value_dtype.code:
+                raise CodecError(
+                    f"variable '{name}' is declared {codec.dtype_from_code(request.dtype).name} but its "
+                    f"initial value is {value_dtype.name}"
+                )
+            dtype = value_dtype
+            self.ops.check_size(name, value_shape, dtype)
+            value = codec.array_from_buffer(content, dtype, value_shape)
+        elif request.dtype == pb.DT_INVALID:
+            raise CodecError(f"variable '{name}' needs a dtype or an initial value")
+        else:
+            dtype = codec.dtype_from_code(request.dtype)
+        info = self.ops.create(name, dtype, shape, value)
+        return pb.CreateVariableResponse(info=info_to_proto(info)).SerializeToString()
+
+    @_abort_on_error
+    def delete_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = pb.DeleteVariableRequest.FromString(raw)
+        self.ops.delete(_name(request.name))
+        return b""
+
+    @_abort_on_error
+    def list_variables(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = pb.ListVariablesRequest.FromString(raw)
+        response = pb.ListVariablesResponse()
+        for info in self.ops.list(request.prefix):
+            info_to_proto(info, response.variables.add())
+        return response.SerializeToString()
+
+    @_abort_on_error
+    def get_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = pb.GetVariableRequest.FromString(raw)
+        info = self.ops.info(_name(request.name))
+        return pb.GetVariableResponse(info=info_to_proto(info)).SerializeToString()
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def _write(self, op: int, raw: bytes) -> bytes:
+        rest, content = wire.detach(raw, (8, 4))
+        request = pb.AssignRequest.FromString(rest)
+        name = _name(request.name)
+        if not request.HasField("value"):
+            raise CodecError(f"the request for variable '{name}' has no value")
+        dtype, shape = codec.tensor_header_from_proto(request.value)
+        self.ops.check_size(name, shape, dtype)
+        value = codec.array_from_buffer(content, dtype, shape)
+        info, result = self._apply(op, name, value, request)
+        prefix = pb.AssignResponse(info=info_to_proto(info)).SerializeToString()
+        if result is None:
+            return prefix
+        source = content if result is value else codec.as_wire_array(result)
+        return wire.frame(prefix, 2, tensor_head(dtype, shape), 4, source)
+
+    def _apply(self, op: int, name: str, value: Array, flags: Any) -> tuple[Info, Array | None]:
+        read_value = _flag(flags, "read_value", True)
+        if op == pb.WRITE_OP_ASSIGN:
+            return self.ops.assign(
+                name,
+                value,
+                validate_shape=_flag(flags, "validate_shape", True),
+                use_locking=_flag(flags, "use_locking", True),
+                read_value=read_value,
+            )
+        if op in (pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB):
+            return self.ops.assign_add(
+                name,
+                value,
+                use_locking=_flag(flags, "use_locking", False),
+                read_value=read_value,
+                subtract=op == pb.WRITE_OP_ASSIGN_SUB,
+            )
+        raise CodecError(f"unknown write op {op}")
+
+    @_abort_on_error
+    def assign(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._write(pb.WRITE_OP_ASSIGN, raw)
+
+    @_abort_on_error
+    def assign_add(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._write(pb.WRITE_OP_ASSIGN_ADD, raw)
+
+    @_abort_on_error
+    def assign_sub(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._write(pb.WRITE_OP_ASSIGN_SUB, raw)
+
+    @_abort_on_error_stream
+    def write_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        first = next(chunks, None)
+        if first is None:
+            raise CodecError("the write stream is empty: its first message must carry a header")
+        rest, data = wire.detach(first, (15,))
+        chunk = pb.WriteChunk.FromString(rest)
+        if not chunk.HasField("header"):
+            raise CodecError("the first message of a write stream has no header")
+        header = chunk.header
+        name = _name(header.name)
+        dtype = codec.dtype_from_code(header.dtype)
+        if not header.HasField("shape"):
+            raise CodecError(f"the write stream for variable '{name}' has no shape")
+        shape = codec.shape_from_proto(header.shape)
+        if shape is None:
+            raise CodecError(f"the write stream for variable '{name}' has an unknown shape")
+        if header.op not in (pb.WRITE_OP_ASSIGN, pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB):
+            raise CodecError(f"unknown write op {header.op} for variable '{name}'")
+        nbytes = self.ops.check_size(name, shape, dtype)
+        # Checked before this allocation: the size is within the server's limits.
+        buffer = np.empty(nbytes, np.uint8)
+        filled = 0
+        message: bytes | None = first
+        while message is not None:
+            if message is not first:
+                rest, data = wire.detach(message, (15,))
+                chunk = pb.WriteChunk.FromString(rest)
+                if chunk.HasField("header"):
+                    raise CodecError(f"write stream for variable '{name}': a second header")
+            if chunk.offset != filled:
+                raise CodecError(
+                    f"write stream for variable '{name}': chunk at offset {chunk.offset}, expected {filled}"
+                )
+            if filled + data.nbytes > nbytes:
+                raise CodecError(
+                    f"write stream for variable '{name}': more than the {nbytes} bytes of shape "
+                    f"{codec.format_shape(shape)} of {dtype.name}"
+                )
+            buffer[filled : filled + data.nbytes] = data
+            filled += data.nbytes
+            message = next(chunks, None)
+        if filled != nbytes:
+            raise CodecError(
+                f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes"
+            )
+        value = codec.array_from_buffer(buffer, dtype, shape)
+        info, result = self._apply(header.op, name, value, header)
+        if result is None:
+            yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
+        else:
+            yield from _chunks(info, result)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    @_abort_on_error
+    def read(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        name = _name(pb.ReadRequest.FromString(raw).name)
+
+        def encode(info: Info, view: Array) -> bytes:
+            prefix = pb.ReadResponse(info=info_to_proto(info)).SerializeToString()
+            assert info.shape is not None
+            return wire.frame(prefix, 2, tensor_head(info.dtype, info.shape), 4, view)
+
+        return self.ops.read(name, encode)
+
+    @_abort_on_error_stream
+    def read_stream(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        name = _name(pb.ReadRequest.FromString(raw).name)
+        # A private snapshot, so that the lock is not held while a slow reader drains the stream.
+        info, snapshot = self.ops.read(name, lambda info, view: (info, view.copy()))
+        yield from _chunks(info, snapshot)
+
+    # ---- registration --------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
+        handlers = {
+            "CreateVariable": unary(self.create_variable),
+            "DeleteVariable": unary(self.delete_variable),
+            "ListVariables": unary(self.list_variables),
+            "GetVariable": unary(self.get_variable),
+            "Assign": unary(self.assign),
+            "AssignAdd": unary(self.assign_add),
+            "AssignSub": unary(self.assign_sub),
+            "Read": unary(self.read),
+            "WriteStream": grpc.stream_stream_rpc_method_handler(self.write_stream),
+            "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+

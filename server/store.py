@@ -1,0 +1,449 @@
+"""The shared-memory store: a variable table and the variables' bytes, in files on a tmpfs.
+
+A store is a directory (default /dev/shm/tensorps-<port>) that any number of processes map at once:
+
+    meta        header + an open-addressing hash table of variable slots (mmap, shared)
+    locks       one byte per lock stripe plus the catalog lock (see locks.py)
+    seg-<id>    one file per data segment; ids come from a counter, never from a variable's name
+
+Every slot holds two descriptors (dtype, shape, initialized, version, segment) and a one-byte selector
+naming the active one. A crash-atomic write fills the inactive descriptor and its segment, then flips
+the selector with a single byte store: a process killed at any instant leaves the old descriptor (and
+the old bytes) complete. The store knows nothing of TensorFlow's semantics (ops.py does); it provides
+the table, the segments, the byte budget and the locks. Callers hold a name's stripe lock while they
+touch its slot; slot insertion and removal, the segment counter and the budget also take the catalog lock.
+
+Slots are read without the catalog lock through a per-slot sequence counter (odd while a slot changes),
+so that lookups on the hot path cost no extra system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import shutil
+import struct
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
+from tensorps.server.locks import StripedLocks, create_lock_file
+
+MAGIC = b"TPSSTOR1"
+PAGE = mmap.PAGESIZE
+
+# Header: magic, stripes, capacity, slot size, next segment id, used bytes, variable count,
+# byte budget, variable limit.
+_HEADER = struct.Struct("<8sIIIxxxxQQQQQ")
+_HEADER_SIZE = 4096
+_OFF_NEXT_SEG = 24
+_OFF_USED = 32
+_OFF_COUNT = 40
+
+EMPTY, USED, TOMBSTONE = 0, 1, 2
+# Slot: sequence counter, state, active descriptor index, name length, name.
+_SLOT_HEAD = struct.Struct(f"<IBBH{MAX_NAME_LENGTH + 1}s")
+# Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity.
+_DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ")
+_DIMS = struct.Struct(f"<{MAX_RANK}q")
+_DESC_SIZE = _DESC_HEAD.size + _DIMS.size
+SLOT_SIZE = -(-(_SLOT_HEAD.size + 2 * _DESC_SIZE) // 64) * 64
+_OFF_STATE = 4
+_OFF_SELECTOR = 5
+_OFF_VERSION = 8
+
+
+class StoreError(Exception):
+    """A store-level failure that callers report to the user."""
+
+
+class StoreFullError(StoreError):
+    """The byte budget, the variable limit or the tmpfs itself has no room."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    dtype: int
+    initialized: bool
+    shape: Shape | None
+    version: int
+    nbytes: int
+    segment: int = 0
+    capacity: int = 0
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_variables: int
+    max_total_bytes: int
+
+
+def default_total_bytes(path: str) -> int:
+    """90 % of the free space of the filesystem that will hold the store (a full tmpfs means SIGBUS)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "/"
+    st = os.statvfs(parent)
+    return int(st.f_bavail * st.f_frsize * 0.9)
+
+
+def _capacity_for(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+def _table_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=b"tpsslot").digest(), "little")
+
+
+class Store:
+    """One process's handle on a store directory. Thread-safe; fork a process before opening one."""
+
+    def __init__(self, path: str, *, created: bool) -> None:
+        self.path = path
+        self.created = created
+        self._meta_fd = os.open(os.path.join(path, "meta"), os.O_RDWR | os.O_CLOEXEC)
+        header = os.pread(self._meta_fd, _HEADER.size, 0)
+        magic, stripes, capacity, slot_size, *_rest, budget, max_vars = _HEADER.unpack(header)
+        if magic != MAGIC or slot_size != SLOT_SIZE:
+            os.close(self._meta_fd)
+            raise StoreError(f"{path} is not a tensorps store of this version")
+        self.capacity: int = capacity
+        self.limits = StoreLimits(max_variables=max_vars, max_total_bytes=budget)
+        self._meta = mmap.mmap(self._meta_fd, _HEADER_SIZE + capacity * SLOT_SIZE)
+        self.locks = StripedLocks(os.path.join(path, "locks"), stripes)
+        self._slot_cache: dict[str, int] = {}
+        # segment id -> (mapping, slot that used it when mapped)
+        self._segments: dict[int, tuple[mmap.mmap, int]] = {}
+        self._segments_lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: str, *, stripes: int = 64, max_variables: int = 65536, max_total_bytes: int | None = None
+    ) -> Store:
+        """Create the store at `path`, or attach to the one there (whose own settings then apply)."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return cls._attach(path)
+        try:
+            budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
+            capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
+            create_lock_file(os.path.join(path, "locks"), stripes)
+            tmp = os.path.join(path, "meta.init")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, _HEADER_SIZE + capacity * SLOT_SIZE)
+                header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
+                os.pwrite(fd, header, 0)
+            finally:
+                os.close(fd)
+            # Attachers wait for "meta"; renaming makes it appear complete or not at all.
+            os.rename(tmp, os.path.join(path, "meta"))
+            return cls(path, created=True)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _attach(cls, path: str, wait: float = 5.0) -> Store:
+        deadline = time.monotonic() + wait
+        while not os.path.exists(os.path.join(path, "meta")):
+            if time.monotonic() > deadline:
+                raise StoreError(f"{path} exists but holds no tensorps store")
+            time.sleep(0.01)
+        return cls(path, created=False)
+
+    def close(self) -> None:
+        with self._segments_lock:
+            self._segments.clear()  # mappings unmap once no array views them any more
+        self.locks.close()
+        try:
+            self._meta.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with it
+        os.close(self._meta_fd)
+
+    def destroy(self) -> None:
+        """Close this handle and remove the store's files."""
+        self.close()
+        Store.remove_files(self.path)
+
+    @staticmethod
+    def remove_files(path: str) -> None:
+        """Remove a store's files. Processes that still map it keep valid mappings until they unmap."""
+        shutil.rmtree(path, ignore_errors=True)
+
+    # ---- header --------------------------------------------------------------------------------
+
+    def _header_u64(self, offset: int) -> int:
+        value: int = struct.unpack_from("<Q", self._meta, offset)[0]
+        return value
+
+    def _set_header_u64(self, offset: int, value: int) -> None:
+        struct.pack_into("<Q", self._meta, offset, value)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._header_u64(_OFF_USED)
+
+    @property
+    def variable_count(self) -> int:
+        return self._header_u64(_OFF_COUNT)
+
+    # ---- slots ---------------------------------------------------------------------------------
+
+    def _slot_offset(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * SLOT_SIZE
+
+    def _read_slot_head(self, slot: int) -> tuple[int, int, str]:
+        seq, state, _sel, length, raw = _SLOT_HEAD.unpack_from(self._meta, self._slot_offset(slot))
+        return seq, state, raw[:length].decode(errors="replace")
+
+    def _slot_holds(self, slot: int, name: str) -> bool | None:
+        """True/False if the slot stably holds/does not hold `name`; None if it is changing."""
+        seq, state, slot_name = self._read_slot_head(slot)
+        if seq & 1:
+            return None
+        if state != USED or slot_name != name:
+            return False
+        again: int = struct.unpack_from("<I", self._meta, self._slot_offset(slot))[0]
+        return True if again == seq else None
+
+    def find(self, name: str) -> int | None:
+        """The slot of `name`, or None. The caller holds the name's stripe lock."""
+        slot = self._slot_cache.get(name)
+        if slot is not None and self._slot_holds(slot, name):
+            return slot
+        found = self._probe(name, locked=False)
+        if found is _CHANGING:
+            with self.locks.hold(self.locks.catalog, exclusive=False):
+                found = self._probe(name, locked=True)
+        assert not isinstance(found, _Changing)
+        if found is None:
+            self._slot_cache.pop(name, None)
+        else:
+            self._slot_cache[name] = found
+        return found
+
+    def _probe(self, name: str, *, locked: bool) -> int | None | _Changing:
+        mask = self.capacity - 1
+        index = _table_hash(name) & mask
+        for _ in range(self.capacity):
+            seq, state, slot_name = self._read_slot_head(index)
+            if seq & 1 and not locked:
+                return _CHANGING
+            if state == EMPTY:
+                return None
+            if state == USED and slot_name == name:
+                if locked or self._slot_holds(index, name):
+                    return index
+                return _CHANGING
+            index = (index + 1) & mask
+        return None
+
+    def _begin_change(self, slot: int) -> None:
+        off = self._slot_offset(slot)
+        seq: int = struct.unpack_from("<I", self._meta, off)[0]
+        struct.pack_into("<I", self._meta, off, (seq | 1) if not seq & 1 else seq)
+
+    def _end_change(self, slot: int) -> None:
+        off = self._slot_offset(slot)
+        seq: int = struct.unpack_from("<I", self._meta, off)[0]
+        struct.pack_into("<I", self._meta, off, (seq + 1) & 0xFFFFFFFF & ~1)
+
+    def insert(self, name: str, descriptor: Descriptor) -> int:
+        """Add `name` (which must be absent) with `descriptor` as its active descriptor."""
+        with self.locks.hold(self.locks.catalog):
+            count = self.variable_count
+            if count >= self.limits.max_variables:
+                raise StoreFullError(f"the store holds {count} variables, its limit")
+            mask = self.capacity - 1
+            index = _table_hash(name) & mask
+            for _ in range(self.capacity):
+                state = self._meta[self._slot_offset(index) + _OFF_STATE]
+                if state != USED:
+                    break
+                index = (index + 1) & mask
+            else:
+                raise StoreFullError("the variable table is full")
+            off = self._slot_offset(index)
+            self._begin_change(index)
+            raw = name.encode()
+            struct.pack_into(f"<BBH{MAX_NAME_LENGTH + 1}s", self._meta, off + 4, state, 0, len(raw), raw)
+            self._write_descriptor(index, 0, descriptor)
+            self._write_descriptor(index, 1, replace(descriptor, segment=0, capacity=0))
+            self._meta[off + _OFF_STATE] = USED
+            self._end_change(index)
+            self._set_header_u64(_OFF_COUNT, count + 1)
+        self._slot_cache[name] = index
+        return index
+
+    def delete_slot(self, slot: int) -> None:
+        """Delete the variable in `slot` and free its segments. The caller holds its stripe lock."""
+        with self.locks.hold(self.locks.catalog):
+            _seq, _state, name = self._read_slot_head(slot)
+            for which in (0, 1):
+                self._free_segment(self.descriptor(slot, which))
+            self._begin_change(slot)
+            self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
+            self._end_change(slot)
+            self._set_header_u64(_OFF_COUNT, self.variable_count - 1)
+        self._slot_cache.pop(name, None)
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Every variable's name (a snapshot: variables may come and go meanwhile)."""
+        with self.locks.hold(self.locks.catalog, exclusive=False):
+            found = []
+            for slot in range(self.capacity):
+                if self._meta[self._slot_offset(slot) + _OFF_STATE] == USED:
+                    name = self._read_slot_head(slot)[2]
+                    if name.startswith(prefix):
+                        found.append(name)
+        return sorted(found)
+
+    # ---- descriptors ---------------------------------------------------------------------------
+
+    def _descriptor_offset(self, slot: int, which: int) -> int:
+        return self._slot_offset(slot) + _SLOT_HEAD.size + which * _DESC_SIZE
+
+    def selector(self, slot: int) -> int:
+        return self._meta[self._slot_offset(slot) + _OFF_SELECTOR]
+
+    def descriptor(self, slot: int, which: int) -> Descriptor:
+        off = self._descriptor_offset(slot, which)
+        dtype, initialized, rank, version, nbytes, segment, capacity = _DESC_HEAD.unpack_from(self._meta, off)
+        shape = None if rank < 0 else tuple(_DIMS.unpack_from(self._meta, off + _DESC_HEAD.size)[:rank])
+        return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity)
+
+    def active(self, slot: int) -> Descriptor:
+        return self.descriptor(slot, self.selector(slot))
+
+    def _write_descriptor(self, slot: int, which: int, d: Descriptor) -> None:
+        off = self._descriptor_offset(slot, which)
+        rank = -1 if d.shape is None else len(d.shape)
+        _DESC_HEAD.pack_into(
+            self._meta, off, d.dtype, d.initialized, rank, d.version, d.nbytes, d.segment, d.capacity
+        )
+        dims = (d.shape or ()) + (0,) * (MAX_RANK - max(rank, 0))
+        _DIMS.pack_into(self._meta, off + _DESC_HEAD.size, *dims)
+
+    def publish(self, slot: int, descriptor: Descriptor) -> None:
+        """Make `descriptor` (whose segment must be the inactive one's) active, crash-atomically."""
+        inactive = 1 - self.selector(slot)
+        self._write_descriptor(slot, inactive, descriptor)
+        # The single byte store that commits the write: before it, readers and a crash see the old value.
+        self._meta[self._slot_offset(slot) + _OFF_SELECTOR] = inactive
+
+    def bump_version(self, slot: int) -> int:
+        """Count an in-place (unlocked) write in the active descriptor; returns the new version."""
+        off = self._descriptor_offset(slot, self.selector(slot)) + _OFF_VERSION
+        version: int = struct.unpack_from("<Q", self._meta, off)[0] + 1
+        struct.pack_into("<Q", self._meta, off, version)
+        return version
+
+    def set_active(self, slot: int, descriptor: Descriptor) -> None:
+        """Overwrite the active descriptor in place (not crash-atomic; for metadata-only changes)."""
+        self._write_descriptor(slot, self.selector(slot), descriptor)
+
+    # ---- segments ------------------------------------------------------------------------------
+
+    def spare_segment(self, slot: int, nbytes: int) -> tuple[int, int]:
+        """A segment of the slot's inactive descriptor that fits `nbytes`, (re)allocated if needed.
+
+        Returns (segment id, capacity); (0, 0) for zero bytes. Raises StoreFullError, changing no value.
+        """
+        inactive = 1 - self.selector(slot)
+        current = self.descriptor(slot, inactive)
+        want = _capacity_for(nbytes)
+        if current.capacity == want:
+            return current.segment, current.capacity
+        with self.locks.hold(self.locks.catalog):
+            self._free_segment(current)
+            self._write_descriptor(slot, inactive, replace(current, segment=0, capacity=0, nbytes=0))
+            if want == 0:
+                return 0, 0
+            segment = self._allocate_segment(want)
+            self._write_descriptor(slot, inactive, replace(current, segment=segment, capacity=want, nbytes=0))
+        return segment, want
+
+    def _allocate_segment(self, capacity: int) -> int:
+        """A new zero-filled segment; the caller holds the catalog lock."""
+        used = self.used_bytes
+        if used + capacity > self.limits.max_total_bytes:
+            raise StoreFullError(
+                f"storing {capacity} more bytes would exceed the store's budget of "
+                f"{self.limits.max_total_bytes} bytes ({used} in use)"
+            )
+        segment = self._header_u64(_OFF_NEXT_SEG)
+        self._set_header_u64(_OFF_NEXT_SEG, segment + 1)
+        path = self._segment_path(segment)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            # Reserve the pages now: a tmpfs that fills up later would SIGBUS on first touch instead.
+            os.posix_fallocate(fd, 0, capacity)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise StoreFullError(f"the store's filesystem has no room for {capacity} bytes") from None
+            raise
+        os.close(fd)
+        self._set_header_u64(_OFF_USED, used + capacity)
+        return segment
+
+    def _free_segment(self, d: Descriptor) -> None:
+        """Unlink a descriptor's segment; the caller holds the catalog lock."""
+        if d.segment == 0:
+            return
+        try:
+            os.unlink(self._segment_path(d.segment))
+        except FileNotFoundError:
+            pass
+        self._set_header_u64(_OFF_USED, max(0, self.used_bytes - d.capacity))
+        with self._segments_lock:
+            self._segments.pop(d.segment, None)
+
+    def _segment_path(self, segment: int) -> str:
+        return os.path.join(self.path, f"seg-{segment:016x}")
+
+    def segment_array(self, slot: int, segment: int, capacity: int, nbytes: int) -> np.ndarray[Any, Any]:
+        """The first `nbytes` of a slot's segment as a writable uint8 array (empty for segment 0)."""
+        if segment == 0:
+            return np.empty(0, np.uint8)
+        with self._segments_lock:
+            entry = self._segments.get(segment)
+            if entry is None:
+                fd = os.open(self._segment_path(segment), os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    entry = (mmap.mmap(fd, capacity), slot)
+                finally:
+                    os.close(fd)
+                self._evict_stale()
+                self._segments[segment] = entry
+        return np.frombuffer(entry[0], np.uint8, nbytes)
+
+    def _evict_stale(self) -> None:
+        """Drop mappings of segments that their slot no longer uses (another process freed them).
+
+        Keeping them would pin freed tmpfs pages; a mapping still viewed by an array lives on until then.
+        """
+        stale = [
+            segment
+            for segment, (_mapping, slot) in self._segments.items()
+            if segment not in (self.descriptor(slot, 0).segment, self.descriptor(slot, 1).segment)
+        ]
+        for segment in stale:
+            del self._segments[segment]
+
+
+class _Changing:
+    """Marker: a slot on the probe path was changing; probe again under the catalog lock."""
+
+
+_CHANGING = _Changing()
