@@ -150,7 +150,8 @@ def as_wire_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The array as little-endian, C-contiguous memory (a copy only when it is not already)."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def tensor_to_proto(array: np.ndarray[Any, Any], out: pb.TensorProto | None = None) -> pb.TensorProto:

@@ -1,0 +1,56 @@
+"""Shared fixtures: one real server for the suite, a client per test, unique variable names."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from support import ServerProcess
+from tensorps.client import Client
+
+_names = itertools.count()
+
+SLOW = os.environ.get("TENSORPS_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow profile: set TENSORPS_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One server process (2 workers) shared by the semantics tests."""
+    with ServerProcess(workers=2) as proc:
+        yield proc
+    assert proc.proc.returncode == 0, "\n".join(proc.log)
+    assert not os.path.exists(proc.store), "the server left its store behind"
+
+
+@pytest.fixture
+def ps(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.address, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A variable name no other test uses."""
+    return f"t{next(_names)}/" + re.sub(r"[^A-Za-z0-9_.]", "_", request.node.name)[:60]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_leaked_stores() -> Iterator[None]:
+    before = set(glob.glob("/dev/shm/tensorps-test-*"))
+    yield
+    leaked = set(glob.glob("/dev/shm/tensorps-test-*")) - before
+    assert not leaked, f"stores left behind: {sorted(leaked)}"
