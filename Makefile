@@ -25,7 +25,7 @@ check: $(STAMP) protos-check lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy scripts/typecheck.sh
 
 protos: $(STAMP)
 	PYTHON=$(PY) scripts/gen_protos.sh

@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import InvalidArgumentError, TensorPSError, UnavailableError, from_rpc_error
@@ -23,6 +22,11 @@ STREAM_THRESHOLD = 4 << 20
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
 _RETRIES = 2
+_WRITE_METHODS: dict[int, str] = {
+    pb.WRITE_OP_ASSIGN: "Assign",
+    pb.WRITE_OP_ASSIGN_ADD: "AssignAdd",
+    pb.WRITE_OP_ASSIGN_SUB: "AssignSub",
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ class Client:
 
     def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
         for attempt in itertools.count():
-            stub = self._channel().unary_unary(_SERVICE + method)
+            stub = self._channel().unary_unary(
+                _SERVICE + method, request_serializer=None, response_deserializer=None
+            )
             try:
                 response: bytes = stub(request, timeout=self.timeout, metadata=self._metadata)
                 return response
@@ -209,7 +215,7 @@ class Client:
         if array.nbytes > STREAM_THRESHOLD:
             # Declare, then stream the initial value; a failed write removes the half-made variable.
             request.ClearField("shape")
-            info = self.create(name, dtype=codec.dtype_of(array.dtype), shape=dims or array.shape)
+            self.create(name, dtype=codec.dtype_of(array.dtype), shape=dims or array.shape)
             try:
                 self.assign(name, array, read_value=False)
             except TensorPSError:
@@ -257,9 +263,12 @@ class Client:
     def _read_stream(self, name: str) -> Array:
         request = pb.ReadRequest(name=name).SerializeToString()
         for attempt in itertools.count():
-            stream = self._channel().unary_stream(_SERVICE + "ReadStream")
+            stream = self._channel().unary_stream(
+                _SERVICE + "ReadStream", request_serializer=None, response_deserializer=None
+            )
             try:
-                info, value = self._read_chunks(stream(request, timeout=self.timeout, metadata=self._metadata))
+                responses = stream(request, timeout=self.timeout, metadata=self._metadata)
+                info, value = self._read_chunks(iter(responses))
             except UnavailableError:
                 if attempt >= _RETRIES:
                     raise
@@ -278,41 +287,38 @@ class Client:
         use_locking: bool = True,
         read_value: bool = True,
     ) -> Any:
-        """TF's Assign. Returns the variable's value after the write, or its VariableInfo if not read_value."""
-        return self._write(
-            pb.WRITE_OP_ASSIGN, "Assign", name, value, read_value, use_locking, validate_shape, idempotent=True
-        )
+        """TF's Assign: the variable's value after the write, or its VariableInfo without read_value."""
+        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value, validate_shape=validate_shape)
+        return self._write(name, value, pb.WRITE_OP_ASSIGN, flags, idempotent=True)
 
     def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignAdd: same shape, no broadcasting; integer overflow wraps."""
-        return self._write(pb.WRITE_OP_ASSIGN_ADD, "AssignAdd", name, delta, read_value, use_locking)
+        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value)
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_ADD, flags)
 
     def assign_sub(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignSub: same shape, no broadcasting; integer overflow wraps."""
-        return self._write(pb.WRITE_OP_ASSIGN_SUB, "AssignSub", name, delta, read_value, use_locking)
+        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value)
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, flags)
 
     def _write(
-        self,
-        op: int,
-        method: str,
-        name: str,
-        value: Any,
-        read_value: bool,
-        use_locking: bool,
-        validate_shape: bool | None = None,
-        *,
-        idempotent: bool = False,
+        self, name: str, value: Any, op: int, flags: pb.WriteHeader, *, idempotent: bool = False
     ) -> Any:
+        """One write op; `flags` carries the op's optional flags, unset meaning TF's default."""
         array = self._as_array(name, value)
         dtype = codec.dtype_of(array.dtype)
         try:
             if array.nbytes > STREAM_THRESHOLD:
-                return self._write_stream(op, name, array, dtype, read_value, use_locking, validate_shape)
-            request = pb.AssignRequest(name=name, use_locking=use_locking, read_value=read_value)
-            if validate_shape is not None:
-                request.validate_shape = validate_shape
+                header = pb.WriteHeader(op=op, name=name, dtype=dtype.code)  # type: ignore[arg-type]
+                header.MergeFrom(flags)
+                codec.shape_to_proto(array.shape, header.shape)
+                return self._write_stream(array, header)
+            request = pb.AssignRequest(name=name)
+            for flag in ("validate_shape", "use_locking", "read_value"):
+                if flags.HasField(flag):
+                    setattr(request, flag, getattr(flags, flag))
             payload = wire.frame(request.SerializeToString(), 8, _head(dtype, array.shape), 4, array)
-            raw = self._unary(method, payload, idempotent=idempotent)
+            raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
         except TensorPSError:
             if not isinstance(value, np.ndarray | np.generic):
                 self._forget(name)  # the dtype used for the conversion may be stale
@@ -320,31 +326,12 @@ class Client:
         rest, content = wire.detach(raw, (2, 4))
         response = pb.AssignResponse.FromString(rest)
         info = self._remember(_info(response.info))
-        if not read_value:
+        if not flags.read_value:
             return info
         return codec.tensor_from_parts(response.value, content)
 
-    def _write_stream(
-        self,
-        op: int,
-        name: str,
-        array: Array,
-        dtype: DType,
-        read_value: bool,
-        use_locking: bool,
-        validate_shape: bool | None,
-    ) -> Any:
-        header = pb.WriteHeader(
-            op=op,  # type: ignore[arg-type]
-            name=name,
-            use_locking=use_locking,
-            read_value=read_value,
-            dtype=dtype.code,  # type: ignore[arg-type]
-        )
-        if validate_shape is not None:
-            header.validate_shape = validate_shape
-        codec.shape_to_proto(array.shape, header.shape)
-        flat = memoryview(array.reshape(-1).view(np.uint8))
+    def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
+        flat = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
         def chunks() -> Iterator[bytes]:
             yield pb.WriteChunk(header=header).SerializeToString()
@@ -352,9 +339,10 @@ class Client:
                 head = pb.WriteChunk(offset=offset).SerializeToString()
                 yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
 
-        stream = self._channel().stream_stream(_SERVICE + "WriteStream")
+        stream = self._channel().stream_stream(
+            _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None
+        )
         responses = stream(chunks(), timeout=self.timeout, metadata=self._metadata)
-        info, value = self._read_chunks(responses, expect_value=read_value)
+        info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
         self._remember(info)
-        return value if read_value else info
-
+        return value if header.read_value else info

@@ -1,16 +1,16 @@
 """Exceptions of tensorps.client, named like tf.errors.
 
-    TensorPSError                 the server (or the client's own check) refused a call; .code, .message
-    ├── InvalidArgumentError      bad name, dtype, shape or value; TF's shape-mismatch texts
-    ├── NotFoundError             no variable of that name
-    ├── AlreadyExistsError        create() of an existing name
-    ├── FailedPreconditionError   read/assign_add/assign_sub of an uninitialized variable
-    ├── ResourceExhaustedError    a limit (bytes per variable, total bytes, variable count, message size)
-    ├── UnauthenticatedError      missing or wrong token
-    ├── PermissionDeniedError     the token may not do this (read-only)
-    ├── UnavailableError          the server cannot be reached
-    ├── DeadlineExceededError     the call's timeout passed
-    └── InternalError             anything else the server reports
+TensorPSError                 the server (or the client's own check) refused a call; .code, .message
+├── InvalidArgumentError      bad name, dtype, shape or value; TF's shape-mismatch texts
+├── NotFoundError             no variable of that name
+├── AlreadyExistsError        create() of an existing name
+├── FailedPreconditionError   read/assign_add/assign_sub of an uninitialized variable
+├── ResourceExhaustedError    a limit (bytes per variable, total bytes, variable count, message size)
+├── UnauthenticatedError      missing or wrong token
+├── PermissionDeniedError     the token may not do this (read-only)
+├── UnavailableError          the server cannot be reached
+├── DeadlineExceededError     the call's timeout passed
+└── InternalError             anything else the server reports
 """
 
 from __future__ import annotations
@@ -91,6 +91,6 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorPSError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> TensorPSError:
     """The typed exception for a failed gRPC call."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
     return _BY_CODE.get(code, TensorPSError)(details, code)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from tensorps.client.codec import CodecError
 
 _LEN = 2
@@ -82,7 +81,7 @@ def _cut(buf: memoryview, field: int, inner: Sequence[int]) -> tuple[list[Any], 
         end = _skip(buf, value_pos, wire_type)
         if number == field and wire_type == _LEN:
             parts.append(buf[start:pos])
-            length, body = _read_varint(buf, value_pos)
+            _length, body = _read_varint(buf, value_pos)
             if inner:
                 sub_parts, sub_payload = _cut(buf[body:end], inner[0], inner[1:])
                 if sub_payload is not None:

@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--store",
         default=_env("STORE", None),
-        help="store directory on a tmpfs, shared by every server that names it (default /dev/shm/tensorps-PORT)",
+        help="store directory on a tmpfs, shared by all servers naming it (default /dev/shm/tensorps-PORT)",
     )
     p.add_argument(
         "--keep-store",
@@ -55,7 +55,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stripes", type=int, default=_env("STRIPES", _DEFAULTS.stripes), help="lock stripes")
     p.add_argument(
-        "--max-variables", type=int, default=_env("MAX_VARIABLES", _DEFAULTS.max_variables), help="variable limit"
+        "--max-variables",
+        type=int,
+        default=_env("MAX_VARIABLES", _DEFAULTS.max_variables),
+        help="variable limit",
     )
     p.add_argument(
         "--max-total-bytes",
@@ -75,7 +78,9 @@ def parser() -> argparse.ArgumentParser:
         default=_env("MAX_MESSAGE_BYTES", _DEFAULTS.max_message_bytes),
         help="largest unary message; larger tensors are streamed",
     )
-    p.add_argument("--threads", type=int, default=_env("THREADS", _DEFAULTS.threads), help="threads per worker")
+    p.add_argument(
+        "--threads", type=int, default=_env("THREADS", _DEFAULTS.threads), help="threads per worker"
+    )
     p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
@@ -83,7 +88,10 @@ def parser() -> argparse.ArgumentParser:
         help="calls in flight per worker before RESOURCE_EXHAUSTED",
     )
     p.add_argument(
-        "--grace", type=float, default=_env("GRACE", _DEFAULTS.grace), help="seconds for in-flight calls at shutdown"
+        "--grace",
+        type=float,
+        default=_env("GRACE", _DEFAULTS.grace),
+        help="seconds for in-flight calls at shutdown",
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", _DEFAULTS.log_level), help="DEBUG, INFO, WARNING")
     return p

@@ -21,7 +21,6 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from tensorps.server.config import ServerConfig
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
@@ -47,7 +46,9 @@ def grpc_options(config: ServerConfig, *, reuseport: bool) -> list[tuple[str, in
     ]
 
 
-def build_server(config: ServerConfig, ops: Ops, *, reuseport: bool) -> tuple[grpc.Server, health.HealthServicer]:
+def build_server(
+    config: ServerConfig, ops: Ops, *, reuseport: bool
+) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -62,7 +63,7 @@ def build_server(config: ServerConfig, ops: Ops, *, reuseport: bool) -> tuple[gr
 
 def _set_health(servicer: health.HealthServicer, status: int) -> None:
     for service in ("", SERVICE_NAME):
-        servicer.set(service, status)  # type: ignore[arg-type]
+        servicer.set(service, status)
 
 
 # ---- worker --------------------------------------------------------------------------------------
@@ -154,7 +155,11 @@ class Supervisor:
             self._signal_workers(signal.SIGKILL)
             return
         self.stopping = True
-        log.info("received %s: finishing in-flight calls (grace %.1f s)", signal.Signals(signum).name, self.config.grace)
+        log.info(
+            "received %s: finishing in-flight calls (grace %.1f s)",
+            signal.Signals(signum).name,
+            self.config.grace,
+        )
         self._signal_workers(signal.SIGTERM)
 
     def _signal_workers(self, signum: int) -> None:
@@ -272,4 +277,3 @@ def serve(config: ServerConfig) -> int:
             Store.remove_files(config.store_path)
             log.info("removed store %s", config.store_path)
     return code
-

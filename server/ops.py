@@ -11,12 +11,12 @@ Mirrors TF's ref-variable kernels (core/kernels/assign_op.h, dense_update_ops.cc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-
 from tensorps.client.codec import (
     DType,
     Shape,
@@ -88,13 +88,17 @@ class Ops:
         return slot
 
     def check_size(self, name: str, shape: Shape, dtype: DType) -> int:
+        """Byte size of a tensor for `name`, refused before anything is allocated if beyond a limit."""
         nbytes = nbytes_of(shape, dtype)
-        limit = self.max_variable_bytes
-        if limit is not None and nbytes > limit:
-            raise ResourceExhausted(
-                f"variable '{name}': shape {format_shape(shape)} of {dtype.name} needs {nbytes} bytes, "
-                f"more than the limit of {limit} bytes per variable (max_variable_bytes)"
-            )
+        for limit, setting in (
+            (self.max_variable_bytes, "max_variable_bytes"),
+            (self.store.limits.max_total_bytes, "max_total_bytes"),
+        ):
+            if limit is not None and nbytes > limit:
+                raise ResourceExhausted(
+                    f"variable '{name}': shape {format_shape(shape)} of {dtype.name} needs {nbytes} bytes, "
+                    f"more than the server's {setting} of {limit}"
+                )
         return nbytes
 
     @staticmethod
@@ -112,7 +116,9 @@ class Ops:
         raw = self.store.segment_array(slot, d.segment, d.capacity, d.nbytes)
         return raw.view(dtype_from_code(d.dtype).numpy).reshape(d.shape)
 
-    def _write_spare(self, name: str, slot: int, dtype: DType, shape: Shape, version: int) -> tuple[Array, Any]:
+    def _write_spare(
+        self, name: str, slot: int, dtype: DType, shape: Shape, version: int
+    ) -> tuple[Array, Any]:
         """Prepare the inactive buffer for `shape`; returns it and a function that publishes it."""
         nbytes = nbytes_of(shape, dtype)
         try:
@@ -134,7 +140,7 @@ class Ops:
         if value is not None:
             if value.dtype != dtype.numpy:
                 raise InvalidArgument(
-                    f"variable '{name}' is declared {dtype.name} but its initial value has dtype {value.dtype}"
+                    f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
                 )
             if shape is not None and tuple(shape) != value.shape:
                 raise InvalidArgument(
@@ -176,10 +182,8 @@ class Ops:
     def list(self, prefix: str = "") -> list[Info]:
         found = []
         for name in self.store.names(prefix):
-            try:
+            with contextlib.suppress(NotFound):  # deleted since the listing
                 found.append(self.info(name))
-            except NotFound:
-                pass  # deleted since the listing
         return found
 
     # ---- reads and writes ----------------------------------------------------------------------
@@ -261,8 +265,8 @@ class Ops:
                 raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
             if current.shape != delta.shape:
                 raise InvalidArgument(
-                    f"Parameters and update must be the same size. lhs shape= "
-                    f"{format_shape(current.shape)} rhs shape= {format_shape(delta.shape)} (variable '{name}')"
+                    f"Parameters and update must be the same size. lhs shape= {format_shape(current.shape)} "
+                    f"rhs shape= {format_shape(delta.shape)} (variable '{name}')"
                 )
             source = self._view(slot, current)
             if use_locking:
@@ -278,4 +282,3 @@ class Ops:
             ufunc(source, delta, out=source)
         info = Info(name, dtype, delta.shape, True, version)
         return info, (source.copy() if read_value else None)
-

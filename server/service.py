@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.server.ops import Info, OpError, Ops
@@ -92,7 +91,7 @@ def _name(name: str) -> str:
 def _chunks(info: Info, array: Array) -> Iterator[bytes]:
     """A value as ReadChunk messages: the info first, then the bytes in order."""
     yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
-    flat = memoryview(codec.as_wire_array(array)).cast("B")
+    flat = memoryview(codec.as_wire_array(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     for offset in range(0, flat.nbytes, CHUNK_BYTES):
         head = pb.ReadChunk(offset=offset).SerializeToString()
         yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
@@ -243,9 +242,7 @@ class ParameterServer:
             filled += data.nbytes
             message = next(chunks, None)
         if filled != nbytes:
-            raise CodecError(
-                f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes"
-            )
+            raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
         value = codec.array_from_buffer(buffer, dtype, shape)
         info, result = self._apply(header.op, name, value, header)
         if result is None:
@@ -275,7 +272,7 @@ class ParameterServer:
 
     # ---- registration --------------------------------------------------------------------------
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         unary = grpc.unary_unary_rpc_method_handler
         handlers = {
             "CreateVariable": unary(self.create_variable),
@@ -290,4 +287,3 @@ class ParameterServer:
             "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-

@@ -19,6 +19,7 @@ so that lookups on the hot path cost no extra system call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -31,7 +32,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
 from tensorps.server.locks import StripedLocks, create_lock_file
 
@@ -163,10 +163,8 @@ class Store:
         with self._segments_lock:
             self._segments.clear()  # mappings unmap once no array views them any more
         self.locks.close()
-        try:
+        with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
             self._meta.close()
-        except BufferError:
-            pass  # a view is still alive; the mapping goes with it
         os.close(self._meta_fd)
 
     def destroy(self) -> None:
@@ -231,7 +229,7 @@ class Store:
             self._slot_cache[name] = found
         return found
 
-    def _probe(self, name: str, *, locked: bool) -> int | None | _Changing:
+    def _probe(self, name: str, *, locked: bool) -> int | _Changing | None:
         mask = self.capacity - 1
         index = _table_hash(name) & mask
         for _ in range(self.capacity):
@@ -401,10 +399,8 @@ class Store:
         """Unlink a descriptor's segment; the caller holds the catalog lock."""
         if d.segment == 0:
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._segment_path(d.segment))
-        except FileNotFoundError:
-            pass
         self._set_header_u64(_OFF_USED, max(0, self.used_bytes - d.capacity))
         with self._segments_lock:
             self._segments.pop(d.segment, None)

@@ -9,7 +9,6 @@ import re
 from collections.abc import Iterator
 
 import pytest
-
 from support import ServerProcess
 from tensorps.client import Client
 

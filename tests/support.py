@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -117,10 +118,8 @@ class ServerProcess:
 
     def kill(self) -> None:
         for pid in self.worker_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -156,4 +155,7 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05)
 
 
 def run(command: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(command), capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    result: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        list(command), capture_output=True, text=True, check=False, **kwargs
+    )
+    return result

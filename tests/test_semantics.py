@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-
 from tensorps.client import (
     AlreadyExistsError,
     Client,
@@ -46,7 +48,10 @@ def test_uninitialized_declared_other_shape_fails_with_tf_text(ps: Client, name:
     with pytest.raises(InvalidArgumentError) as err:
         ps.assign(name, np.ones(20, np.float32))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Assign requires shapes of both tensors to match. lhs shape= [4,5] rhs shape= [20]" in err.value.message
+    assert (
+        "Assign requires shapes of both tensors to match. lhs shape= [4,5] rhs shape= [20]"
+        in err.value.message
+    )
     assert name in err.value.message
     assert_unchanged(ps, name, before)
 
@@ -160,9 +165,9 @@ def test_python_values_take_the_variables_dtype_losslessly(ps: Client, name: str
 
 def test_unknown_dtype_is_rejected_by_name(ps: Client, name: str) -> None:
     """Dtypes outside DESIGN §2 are refused, naming the dtype."""
-    with pytest.raises(InvalidArgumentError, match="str|<U"):
+    with pytest.raises(InvalidArgumentError, match=r"str|<U"):
         ps.create(name, dtype="str")
-    with pytest.raises(InvalidArgumentError, match="float128|longdouble"):
+    with pytest.raises(InvalidArgumentError, match=r"float128|longdouble"):
         ps.create(name, value=np.zeros(2, np.longdouble))
 
 
@@ -197,7 +202,7 @@ def test_create_existing_is_already_exists(ps: Client, name: str) -> None:
 
 def test_unknown_name_is_not_found_everywhere(ps: Client, name: str) -> None:
     """Every operation on a missing variable is NOT_FOUND."""
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: ps.read(name),
         lambda: ps.info(name),
         lambda: ps.delete(name),
@@ -254,7 +259,9 @@ def test_assign_add_and_sub(ps: Client, name: str, dtype: str) -> None:
     """TF's AssignAdd/AssignSub cases on float32/float64/int32/int64, locked and not."""
     ps.create(name, value=np.array([1, 2, 3], dtype))
     np.testing.assert_array_equal(ps.assign_add(name, np.array([10, 20, 30], dtype)), [11, 22, 33])
-    np.testing.assert_array_equal(ps.assign_sub(name, np.array([1, 2, 3], dtype), use_locking=True), [10, 20, 30])
+    np.testing.assert_array_equal(
+        ps.assign_sub(name, np.array([1, 2, 3], dtype), use_locking=True), [10, 20, 30]
+    )
     info = ps.assign_add(name, np.array([1, 1, 1], dtype), read_value=False)
     assert isinstance(info, VariableInfo) and info.version == 4
     np.testing.assert_array_equal(ps.read(name), [11, 21, 31])
@@ -274,7 +281,9 @@ def test_integer_overflow_wraps(ps: Client, name: str) -> None:
     """AssignAdd wraps around on integer overflow, as numpy does."""
     ps.create(name, value=np.array([127, -128], np.int8))
     np.testing.assert_array_equal(ps.assign_add(name, np.array([1, 0], np.int8)), [-128, -128])
-    np.testing.assert_array_equal(ps.assign_sub(name, np.array([0, 1], np.int8), use_locking=True), [-128, 127])
+    np.testing.assert_array_equal(
+        ps.assign_sub(name, np.array([0, 1], np.int8), use_locking=True), [-128, 127]
+    )
 
 
 def test_assign_add_rejects_bool(ps: Client, name: str) -> None:
@@ -338,7 +347,7 @@ def test_every_dtype_round_trips_bit_exactly(ps: Client, name: str, dtype: type)
     rng = np.random.default_rng(1)
     npdtype = np.dtype(dtype)
     if npdtype == np.bool_:
-        value = rng.integers(0, 2, (3, 5)).astype(np.bool_)
+        value: np.ndarray[Any, Any] = rng.integers(0, 2, (3, 5)).astype(np.bool_)
     else:
         value = rng.integers(0, 256, (3, 5, npdtype.itemsize), dtype=np.uint8).view(npdtype)[..., 0]
     ps.create(name, value=value)
