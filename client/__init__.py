@@ -1,6 +1,6 @@
 """The thin tensorps client: numpy arrays in and out, exceptions named like tf.errors."""
 
-from tensorps.client.client import Client, VariableInfo
+from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -25,6 +25,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "ServerInfo",
     "TensorPSError",
     "UnauthenticatedError",
     "UnavailableError",

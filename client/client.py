@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import InvalidArgumentError, TensorPSError, UnavailableError, from_rpc_error
@@ -38,6 +39,19 @@ class VariableInfo:
     shape: Shape | None
     initialized: bool
     version: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Which worker process answered, and the state of the store it serves."""
+
+    pid: int
+    workers: int
+    store: str
+    variables: int
+    used_bytes: int
+    max_total_bytes: int
+    version: str
 
 
 def _info(proto: pb.VariableInfo) -> VariableInfo:
@@ -245,6 +259,12 @@ class Client:
         request = pb.ListVariablesRequest(prefix=prefix).SerializeToString()
         response = pb.ListVariablesResponse.FromString(self._unary("ListVariables", request, idempotent=True))
         return [_info(v) for v in response.variables]
+
+    def server_info(self) -> ServerInfo:
+        """The answering worker's pid, the worker count and the store's usage (one channel of the pool)."""
+        raw = self._unary("GetServerInfo", b"", idempotent=True)
+        p = pb.ServerInfo.FromString(raw)
+        return ServerInfo(p.pid, p.workers, p.store, p.variables, p.used_bytes, p.max_total_bytes, p.version)
 
     # ---- reads and writes ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
 from tensorps.v1 import tensorps_pb2 as pb
 
 MAX_RANK = 32

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from tensorps.client.codec import CodecError
 
 _LEN = 2

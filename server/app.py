@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from tensorps.server.config import ServerConfig
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
@@ -54,11 +56,15 @@ def build_server(
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=grpc_options(config, reuseport=reuseport),
     )
-    server.add_generic_rpc_handlers((ParameterServer(ops).handler(),))
+    server.add_generic_rpc_handlers((ParameterServer(ops, workers=config.workers).handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(config.address)
     return server, health_servicer
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _set_health(servicer: health.HealthServicer, status: int) -> None:
@@ -69,8 +75,18 @@ def _set_health(servicer: health.HealthServicer, status: int) -> None:
 # ---- worker --------------------------------------------------------------------------------------
 
 
-def run_worker(config: ServerConfig, ready_fd: int) -> int:
-    """Serve until SIGTERM/SIGINT, then finish in-flight calls within the grace period. Returns 0."""
+def _follow_health(status: mmap.mmap, servicer: health.HealthServicer, stop: threading.Event) -> None:
+    """Mirror the supervisor's verdict (every worker up or not) into this worker's health service."""
+    last = -1
+    while not stop.wait(0.2):
+        current = status[0]
+        if current != last:
+            _set_health(servicer, SERVING if current else NOT_SERVING)
+            last = current
+
+
+def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
+    """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -82,13 +98,16 @@ def run_worker(config: ServerConfig, ready_fd: int) -> int:
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
     server, health_servicer = build_server(config, ops, reuseport=True)
     server.start()
-    _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    _set_health(health_servicer, NOT_SERVING)
+    follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
+    follower.start()
     log.info("worker %d serving on %s", os.getpid(), config.address)
     os.write(ready_fd, b"r")
     os.close(ready_fd)
     while not stop.wait(0.5):
         pass
-    _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    follower.join()
+    _set_health(health_servicer, NOT_SERVING)
     server.stop(config.grace).wait()
     store.close()
     log.info("worker %d stopped", os.getpid())
@@ -130,6 +149,8 @@ class Supervisor:
     workers: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
     force: bool = False
+    # One byte shared with the workers (inherited through fork): 1 while every worker is up.
+    status: mmap.mmap = field(default_factory=lambda: mmap.mmap(-1, 1))
 
     def _spawn(self, slot: int, failures: int = 0) -> None:
         ready_r, ready_w = os.pipe()
@@ -138,7 +159,7 @@ class Supervisor:
             code = 1
             try:
                 os.close(ready_r)
-                code = run_worker(self.config, ready_w)
+                code = run_worker(self.config, ready_w, self.status)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
             finally:
@@ -155,6 +176,7 @@ class Supervisor:
             self._signal_workers(signal.SIGKILL)
             return
         self.stopping = True
+        self.status[0] = 0
         log.info(
             "received %s: finishing in-flight calls (grace %.1f s)",
             signal.Signals(signum).name,
@@ -205,6 +227,7 @@ class Supervisor:
             "" if self.config.workers == 1 else "s",
             self.config.store_path,
         )
+        self.status[0] = 1
         while not self.stopping:
             self._reap_and_restart()
             time.sleep(0.05)
@@ -224,11 +247,14 @@ class Supervisor:
             failures = worker.failures + 1 if lived < 5.0 else 0
             delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2**failures) if failures else 0.0
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
+            self.status[0] = 0
             del self.workers[slot]
             time.sleep(delay)
             if not self.stopping:
                 self._spawn(slot, failures)
-                self._wait_ready(30.0)
+                if self._wait_ready(30.0):
+                    log.info("worker %d replaced worker %d", self.workers[slot].pid, worker.pid)
+                    self.status[0] = 1
 
     def _reap_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
+
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.server.ops import Info, OpError, Ops
@@ -26,6 +29,7 @@ SERVICE_NAME = "tensorps.v1.ParameterServer"
 CHUNK_BYTES = 1 << 20
 
 log = logging.getLogger("tensorps.server")
+_VERSION = metadata.version("tensorps")
 R = TypeVar("R")
 Array = np.ndarray[Any, Any]
 
@@ -100,8 +104,9 @@ def _chunks(info: Info, array: Array) -> Iterator[bytes]:
 class ParameterServer:
     """The servicer of tensorps.v1.ParameterServer over one Ops instance."""
 
-    def __init__(self, ops: Ops) -> None:
+    def __init__(self, ops: Ops, *, workers: int = 1) -> None:
         self.ops = ops
+        self.workers = workers
 
     # ---- catalog -------------------------------------------------------------------------------
 
@@ -270,6 +275,20 @@ class ParameterServer:
         info, snapshot = self.ops.read(name, lambda info, view: (info, view.copy()))
         yield from _chunks(info, snapshot)
 
+    @_abort_on_error
+    def get_server_info(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        pb.GetServerInfoRequest.FromString(raw)
+        store = self.ops.store
+        return pb.ServerInfo(
+            pid=os.getpid(),
+            workers=self.workers,
+            store=store.path,
+            variables=store.variable_count,
+            used_bytes=store.used_bytes,
+            max_total_bytes=store.limits.max_total_bytes,
+            version=_VERSION,
+        ).SerializeToString()
+
     # ---- registration --------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
@@ -285,5 +304,6 @@ class ParameterServer:
             "Read": unary(self.read),
             "WriteStream": grpc.stream_stream_rpc_method_handler(self.write_stream),
             "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
+            "GetServerInfo": unary(self.get_server_info),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -84,6 +84,11 @@ class ParameterServerStub:
                 request_serializer=tensorps_dot_v1_dot_tensorps__pb2.ReadRequest.SerializeToString,
                 response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.ReadChunk.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/tensorps.v1.ParameterServer/GetServerInfo',
+                request_serializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -151,6 +156,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +214,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ReadStream,
                     request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.ReadRequest.FromString,
                     response_serializer=tensorps_dot_v1_dot_tensorps__pb2.ReadChunk.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +491,33 @@ class ParameterServer:
             '/tensorps.v1.ParameterServer/ReadStream',
             tensorps_dot_v1_dot_tensorps__pb2.ReadRequest.SerializeToString,
             tensorps_dot_v1_dot_tensorps__pb2.ReadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorps.v1.ParameterServer/GetServerInfo',
+            tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.SerializeToString,
+            tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,
