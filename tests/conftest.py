@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+
 from support import ServerProcess
 from tensorps.client import Client
 

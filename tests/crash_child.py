@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+
 from tensorps.server.ops import Ops
 from tensorps.server.store import Store
 

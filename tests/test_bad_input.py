@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+
 from support import ServerProcess
 from tensorps.client import Client
 from tensorps.v1 import tensorps_pb2 as pb

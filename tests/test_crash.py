@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from support import fresh_store_path
 from tensorps.client.codec import dtype_of
 from tensorps.server.ops import Ops

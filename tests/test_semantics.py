@@ -9,6 +9,7 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
+
 from tensorps.client import (
     AlreadyExistsError,
     Client,

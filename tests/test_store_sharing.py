@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from support import ServerProcess
 from tensorps.client import Client
 
