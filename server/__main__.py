@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
 from tensorps.server.app import StartupError, serve
 from tensorps.server.config import ServerConfig
@@ -14,109 +16,96 @@ from tensorps.server.config import ServerConfig
 _DEFAULTS = ServerConfig()
 
 
-def _env(name: str, default: object) -> object:
-    return os.environ.get(f"TENSORPS_{name}", default)
-
-
-def _size(text: str) -> int:
-    """A byte count: 1048576, 64M, 16G (binary units)."""
+def size(text: str) -> int:
+    """A byte count: 1048576, 64M, 16G, 1.5GiB (binary units)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if cleaned and cleaned[-1] in units:
+            return int(float(cleaned[:-1]) * units[cleaned[-1]])
+        return int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+
+
+def _boolean(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tensorps-server",
-        description="Serve named tensors with TensorFlow's Assign semantics over gRPC, stored in shared "
-        "memory. Every flag has a TENSORPS_<FLAG> environment equivalent (e.g. TENSORPS_PORT).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve named tensors with TensorFlow's Assign semantics over gRPC, kept in shared memory "
+        "so that several worker processes serve one port. Every flag can also be set through the environment "
+        "variable shown in brackets.",
     )
-    p.add_argument("--host", default=_env("HOST", _DEFAULTS.host), help="address to listen on")
-    p.add_argument("--port", type=int, default=_env("PORT", _DEFAULTS.port), help="port (0: any free port)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=_env("WORKERS", os.cpu_count() or 1),
-        help="server processes sharing the port and the store",
+
+    def flag(name: str, kind: Callable[[str], Any], default: Any, text: str, **extra: Any) -> None:
+        env = "TENSORPS_" + name.upper().replace("-", "_")
+        shown = "" if default is None else f" (default: {default})"
+        if env in os.environ:
+            default = kind(os.environ[env]) if kind is not bool else _boolean(os.environ[env])
+        if kind is bool:
+            p.add_argument(f"--{name}", action="store_true", default=default, help=f"{text} [{env}]")
+        else:
+            p.add_argument(f"--{name}", type=kind, default=default, help=f"{text}{shown} [{env}]", **extra)
+
+    d = _DEFAULTS
+    flag("host", str, d.host, "address to listen on; 0.0.0.0 or :: for every interface")
+    flag("port", int, d.port, "port; 0 picks a free one (the ready line names it)")
+    flag("workers", int, os.cpu_count() or 1, "server processes sharing the port and the store")
+    flag(
+        "store",
+        str,
+        None,
+        "store directory on a tmpfs, shared by every server naming it (default: /dev/shm/tensorps-PORT)",
     )
-    p.add_argument(
-        "--store",
-        default=_env("STORE", None),
-        help="store directory on a tmpfs, shared by all servers naming it (default /dev/shm/tensorps-PORT)",
+    flag(
+        "keep-store",
+        bool,
+        False,
+        "leave the store in place at shutdown (by default the server that created it removes it)",
     )
-    p.add_argument(
-        "--keep-store",
-        action="store_true",
-        default=str(_env("KEEP_STORE", "")).lower() in ("1", "true", "yes"),
-        help="leave the store's files in place at shutdown (otherwise the server that created it removes it)",
+    flag("stripes", int, d.stripes, "lock stripes (a variable's stripe is a stable hash of its name)")
+    flag("max-variables", int, d.max_variables, "most variables the store holds")
+    flag("max-total-bytes", size, None, "byte budget of the store (default: 90%% of its tmpfs's free space)")
+    flag("max-variable-bytes", size, None, "largest variable in bytes (default: only the total applies)")
+    flag("max-message-bytes", size, d.max_message_bytes, "largest unary message; the client streams larger")
+    flag("threads", int, d.threads, "threads per worker")
+    flag(
+        "max-concurrent-rpcs",
+        int,
+        d.max_concurrent_rpcs,
+        "calls in flight per worker before RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--stripes", type=int, default=_env("STRIPES", _DEFAULTS.stripes), help="lock stripes")
-    p.add_argument(
-        "--max-variables",
-        type=int,
-        default=_env("MAX_VARIABLES", _DEFAULTS.max_variables),
-        help="variable limit",
+    flag("stream-idle-timeout", float, d.stream_idle_timeout, "seconds a streamed write may stall")
+    flag("grace", float, d.grace, "seconds in-flight calls get to finish at shutdown")
+    flag("tls-cert", str, None, "TLS certificate chain (PEM); with --tls-key, serve TLS only")
+    flag("tls-key", str, None, "TLS private key (PEM)")
+    flag(
+        "tls-client-ca",
+        str,
+        None,
+        "CA bundle (PEM) for mutual TLS: clients must present a certificate it signed",
     )
-    p.add_argument(
-        "--max-total-bytes",
-        type=_size,
-        default=_env("MAX_TOTAL_BYTES", None),
-        help="byte budget of the store (default: 90%% of the tmpfs's free space)",
+    flag(
+        "token-file",
+        str,
+        None,
+        "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on "
+        "SIGHUP; every call but health checks needs one",
     )
-    p.add_argument(
-        "--max-variable-bytes",
-        type=_size,
-        default=_env("MAX_VARIABLE_BYTES", None),
-        help="largest variable in bytes (default: no limit but the total)",
-    )
-    p.add_argument(
-        "--max-message-bytes",
-        type=_size,
-        default=_env("MAX_MESSAGE_BYTES", _DEFAULTS.max_message_bytes),
-        help="largest unary message; larger tensors are streamed",
-    )
-    p.add_argument(
-        "--threads", type=int, default=_env("THREADS", _DEFAULTS.threads), help="threads per worker"
-    )
-    p.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=_env("MAX_CONCURRENT_RPCS", _DEFAULTS.max_concurrent_rpcs),
-        help="calls in flight per worker before RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=_env("GRACE", _DEFAULTS.grace),
-        help="seconds for in-flight calls at shutdown",
-    )
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", _DEFAULTS.log_level), help="DEBUG, INFO, WARNING")
+    flag("log-level", str, d.log_level, "DEBUG, INFO or WARNING")
     return p
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
-    args = parser().parse_args(argv)
-    max_total = args.max_total_bytes
-    max_var = args.max_variable_bytes
-    return ServerConfig(
-        host=args.host,
-        port=int(args.port),
-        workers=max(1, int(args.workers)),
-        store=args.store,
-        keep_store=bool(args.keep_store),
-        stripes=int(args.stripes),
-        max_variables=int(args.max_variables),
-        max_total_bytes=_size(max_total) if isinstance(max_total, str) else max_total,
-        max_variable_bytes=_size(max_var) if isinstance(max_var, str) else max_var,
-        max_message_bytes=_size(str(args.max_message_bytes)),
-        threads=int(args.threads),
-        max_concurrent_rpcs=int(args.max_concurrent_rpcs),
-        grace=float(args.grace),
-        log_level=str(args.log_level).upper(),
-    )
+    args = vars(parser().parse_args(argv))
+    known = {f.name for f in fields(ServerConfig)}
+    values = {key: value for key, value in args.items() if key in known}
+    values["workers"] = max(1, values["workers"])
+    values["log_level"] = str(values["log_level"]).upper()
+    return ServerConfig(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import mmap
 import os
@@ -23,6 +24,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
@@ -33,6 +35,7 @@ log = logging.getLogger("tensorps.server")
 # Room for the protobuf framing around a tensor of max_message_bytes.
 _FRAMING_SLACK = 64 * 1024
 _RESTART_BACKOFF_MAX = 10.0
+MIN_MESSAGE_BYTES = 4 << 20
 
 
 class StartupError(Exception):
@@ -48,18 +51,47 @@ def grpc_options(config: ServerConfig, *, reuseport: bool) -> list[tuple[str, in
     ]
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise StartupError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config (mutual TLS with tls_client_ca), or None for plaintext."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    pair = (_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))
+    client_ca = _read(config.tls_client_ca, "client CA") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def build_server(
-    config: ServerConfig, ops: Ops, *, reuseport: bool
+    config: ServerConfig, ops: Ops, *, reuseport: bool, auth: TokenAuth | None = None
 ) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
+        interceptors=[auth] if auth is not None else None,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=grpc_options(config, reuseport=reuseport),
     )
-    server.add_generic_rpc_handlers((ParameterServer(ops, workers=config.workers).handler(),))
+    servicer = ParameterServer(ops, workers=config.workers, stream_idle_timeout=config.stream_idle_timeout)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(config.address)
+    credentials = server_credentials(config)
+    if credentials is None:
+        server.add_insecure_port(config.address)
+    else:
+        server.add_secure_port(config.address, credentials)
     return server, health_servicer
 
 
@@ -94,9 +126,11 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal's ^C reaches all
+    auth = TokenAuth(config.token_file) if config.token_file else None
+    signal.signal(signal.SIGHUP, lambda signum, frame: auth.reload() if auth else None)
     store = Store.open(config.store_path)
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
-    server, health_servicer = build_server(config, ops, reuseport=True)
+    server, health_servicer = build_server(config, ops, reuseport=True, auth=auth)
     server.start()
     _set_health(health_servicer, NOT_SERVING)
     follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
@@ -213,6 +247,7 @@ class Supervisor:
         self._ready_fds: list[int] = []
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._signal_workers(signal.SIGHUP))
         for slot in range(self.config.workers):
             self._spawn(slot)
         if not self._wait_ready(30.0):
@@ -280,8 +315,41 @@ def _describe_exit(status: int) -> str:
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(config: ServerConfig) -> None:
+    """Fail on unusable TLS, token or limit settings; warn loudly about an open port beyond loopback."""
+    if config.max_message_bytes < MIN_MESSAGE_BYTES:
+        # The client sends tensors up to 4 MiB as one message before it switches to streaming.
+        raise StartupError(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES} (4 MiB)")
+    server_credentials(config)
+    if config.token_file:
+        try:
+            load_tokens(config.token_file)
+        except TokenFileError as exc:
+            raise StartupError(str(exc)) from None
+    if _is_loopback(config.host):
+        return
+    missing = [what for what, present in (("TLS", config.tls), ("tokens", config.token_file)) if not present]
+    if missing:
+        log.warning(
+            "SECURITY: listening on %s without %s: anyone who can reach this port can %s every variable",
+            config.address,
+            " or ".join(missing),
+            "read and overwrite" if not config.token_file else "read the traffic to",
+        )
+
+
 def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
+    check_security(config)
     port = claim_port(config)
     config = replace(config, port=port)
     try:

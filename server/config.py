@@ -26,11 +26,23 @@ class ServerConfig:
     threads: int = 16
     max_concurrent_rpcs: int = 256
     grace: float = 10.0
+    # A streamed write that sends nothing for this many seconds is cancelled.
+    stream_idle_timeout: float = 60.0
     log_level: str = "INFO"
+    # TLS: certificate chain and key (PEM); with tls_client_ca, clients must present a certificate it signed.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Bearer tokens, one per line ("TOKEN" or "TOKEN read-only"); reloaded on SIGHUP.
+    token_file: str | None = None
 
     @property
     def store_path(self) -> str:
         return self.store or f"/dev/shm/tensorps-{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def address(self) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -101,12 +103,64 @@ def _chunks(info: Info, array: Array) -> Iterator[bytes]:
         yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
 
 
+class _Cancelled(Exception):
+    """The call was cancelled while its handler waited for the next message."""
+
+
+class IdleWatch:
+    """Cancels streamed writes whose client sends nothing for `timeout` seconds (a stalled peer would
+    otherwise hold a thread and a tensor-sized buffer for ever)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._last: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Generator[bytes, None, None]:
+        key = id(context)
+        self._touch(key, context)
+        try:
+            while True:
+                try:
+                    message = next(messages)
+                except StopIteration:
+                    return
+                except grpc.RpcError:
+                    raise _Cancelled from None
+                self._touch(key, context)
+                yield message
+        finally:
+            with self._lock:
+                self._last.pop(key, None)
+
+    def _touch(self, key: int, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._last[key] = (time.monotonic(), context)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reap, name="tensorps-idle", daemon=True)
+                self._thread.start()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                idle = [(k, c) for k, (t, c) in self._last.items() if now - t > self.timeout]
+                for key, _context in idle:
+                    del self._last[key]
+            for _key, context in idle:
+                log.warning("cancelling a streamed write idle for more than %.1f s", self.timeout)
+                context.cancel()  # type: ignore[no-untyped-call]
+
+
 class ParameterServer:
     """The servicer of tensorps.v1.ParameterServer over one Ops instance."""
 
-    def __init__(self, ops: Ops, *, workers: int = 1) -> None:
+    def __init__(self, ops: Ops, *, workers: int = 1, stream_idle_timeout: float = 60.0) -> None:
         self.ops = ops
         self.workers = workers
+        self._idle = IdleWatch(stream_idle_timeout)
 
     # ---- catalog -------------------------------------------------------------------------------
 
@@ -205,7 +259,22 @@ class ParameterServer:
         return self._write(pb.WRITE_OP_ASSIGN_SUB, raw)
 
     @_abort_on_error_stream
-    def write_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def write_stream(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        watched = self._idle.watch(messages, context)
+        try:
+            header, name, value = self._receive(watched)
+        except _Cancelled:
+            return  # the idle watch cancelled the call: no status can be sent any more
+        finally:
+            watched.close()
+        info, result = self._apply(header.op, name, value, header)
+        if result is None:
+            yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
+        else:
+            yield from _chunks(info, result)
+
+    def _receive(self, chunks: Iterator[bytes]) -> tuple[pb.WriteHeader, str, Array]:
+        """A streamed write's header and tensor, checked before anything large is allocated."""
         first = next(chunks, None)
         if first is None:
             raise CodecError("the write stream is empty: its first message must carry a header")
@@ -248,12 +317,7 @@ class ParameterServer:
             message = next(chunks, None)
         if filled != nbytes:
             raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
-        value = codec.array_from_buffer(buffer, dtype, shape)
-        info, result = self._apply(header.op, name, value, header)
-        if result is None:
-            yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
-        else:
-            yield from _chunks(info, result)
+        return header, name, codec.array_from_buffer(buffer, dtype, shape)
 
     # ---- reads ---------------------------------------------------------------------------------
 
