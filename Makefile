@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint protos protos-check bench clean
+.PHONY: run test check lint protos protos-check bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ run: $(STAMP)
 	$(PY) -m tensorps.examples.demo $(ARGS)
 
 ## test: lint, type-check, verify generated code, then the test suite (TENSORPS_SLOW=1 adds slow profiles)
-test: $(STAMP) check
+test: $(STAMP) check system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+system-deps:
+	scripts/system_deps.sh
 
 check: $(STAMP) protos-check lint
 
@@ -34,7 +37,7 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	PYTHON=$(PY) scripts/check_protos.sh
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(PY) -m bench $(ARGS)
 
 clean:
