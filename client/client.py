@@ -154,11 +154,11 @@ class Client:
             buffer = np.empty(codec.nbytes_of(info.shape, dtype), np.uint8)
             filled = 0
             for raw in chunks:
-                rest, data = wire.detach(raw, (15,))
-                if pb.ReadChunk.FromString(rest).offset != filled or filled + data.nbytes > buffer.nbytes:
+                chunk, data = wire.parse(pb.ReadChunk, raw, (15,))
+                if chunk.offset != filled or filled + len(data) > buffer.nbytes:
                     raise InvalidArgumentError("the server sent chunks out of order")
-                buffer[filled : filled + data.nbytes] = data
-                filled += data.nbytes
+                buffer[filled : filled + len(data)] = data
+                filled += len(data)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         except StopIteration:
@@ -274,8 +274,7 @@ class Client:
         if size is not None and size <= STREAM_THRESHOLD:
             request = pb.ReadRequest(name=name).SerializeToString()
             raw = self._unary("Read", request, idempotent=True)
-            rest, content = wire.detach(raw, (2, 4))
-            response = pb.ReadResponse.FromString(rest)
+            response, content = wire.parse(pb.ReadResponse, raw, (2, 4))
             self._remember(_info(response.info))
             return codec.tensor_from_parts(response.value, content)
         return self._read_stream(name)
@@ -343,8 +342,7 @@ class Client:
             if not isinstance(value, np.ndarray | np.generic):
                 self._forget(name)  # the dtype used for the conversion may be stale
             raise
-        rest, content = wire.detach(raw, (2, 4))
-        response = pb.AssignResponse.FromString(rest)
+        response, content = wire.parse(pb.AssignResponse, raw, (2, 4))
         info = self._remember(_info(response.info))
         if not flags.read_value:
             return info

@@ -9,9 +9,10 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 
 from tensorps.client.codec import CodecError
 
@@ -120,3 +121,36 @@ def frame(prefix: bytes, field: int, tensor_head: bytes, content_field: int, con
     body_length = len(tensor_head) + len(content_key) + view.nbytes
     outer = _tag(field, _LEN) + encode_varint(body_length) if field else b""
     return b"".join((prefix, outer, tensor_head, content_key, view))
+
+
+# Below this size protobuf's C parser beats the Python field scanner, and copying the content is cheap.
+SMALL_MESSAGE = 64 << 10
+M = TypeVar("M", bound=Message)
+
+
+def parse(message_type: type[M], raw: bytes, path: Sequence[int]) -> tuple[M, memoryview]:
+    """Parse `raw` as `message_type`, returning the bytes field at `path` separately (zero-copy if large).
+
+    In the returned message that field is empty or absent; use the second element instead.
+    """
+    if len(raw) <= SMALL_MESSAGE:
+        message = message_type.FromString(raw)
+        holder: Any = message
+        names = _field_names(message_type, path)
+        for name in names[:-1]:
+            if not holder.HasField(name):
+                return message, memoryview(b"")
+            holder = getattr(holder, name)
+        return message, memoryview(getattr(holder, names[-1]))
+    rest, content = detach(raw, path)
+    return message_type.FromString(rest), content
+
+
+def _field_names(message_type: type[Message], path: Sequence[int]) -> list[str]:
+    names = []
+    descriptor = message_type.DESCRIPTOR
+    for number in path:
+        field = descriptor.fields_by_number[number]
+        names.append(field.name)
+        descriptor = field.message_type
+    return names

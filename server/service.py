@@ -2,7 +2,7 @@
 
 Handlers take the request as bytes (no deserializer) so that a malformed message is an INVALID_ARGUMENT
 rather than grpcio's generic INTERNAL, and so that tensor bytes are cut out of the message without a copy
-(wire.py). The path of a tensor byte from the socket to shared memory: wire.detach (a view of the request)
+(wire.py). The path of a tensor byte from the socket to shared memory: wire.parse (a view of the request)
 -> codec.array_from_buffer (a typed view) -> ops.assign (np.copyto into the segment).
 """
 
@@ -166,8 +166,7 @@ class ParameterServer:
 
     @_abort_on_error
     def create_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        rest, content = wire.detach(raw, (4, 4))
-        request = pb.CreateVariableRequest.FromString(rest)
+        request, content = wire.parse(pb.CreateVariableRequest, raw, (4, 4))
         name = _name(request.name)
         shape = codec.shape_from_proto(request.shape) if request.HasField("shape") else None
         value = None
@@ -211,8 +210,7 @@ class ParameterServer:
     # ---- writes --------------------------------------------------------------------------------
 
     def _write(self, op: int, raw: bytes) -> bytes:
-        rest, content = wire.detach(raw, (8, 4))
-        request = pb.AssignRequest.FromString(rest)
+        request, content = wire.parse(pb.AssignRequest, raw, (8, 4))
         name = _name(request.name)
         if not request.HasField("value"):
             raise CodecError(f"the request for variable '{name}' has no value")
@@ -278,8 +276,7 @@ class ParameterServer:
         first = next(chunks, None)
         if first is None:
             raise CodecError("the write stream is empty: its first message must carry a header")
-        rest, data = wire.detach(first, (15,))
-        chunk = pb.WriteChunk.FromString(rest)
+        chunk, data = wire.parse(pb.WriteChunk, first, (15,))
         if not chunk.HasField("header"):
             raise CodecError("the first message of a write stream has no header")
         header = chunk.header
@@ -299,21 +296,20 @@ class ParameterServer:
         message: bytes | None = first
         while message is not None:
             if message is not first:
-                rest, data = wire.detach(message, (15,))
-                chunk = pb.WriteChunk.FromString(rest)
+                chunk, data = wire.parse(pb.WriteChunk, message, (15,))
                 if chunk.HasField("header"):
                     raise CodecError(f"write stream for variable '{name}': a second header")
             if chunk.offset != filled:
                 raise CodecError(
                     f"write stream for variable '{name}': chunk at offset {chunk.offset}, expected {filled}"
                 )
-            if filled + data.nbytes > nbytes:
+            if filled + len(data) > nbytes:
                 raise CodecError(
                     f"write stream for variable '{name}': more than the {nbytes} bytes of shape "
                     f"{codec.format_shape(shape)} of {dtype.name}"
                 )
-            buffer[filled : filled + data.nbytes] = data
-            filled += data.nbytes
+            buffer[filled : filled + len(data)] = data
+            filled += len(data)
             message = next(chunks, None)
         if filled != nbytes:
             raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
