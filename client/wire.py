@@ -8,6 +8,7 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -136,7 +137,7 @@ def parse(message_type: type[M], raw: bytes, path: Sequence[int]) -> tuple[M, me
     if len(raw) <= SMALL_MESSAGE:
         message = message_type.FromString(raw)
         holder: Any = message
-        names = _field_names(message_type, path)
+        names = _field_names(message_type, tuple(path))
         for name in names[:-1]:
             if not holder.HasField(name):
                 return message, memoryview(b"")
@@ -146,9 +147,10 @@ def parse(message_type: type[M], raw: bytes, path: Sequence[int]) -> tuple[M, me
     return message_type.FromString(rest), content
 
 
-def _field_names(message_type: type[Message], path: Sequence[int]) -> list[str]:
+@functools.cache
+def _field_names(message_type: type[Message], path: tuple[int, ...]) -> list[str]:
     names = []
-    descriptor = message_type.DESCRIPTOR
+    descriptor: Any = message_type.DESCRIPTOR
     for number in path:
         field = descriptor.fields_by_number[number]
         names.append(field.name)
