@@ -8,7 +8,6 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -147,12 +146,18 @@ def parse(message_type: type[M], raw: bytes, path: Sequence[int]) -> tuple[M, me
     return message_type.FromString(rest), content
 
 
-@functools.cache
+_FIELD_NAMES: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+
+
 def _field_names(message_type: type[Message], path: tuple[int, ...]) -> list[str]:
-    names = []
-    descriptor: Any = message_type.DESCRIPTOR
-    for number in path:
-        field = descriptor.fields_by_number[number]
-        names.append(field.name)
-        descriptor = field.message_type
+    key = (message_type.DESCRIPTOR.full_name, path)
+    names = _FIELD_NAMES.get(key)
+    if names is None:
+        names = []
+        descriptor: Any = message_type.DESCRIPTOR
+        for number in path:
+            field = descriptor.fields_by_number[number]
+            names.append(field.name)
+            descriptor = field.message_type
+        _FIELD_NAMES[key] = names
     return names
