@@ -13,7 +13,13 @@ import numpy as np
 
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError, DType, Shape
-from tensorps.client.errors import InvalidArgumentError, TensorPSError, UnavailableError, from_rpc_error
+from tensorps.client.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    TensorPSError,
+    UnavailableError,
+    from_rpc_error,
+)
 from tensorps.v1 import tensorps_pb2 as pb
 
 Array = np.ndarray[Any, Any]
@@ -273,7 +279,10 @@ class Client:
         size = self._sizes.get(name)
         if size is not None and size <= STREAM_THRESHOLD:
             request = pb.ReadRequest(name=name).SerializeToString()
-            raw = self._unary("Read", request, idempotent=True)
+            try:
+                raw = self._unary("Read", request, idempotent=True)
+            except ResourceExhaustedError:
+                return self._read_stream(name)  # it grew beyond one message since we last saw it
             response, content = wire.parse(pb.ReadResponse, raw, (2, 4))
             self._remember(_info(response.info))
             return codec.tensor_from_parts(response.value, content)

@@ -53,3 +53,13 @@ def test_one_gib_round_trip(server: ServerProcess, name: str) -> None:
         assert np.array_equal(out, value)
         del out
         ps.delete(name)
+
+
+def test_read_follows_a_variable_that_grew_elsewhere(server: ServerProcess, name: str) -> None:
+    """A client that last saw a small variable still reads it after another client made it 80 MiB."""
+    with Client(server.address, timeout=60) as a, Client(server.address, timeout=60) as b:
+        a.create(name, value=np.zeros(4, np.float32))
+        assert a.read(name).shape == (4,)
+        big = np.arange(20 << 20, dtype=np.float32)
+        b.assign(name, big, validate_shape=False, read_value=False)
+        assert np.array_equal(a.read(name), big)
