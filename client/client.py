@@ -6,7 +6,7 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -47,6 +47,14 @@ class VariableInfo:
     version: int
 
 
+class WriteFlags(NamedTuple):
+    """A write's flags, always sent explicitly; validate_shape is None for AssignAdd/AssignSub."""
+
+    use_locking: bool
+    read_value: bool
+    validate_shape: bool | None = None
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """Which worker process answered, and the state of the store it serves."""
@@ -79,9 +87,24 @@ def _head(dtype: DType, shape: Shape) -> bytes:
 class Client:
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
-    `target` is "host:port". `timeout` (seconds) bounds every call. `channels` connections are opened and
-    calls spread over them, because servers with several worker processes balance per connection.
+    `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
+    same semantics; the connection options do not apply). `timeout` (seconds) bounds every call. Calls are
+    spread over `channels` connections, because servers with several worker processes balance per
+    connection.
     """
+
+    def __new__(cls, target: str, **options: Any) -> Client:
+        # "shm://PATH" opens a store on this host directly: same API, no network (local.py).
+        if cls is Client and target.startswith("shm://"):
+            from tensorps.client.local import LocalClient  # noqa: PLC0415 (needs the server's store)
+
+            return object.__new__(LocalClient)
+        return object.__new__(cls)
+
+    @classmethod
+    def local(cls, store: str) -> Client:
+        """A client on the store directory `store` of a server on this host (see Client("shm://...")."""
+        return cls("shm://" + store)
 
     def __init__(
         self,
@@ -219,34 +242,39 @@ class Client:
             dims = codec.validate_shape(shape) if shape is not None else None
         except CodecError as exc:
             raise InvalidArgumentError(str(exc)) from None
-        request = pb.CreateVariableRequest(name=name)
-        if declared is not None:
-            request.dtype = declared.code  # type: ignore[assignment]
-        if dims is not None:
-            codec.shape_to_proto(dims, request.shape)
-        if value is None:
-            if declared is None:
-                raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
-            response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
-            return self._remember(_info(pb.CreateVariableResponse.FromString(response).info))
-        if declared is None and not isinstance(value, np.ndarray | np.generic):
+        if value is None and declared is None:
+            raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
+        if value is not None and declared is None and not isinstance(value, np.ndarray | np.generic):
             raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
-        array = self._as_array(name, value, declared)
+        array = None if value is None else self._as_array(name, value, declared)
+        dtype = declared if array is None else codec.dtype_of(array.dtype)
+        if declared is not None and dtype != declared:
+            raise InvalidArgumentError(
+                f"variable '{name}' is declared {declared.name} but its initial value is {dtype.name}; "
+                "nothing is cast"
+            )
+        assert dtype is not None
+        return self._remember(self._create(name, dtype, dims, array))
+
+    def _create(self, name: str, dtype: DType, shape: Shape | None, array: Array | None) -> VariableInfo:
+        request = pb.CreateVariableRequest(name=name, dtype=dtype.code)  # type: ignore[arg-type]
+        if shape is not None:
+            codec.shape_to_proto(shape, request.shape)
+        if array is None:
+            response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
+            return _info(pb.CreateVariableResponse.FromString(response).info)
         if array.nbytes > STREAM_THRESHOLD:
             # Declare, then stream the initial value; a failed write removes the half-made variable.
-            request.ClearField("shape")
-            self.create(name, dtype=codec.dtype_of(array.dtype), shape=dims or array.shape)
+            self._create(name, dtype, shape or array.shape, None)
             try:
                 self.assign(name, array, read_value=False)
             except TensorPSError:
                 self.delete(name)
                 raise
             return self.info(name)
-        payload = wire.frame(
-            request.SerializeToString(), 4, _head(codec.dtype_of(array.dtype), array.shape), 4, array
-        )
+        payload = wire.frame(request.SerializeToString(), 4, _head(dtype, array.shape), 4, array)
         response = self._unary("CreateVariable", payload, idempotent=False)
-        return self._remember(_info(pb.CreateVariableResponse.FromString(response).info))
+        return _info(pb.CreateVariableResponse.FromString(response).info)
 
     def delete(self, name: str) -> None:
         self._forget(name)
@@ -316,41 +344,48 @@ class Client:
         read_value: bool = True,
     ) -> Any:
         """TF's Assign: the variable's value after the write, or its VariableInfo without read_value."""
-        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value, validate_shape=validate_shape)
+        flags = WriteFlags(use_locking, read_value, validate_shape)
         return self._write(name, value, pb.WRITE_OP_ASSIGN, flags, idempotent=True)
 
     def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignAdd: same shape, no broadcasting; integer overflow wraps."""
-        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value)
-        return self._write(name, delta, pb.WRITE_OP_ASSIGN_ADD, flags)
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_ADD, WriteFlags(use_locking, read_value))
 
     def assign_sub(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignSub: same shape, no broadcasting; integer overflow wraps."""
-        flags = pb.WriteHeader(use_locking=use_locking, read_value=read_value)
-        return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, flags)
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, WriteFlags(use_locking, read_value))
 
-    def _write(
-        self, name: str, value: Any, op: int, flags: pb.WriteHeader, *, idempotent: bool = False
-    ) -> Any:
-        """One write op; `flags` carries the op's optional flags, unset meaning TF's default."""
+    def _write(self, name: str, value: Any, op: int, flags: WriteFlags, *, idempotent: bool = False) -> Any:
+        """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
         array = self._as_array(name, value)
-        dtype = codec.dtype_of(array.dtype)
         try:
-            if array.nbytes > STREAM_THRESHOLD:
-                header = pb.WriteHeader(op=op, name=name, dtype=dtype.code)  # type: ignore[arg-type]
-                header.MergeFrom(flags)
-                codec.shape_to_proto(array.shape, header.shape)
-                return self._write_stream(array, header)
-            request = pb.AssignRequest(name=name)
-            for flag in ("validate_shape", "use_locking", "read_value"):
-                if flags.HasField(flag):
-                    setattr(request, flag, getattr(flags, flag))
-            payload = wire.frame(request.SerializeToString(), 8, _head(dtype, array.shape), 4, array)
-            raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
+            return self._send_write(name, array, op, flags, idempotent=idempotent)
         except TensorPSError:
             if not isinstance(value, np.ndarray | np.generic):
                 self._forget(name)  # the dtype used for the conversion may be stale
             raise
+
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+        dtype = codec.dtype_of(array.dtype)
+        if array.nbytes > STREAM_THRESHOLD:
+            header = pb.WriteHeader(
+                op=op,  # type: ignore[arg-type]
+                name=name,
+                dtype=dtype.code,  # type: ignore[arg-type]
+                use_locking=flags.use_locking,
+                read_value=flags.read_value,
+                validate_shape=flags.validate_shape,
+            )
+            codec.shape_to_proto(array.shape, header.shape)
+            return self._write_stream(array, header)
+        request = pb.AssignRequest(
+            name=name,
+            use_locking=flags.use_locking,
+            read_value=flags.read_value,
+            validate_shape=flags.validate_shape,
+        )
+        payload = wire.frame(request.SerializeToString(), 8, _head(dtype, array.shape), 4, array)
+        raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
         response, content = wire.parse(pb.AssignResponse, raw, (2, 4))
         info = self._remember(_info(response.info))
         if not flags.read_value:

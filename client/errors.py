@@ -93,4 +93,9 @@ def from_rpc_error(error: grpc.RpcError) -> TensorPSError:
     """The typed exception for a failed gRPC call."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
-    return _BY_CODE.get(code, TensorPSError)(details, code)
+    return from_status(code, details)
+
+
+def from_status(code: grpc.StatusCode, message: str) -> TensorPSError:
+    """The typed exception for a status code and message."""
+    return _BY_CODE.get(code, TensorPSError)(message, code)

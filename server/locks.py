@@ -11,6 +11,7 @@ not do: they are per process, so threads would not exclude each other.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import struct
@@ -24,10 +25,21 @@ _FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stripe_of(name: str, stripes: int) -> int:
     """A stable stripe for a name: the same in every process and every run (unlike hash())."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % stripes
+
+
+_forks = [0]
+
+
+def _after_fork_in_child() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class StripedLocks:
@@ -45,12 +57,13 @@ class StripedLocks:
         self._local = threading.local()
 
     def _fd(self) -> int:
-        # One descriptor per thread (and per process: a forked child must not share its parent's).
+        # One descriptor per thread, and per process: a forked child must not share its parent's, whose
+        # locks it would otherwise hold and release. A fork counter is cheaper than getpid() per call.
         local = self._local
-        pid = os.getpid()
-        if getattr(local, "pid", None) != pid:
+        if getattr(local, "forks", None) != _forks[0]:
             local.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            local.pid = pid
+            local.forks = _forks[0]
+            local.pid = os.getpid()
         fd: int = local.fd
         return fd
 
@@ -76,9 +89,9 @@ class StripedLocks:
 
     def close(self) -> None:
         fd = getattr(self._local, "fd", None)
-        if fd is not None and getattr(self._local, "pid", None) == os.getpid():
+        if fd is not None and getattr(self._local, "forks", None) == _forks[0]:
             os.close(fd)
-            self._local.pid = None
+            self._local.forks = None
 
 
 def create_lock_file(path: str, stripes: int) -> None:

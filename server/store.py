@@ -53,6 +53,7 @@ _SLOT_HEAD = struct.Struct(f"<IBBH{MAX_NAME_LENGTH + 1}s")
 # Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity.
 _DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ")
 _DIMS = struct.Struct(f"<{MAX_RANK}q")
+_DIMS_OF_RANK = [struct.Struct(f"<{rank}q") for rank in range(MAX_RANK + 1)]
 _DESC_SIZE = _DESC_HEAD.size + _DIMS.size
 SLOT_SIZE = -(-(_SLOT_HEAD.size + 2 * _DESC_SIZE) // 64) * 64
 _OFF_STATE = 4
@@ -317,7 +318,7 @@ class Store:
     def descriptor(self, slot: int, which: int) -> Descriptor:
         off = self._descriptor_offset(slot, which)
         dtype, initialized, rank, version, nbytes, segment, capacity = _DESC_HEAD.unpack_from(self._meta, off)
-        shape = None if rank < 0 else tuple(_DIMS.unpack_from(self._meta, off + _DESC_HEAD.size)[:rank])
+        shape = None if rank < 0 else _DIMS_OF_RANK[rank].unpack_from(self._meta, off + _DESC_HEAD.size)
         return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity)
 
     def active(self, slot: int) -> Descriptor:

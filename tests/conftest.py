@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import re
@@ -10,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support import ServerProcess
+from support import STORES, ServerProcess
 from tensorps.client import Client
 
 _names = itertools.count()
@@ -36,9 +35,11 @@ def server() -> Iterator[ServerProcess]:
     assert not os.path.exists(proc.store), "the server left its store behind"
 
 
-@pytest.fixture
-def ps(server: ServerProcess) -> Iterator[Client]:
-    with Client(server.address, timeout=60) as client:
+@pytest.fixture(params=["remote", "local"])
+def ps(server: ServerProcess, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A client of the shared server: over gRPC, and on the same host through shm:// (same semantics)."""
+    target = server.address if request.param == "remote" else f"shm://{server.store}"
+    with Client(target, timeout=60) as client:
         yield client
 
 
@@ -50,7 +51,7 @@ def name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leaked_stores() -> Iterator[None]:
-    before = set(glob.glob("/dev/shm/tensorps-test-*"))
+    """Every store a test created is gone at the end (servers remove theirs; tests clean up the rest)."""
     yield
-    leaked = set(glob.glob("/dev/shm/tensorps-test-*")) - before
-    assert not leaked, f"stores left behind: {sorted(leaked)}"
+    leaked = [path for path in STORES if os.path.exists(path)]
+    assert not leaked, f"stores left behind: {leaked}"

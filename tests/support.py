@@ -20,8 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 READY = re.compile(r"tensorps ready: serving on (\S+):(\d+) with")
 
 
+# Every store path this test process handed out, so that the suite can check it left none behind.
+STORES: list[str] = []
+
+
 def fresh_store_path() -> str:
-    return f"/dev/shm/tensorps-test-{uuid.uuid4().hex[:12]}"
+    path = f"/dev/shm/tensorps-test-{uuid.uuid4().hex[:12]}"
+    STORES.append(path)
+    return path
 
 
 class ServerProcess:

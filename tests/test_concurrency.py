@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from support import ServerProcess
 from tensorps.client import Client
@@ -104,3 +105,28 @@ def test_writes_to_other_variables_run_concurrently(server: ServerProcess, name:
             list(pool.map(work, range(len(names))))
         for i, n in enumerate(names):
             np.testing.assert_array_equal(ps.read(n), np.full(256, i * 100 + 9))
+
+
+def test_local_and_remote_clients_share_locks_and_values(server: ServerProcess, name: str) -> None:
+    """Locked adds from shm:// clients and gRPC clients interleave without losing one; each sees the other."""
+    with Client(server.address, channels=4) as remote, Client(f"shm://{server.store}") as local:
+        local.create(name, value=np.zeros(SHAPE, np.float32))
+        np.testing.assert_array_equal(remote.read(name), np.zeros(SHAPE))
+        ones = np.ones(SHAPE, np.float32)
+
+        def add(i: int) -> None:
+            client = local if i % 2 else remote
+            client.assign_add(name, ones, use_locking=True, read_value=False)
+
+        with ThreadPoolExecutor(20) as pool:
+            list(pool.map(add, range(20)))
+        np.testing.assert_array_equal(local.read(name), np.full(SHAPE, 20, np.float32))
+        np.testing.assert_array_equal(remote.read(name), np.full(SHAPE, 20, np.float32))
+
+
+def test_shm_client_of_a_missing_store_is_not_found() -> None:
+    """Client("shm://...") of a directory without a store fails with NotFoundError."""
+    from tensorps.client import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        Client("shm:///dev/shm/tensorps-test-does-not-exist")

@@ -1,0 +1,158 @@
+"""The same-host client: `Client("shm:///dev/shm/tensorps-50051")` opens a server's store directly.
+
+Same API, same semantics, same locks and errors as over the network — it runs the server's own ops on the
+shared memory — without a network hop or a copy through gRPC. The server and local clients see each
+other's writes at once. Access is governed by the store directory's permissions (0700: the server's user).
+
+This module is the one place where the client uses the server's store and ops; Client imports it only for
+shm:// targets, so that the remote client stays free of them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from tensorps.client import codec
+from tensorps.client.client import Array, Client, ServerInfo, VariableInfo, WriteFlags
+from tensorps.client.codec import CodecError, DType, Shape
+from tensorps.client.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    from_status,
+)
+from tensorps.server.ops import Info, OpError, Ops
+from tensorps.server.store import Store, StoreError
+from tensorps.v1 import tensorps_pb2 as pb
+
+SCHEME = "shm://"
+
+
+def _variable_info(info: Info) -> VariableInfo:
+    return VariableInfo(info.name, info.dtype.numpy, info.shape, info.initialized, info.version)
+
+
+def _read_only(array: Array) -> Array:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+class _ClientErrors:
+    """Re-raises the server's exceptions as the client's (a class: cheaper than @contextmanager)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OpError):
+            raise from_status(getattr(grpc.StatusCode, exc.code), str(exc)) from None
+        if isinstance(exc, CodecError):
+            raise InvalidArgumentError(str(exc)) from None
+        if isinstance(exc, StoreError):
+            raise InternalError(str(exc)) from None
+
+
+_CLIENT_ERRORS = _ClientErrors()
+
+
+class LocalClient(Client):
+    """A Client on a store on this host (see the module docstring). Made by Client("shm://PATH")."""
+
+    def __init__(self, target: str, **_ignored: Any) -> None:
+        self.target = target
+        path = target.removeprefix(SCHEME)
+        if not os.path.isfile(os.path.join(path, "meta")):
+            raise NotFoundError(f"no tensorps store at {path}")
+        try:
+            store = Store.open(path)
+        except (StoreError, OSError) as exc:
+            raise InternalError(f"cannot open the store {path}: {exc}") from None
+        self._ops = Ops(store)
+        self._dtypes: dict[str, DType] = {}
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._ops.store.close()
+
+    def _errors(self, name: str | None = None) -> _ClientErrors:
+        """The server's errors as the remote client raises them; checks `name` first, as the server does."""
+        if name is not None:
+            try:
+                codec.validate_name(name)
+            except CodecError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+        return _CLIENT_ERRORS
+
+    # ---- the primitives the remote client sends over gRPC ----------------------------------------
+
+    def _create(self, name: str, dtype: DType, shape: Shape | None, array: Array | None) -> VariableInfo:
+        with self._errors(name):
+            return _variable_info(self._ops.create(name, dtype, shape, array))
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        with self._errors(name):
+            self._ops.delete(name)
+
+    def info(self, name: str) -> VariableInfo:
+        with self._errors(name):
+            return self._remember(_variable_info(self._ops.info(name)))
+
+    def list(self, prefix: str = "") -> list[VariableInfo]:
+        with self._errors():
+            return [_variable_info(info) for info in self._ops.list(prefix)]
+
+    def server_info(self) -> ServerInfo:
+        store = self._ops.store
+        return ServerInfo(
+            pid=os.getpid(),
+            workers=0,
+            store=store.path,
+            variables=store.variable_count,
+            used_bytes=store.used_bytes,
+            max_total_bytes=store.limits.max_total_bytes,
+            version=metadata.version("tensorps"),
+        )
+
+    def read(self, name: str) -> Array:
+        def copy(info: Info, view: Array) -> Array:
+            self._remember(_variable_info(info))
+            return _read_only(view.copy())
+
+        with self._errors(name):
+            return self._ops.read(name, copy)
+
+    def _read_stream(self, name: str) -> Array:
+        return self.read(name)
+
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+        read_value = flags.read_value
+        with self._errors():  # the name was checked with the value
+            if op == pb.WRITE_OP_ASSIGN:
+                info, value = self._ops.assign(
+                    name,
+                    array,
+                    validate_shape=flags.validate_shape is not False,
+                    use_locking=flags.use_locking,
+                    read_value=read_value,
+                )
+            else:
+                info, value = self._ops.assign_add(
+                    name,
+                    array,
+                    use_locking=flags.use_locking,
+                    read_value=read_value,
+                    subtract=op == pb.WRITE_OP_ASSIGN_SUB,
+                )
+        result = self._remember(_variable_info(info))
+        if not read_value:
+            return result
+        assert value is not None
+        return _read_only(value)
