@@ -123,18 +123,19 @@ class Client:
         credentials = None
         if root_certificates or certificate_chain or private_key:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-        self._channels = [self._open(i, credentials) for i in range(max(1, channels))]
+        self._channels = [self._open(credentials) for _ in range(max(1, channels))]
         self._next = itertools.count()
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _open(self, index: int, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
-        # A distinct argument per channel: grpcio would otherwise share one connection among them.
+    def _open(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        # A subchannel pool of its own per channel: grpcio otherwise shares one connection among all
+        # channels of a process with equal arguments, and the server's workers balance per connection.
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
-            ("tensorps.channel_index", index),
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if credentials is not None:
             return grpc.secure_channel(self.target, credentials, options=options)
