@@ -2,7 +2,9 @@
 
 A store is a directory (default /dev/shm/tensorps-<port>) that any number of processes map at once:
 
-    meta        header + an open-addressing hash table of variable slots (mmap, shared)
+    meta        header, a dense index of the used slots, and an open-addressing hash table of variable
+                slots (mmap, shared; listing reads the index, so the sparse table's untouched pages
+                are never allocated)
     locks       one byte per lock stripe plus the catalog lock (see locks.py)
     seg-<id>    one file per data segment; ids come from a counter, never from a variable's name
 
@@ -36,7 +38,7 @@ import numpy as np
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
 from tensorps.server.locks import StripedLocks, create_lock_file
 
-MAGIC = b"TPSSTOR1"
+MAGIC = b"TPSSTOR2"
 PAGE = mmap.PAGESIZE
 
 # Header: magic, stripes, capacity, slot size, next segment id, used bytes, variable count,
@@ -93,6 +95,14 @@ def default_total_bytes(path: str) -> int:
     return int(st.f_bavail * st.f_frsize * 0.9)
 
 
+_U32 = struct.Struct("<I")
+
+
+def _slots_offset(capacity: int) -> int:
+    """Where the slot table starts: after the header and the index and position arrays (u32 each)."""
+    return _HEADER_SIZE + -(-(8 * capacity) // PAGE) * PAGE
+
+
 def _capacity_for(nbytes: int) -> int:
     return -(-nbytes // PAGE) * PAGE
 
@@ -115,7 +125,8 @@ class Store:
             raise StoreError(f"{path} is not a tensorps store of this version")
         self.capacity: int = capacity
         self.limits = StoreLimits(max_variables=max_vars, max_total_bytes=budget)
-        self._meta = mmap.mmap(self._meta_fd, _HEADER_SIZE + capacity * SLOT_SIZE)
+        self._slots_offset = _slots_offset(capacity)
+        self._meta = mmap.mmap(self._meta_fd, self._slots_offset + capacity * SLOT_SIZE)
         self.locks = StripedLocks(os.path.join(path, "locks"), stripes)
         self._slot_cache: dict[str, int] = {}
         # segment id -> (mapping, slot that used it when mapped)
@@ -140,7 +151,7 @@ class Store:
             tmp = os.path.join(path, "meta.init")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.ftruncate(fd, _HEADER_SIZE + capacity * SLOT_SIZE)
+                os.ftruncate(fd, _slots_offset(capacity) + capacity * SLOT_SIZE)
                 header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
                 os.pwrite(fd, header, 0)
             finally:
@@ -199,7 +210,7 @@ class Store:
     # ---- slots ---------------------------------------------------------------------------------
 
     def _slot_offset(self, slot: int) -> int:
-        return _HEADER_SIZE + slot * SLOT_SIZE
+        return self._slots_offset + slot * SLOT_SIZE
 
     def _read_slot_head(self, slot: int) -> tuple[int, int, str]:
         seq, state, _sel, length, raw = _SLOT_HEAD.unpack_from(self._meta, self._slot_offset(slot))
@@ -280,6 +291,7 @@ class Store:
             self._write_descriptor(index, 1, replace(descriptor, segment=0, capacity=0))
             self._meta[off + _OFF_STATE] = USED
             self._end_change(index)
+            self._set_index(count, index)
             self._set_header_u64(_OFF_COUNT, count + 1)
         self._slot_cache[name] = index
         return index
@@ -293,19 +305,35 @@ class Store:
             self._begin_change(slot)
             self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
             self._end_change(slot)
-            self._set_header_u64(_OFF_COUNT, self.variable_count - 1)
+            # The last index entry takes the deleted one's place, keeping the index dense.
+            last = self.variable_count - 1
+            self._set_index(self._position(slot), self._indexed(last))
+            self._set_header_u64(_OFF_COUNT, last)
         self._slot_cache.pop(name, None)
 
     def names(self, prefix: str = "") -> list[str]:
         """Every variable's name (a snapshot: variables may come and go meanwhile)."""
         with self.locks.hold(self.locks.catalog, exclusive=False):
             found = []
-            for slot in range(self.capacity):
-                if self._meta[self._slot_offset(slot) + _OFF_STATE] == USED:
-                    name = self._read_slot_head(slot)[2]
-                    if name.startswith(prefix):
-                        found.append(name)
+            for position in range(self.variable_count):
+                name = self._read_slot_head(self._indexed(position))[2]
+                if name.startswith(prefix):
+                    found.append(name)
         return sorted(found)
+
+    # The dense index: entry i (i < variable count) is a used slot; position[slot] is its entry.
+
+    def _indexed(self, position: int) -> int:
+        slot: int = _U32.unpack_from(self._meta, _HEADER_SIZE + 4 * position)[0]
+        return slot
+
+    def _position(self, slot: int) -> int:
+        position: int = _U32.unpack_from(self._meta, _HEADER_SIZE + 4 * (self.capacity + slot))[0]
+        return position
+
+    def _set_index(self, position: int, slot: int) -> None:
+        _U32.pack_into(self._meta, _HEADER_SIZE + 4 * position, slot)
+        _U32.pack_into(self._meta, _HEADER_SIZE + 4 * (self.capacity + slot), position)
 
     # ---- descriptors ---------------------------------------------------------------------------
 
