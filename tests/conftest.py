@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from pki import Pki, make_pki
 
 from support import STORES, ServerProcess
 from tensorps.client import Client
@@ -55,3 +56,9 @@ def _no_leaked_stores() -> Iterator[None]:
     yield
     leaked = [path for path in STORES if os.path.exists(path)]
     assert not leaked, f"stores left behind: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Test certificates: a CA, a server certificate for localhost/127.0.0.1, good and rogue clients."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
