@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -28,7 +29,8 @@ _SERVICE = "/tensorps.v1.ParameterServer/"
 STREAM_THRESHOLD = 4 << 20
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
-_RETRIES = 2
+_RETRIES = 3
+_RETRY_BACKOFF = 0.05
 _WRITE_METHODS: dict[int, str] = {
     pb.WRITE_OP_ASSIGN: "Assign",
     pb.WRITE_OP_ASSIGN_ADD: "AssignAdd",
@@ -168,6 +170,8 @@ class Client:
                 error = from_rpc_error(exc)
                 if not (idempotent and isinstance(error, UnavailableError) and attempt < _RETRIES):
                     raise error from None
+                # A worker that died is replaced within about a second; the next channel may reach another.
+                time.sleep(_RETRY_BACKOFF * 4**attempt)
         raise AssertionError("unreachable")
 
     def _read_chunks(
@@ -329,6 +333,7 @@ class Client:
             except UnavailableError:
                 if attempt >= _RETRIES:
                     raise
+                time.sleep(_RETRY_BACKOFF * 4**attempt)
                 continue
             self._remember(info)
             assert value is not None

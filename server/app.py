@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -75,7 +76,12 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def build_server(
-    config: ServerConfig, ops: Ops, *, reuseport: bool, auth: TokenAuth | None = None
+    config: ServerConfig,
+    ops: Ops,
+    *,
+    reuseport: bool,
+    auth: TokenAuth | None = None,
+    health_servicer: health.HealthServicer | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
@@ -85,7 +91,7 @@ def build_server(
     )
     servicer = ParameterServer(ops, workers=config.workers, stream_idle_timeout=config.stream_idle_timeout)
     server.add_generic_rpc_handlers((servicer.handler(),))
-    health_servicer = health.HealthServicer()
+    health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config)
     if credentials is None:
@@ -105,6 +111,24 @@ def _set_health(servicer: health.HealthServicer, status: int) -> None:
 
 
 # ---- worker --------------------------------------------------------------------------------------
+
+
+class SupervisedHealth(health.HealthServicer):
+    """grpc.health.v1 whose Check answers from the supervisor's shared verdict at once.
+
+    Watch streams follow the same verdict through _follow_health (HealthServicer.set), a moment later.
+    """
+
+    def __init__(self, status: mmap.mmap) -> None:
+        super().__init__()
+        self._status = status
+        self.stopping = False
+
+    def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        if request.service in ("", SERVICE_NAME):
+            serving = self._status[0] == 1 and not self.stopping
+            return health_pb2.HealthCheckResponse(status=SERVING if serving else NOT_SERVING)
+        return super().Check(request, context)
 
 
 def _follow_health(status: mmap.mmap, servicer: health.HealthServicer, stop: threading.Event) -> None:
@@ -130,7 +154,8 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: auth.reload() if auth else None)
     store = Store.open(config.store_path)
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
-    server, health_servicer = build_server(config, ops, reuseport=True, auth=auth)
+    health_servicer = SupervisedHealth(status)
+    server, _ = build_server(config, ops, reuseport=True, auth=auth, health_servicer=health_servicer)
     server.start()
     _set_health(health_servicer, NOT_SERVING)
     follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
@@ -140,6 +165,7 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
     os.close(ready_fd)
     while not stop.wait(0.5):
         pass
+    health_servicer.stopping = True
     follower.join()
     _set_health(health_servicer, NOT_SERVING)
     server.stop(config.grace).wait()
@@ -255,6 +281,7 @@ class Supervisor:
             self._signal_workers(signal.SIGKILL)
             self._reap_all(5.0)
             return 1
+        self.status[0] = 1  # before the ready line: health answers SERVING once it is printed
         log.info(
             "tensorps ready: serving on %s with %d worker%s, store %s",
             self.config.address,
@@ -262,7 +289,6 @@ class Supervisor:
             "" if self.config.workers == 1 else "s",
             self.config.store_path,
         )
-        self.status[0] = 1
         while not self.stopping:
             self._reap_and_restart()
             time.sleep(0.05)
