@@ -331,9 +331,9 @@ class ParameterServer:
     @_abort_on_error_stream
     def read_stream(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = _name(pb.ReadRequest.FromString(raw).name)
-        # A private snapshot, so that the lock is not held while a slow reader drains the stream.
-        info, snapshot = self.ops.read(name, lambda info, view: (info, view.copy()))
-        yield from _chunks(info, snapshot)
+        # The messages are framed straight from shared memory under the lock (one copy, as a snapshot
+        # would take), so that the lock is not held while a slow reader drains the stream.
+        yield from self.ops.read(name, lambda info, view: list(_chunks(info, view)))
 
     @_abort_on_error
     def get_server_info(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
