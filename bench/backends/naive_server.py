@@ -1,0 +1,94 @@
+"""The baseline people hand-roll: a dict of numpy arrays behind grpcio, one process, plain protobuf.
+
+It reuses tensorps.v1's messages but none of tensorps's tricks: every tensor is a `bytes` field that
+protobuf copies on serialize, parse and access, and large tensors go as one unary message.
+Run as `python -m bench.backends.naive_server`; it prints its port and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tensorps.v1 import tensorps_pb2 as pb
+
+SERVICE = "benchnaive.Store"
+# No message limit: a 64 MiB tensor is one message, as in the simplest hand-rolled server.
+OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+DTYPES: dict[int, Any] = {pb.DT_FLOAT: np.float32, pb.DT_DOUBLE: np.float64, pb.DT_INT32: np.int32}
+
+Array = np.ndarray[Any, Any]
+
+
+def to_proto(array: Array) -> pb.TensorProto:
+    code = next(code for code, dtype in DTYPES.items() if np.dtype(dtype) == array.dtype)
+    proto = pb.TensorProto(dtype=code, tensor_content=array.tobytes())  # type: ignore[arg-type]
+    proto.tensor_shape.dim.extend(pb.TensorShapeProto.Dim(size=d) for d in array.shape)
+    return proto
+
+
+def from_proto(proto: pb.TensorProto) -> Array:
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    return np.frombuffer(proto.tensor_content, DTYPES[proto.dtype]).reshape(shape)
+
+
+class Store:
+    def __init__(self) -> None:
+        self.values: dict[str, Array] = {}
+
+    def assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignResponse:
+        self.values[request.name] = value = from_proto(request.value)
+        response = pb.AssignResponse(info=pb.VariableInfo(name=request.name))
+        if request.read_value:
+            response.value.CopyFrom(to_proto(value))
+        return response
+
+    def read(self, request: pb.ReadRequest, context: grpc.ServicerContext) -> pb.ReadResponse:
+        value = self.values.get(request.name)
+        if value is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no variable {request.name!r}")
+        return pb.ReadResponse(info=pb.VariableInfo(name=request.name), value=to_proto(value))
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        handlers = {
+            "Assign": grpc.unary_unary_rpc_method_handler(
+                self.assign,
+                request_deserializer=pb.AssignRequest.FromString,
+                response_serializer=pb.AssignResponse.SerializeToString,
+            ),
+            "Read": grpc.unary_unary_rpc_method_handler(
+                self.read,
+                request_deserializer=pb.ReadRequest.FromString,
+                response_serializer=pb.ReadResponse.SerializeToString,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def main() -> None:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # The same thread count as a tensorps worker, so that neither side wins by its pool size.
+    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=OPTIONS)
+    server.add_generic_rpc_handlers((Store().handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"naive ready: serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    stop.wait()
+    server.stop(2).wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Redis as a tensor store: the raw bytes under a key with SET and GET, the client keeping dtype and shape.
+
+The server is Debian's redis-server on a free loopback port, with persistence off (no RDB, no AOF) so
+that it measures what it holds in memory, not its disk.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+try:
+    import redis
+except ImportError:  # optional: the run then reports Redis as skipped
+    redis = None  # type: ignore[assignment]
+
+from bench.backends.base import Array, Server, Skipped, Target
+from bench.backends.process import ServerProcess, free_port
+
+LABEL = "Redis"
+_READY = re.compile(r"Ready to accept connections")
+INSTALL = "install with `apt-get install redis-server` and `pip install redis`"
+
+
+def start() -> Server | Skipped:
+    binary = shutil.which("redis-server")
+    if binary is None or redis is None:
+        missing = "redis-server" if binary is None else "the redis Python package"
+        return Skipped(LABEL, f"skipped: {missing} not found; {INSTALL}")
+    workdir = tempfile.mkdtemp(prefix="tensorps-bench-redis-")
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    # --dir: even a stray SAVE or a shutdown writes nowhere near the user's working directory.
+    command += ["--dir", workdir, "--logfile", "", "--daemonize", "no"]
+    process = ServerProcess(command, _READY, cleanup=[workdir])
+    return Server(LABEL, Target("redis", f"127.0.0.1:{port}"), process)
+
+
+def _bytes(value: Array) -> memoryview:
+    # redis-py sends a memoryview without copying it, and takes len() as the byte count: give it bytes.
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
+
+
+class RedisEndpoint:
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.client = redis.Redis(host=host, port=int(port))
+        self.layout: dict[str, tuple[np.dtype[np.generic], tuple[int, ...]]] = {}
+
+    def _array(self, name: str, raw: object) -> Array:
+        if not isinstance(raw, bytes):
+            raise KeyError(f"redis has no key {name!r}")
+        dtype, shape = self.layout[name]
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+    def put(self, name: str, value: Array) -> None:
+        self.assign(name, value, read_value=False)
+
+    def assign(self, name: str, value: Array, *, read_value: bool) -> Array | None:
+        self.layout[name] = (value.dtype, value.shape)
+        if not read_value:
+            self.client.set(name, _bytes(value))
+            return None
+        # SET then GET in one round trip: Redis has no "set and return the new value".
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(name, _bytes(value))
+        pipe.get(name)
+        _ok, raw = pipe.execute()
+        return self._array(name, raw)
+
+    def read(self, name: str) -> Array:
+        return self._array(name, self.client.get(name))
+
+    def close(self) -> None:
+        self.client.close()

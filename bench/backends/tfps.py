@@ -1,0 +1,81 @@
+"""TensorFlow's own answer: a ps task holding ref variables, fed and fetched through a TF1 session.
+
+The session's target is the ps task itself, so a feed goes to its master in one RunStep RPC and the
+Assign runs where the variable lives, as a between-graph-replicated worker would do it.
+Only runs when tensorflow is importable (it is not a dependency of tensorps).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from bench.backends.base import Array, Server, Skipped, Target
+from bench.backends.process import ServerProcess, free_port
+
+LABEL = "TF ps"
+_READY = re.compile(r"tf ps ready: serving on (\S+)")
+
+
+def start() -> Server | Skipped:
+    if importlib.util.find_spec("tensorflow") is None:
+        return Skipped(LABEL, "skipped: tensorflow not importable; install with `pip install tensorflow-cpu`")
+    command = [sys.executable, "-m", "bench.backends.tfps_server", str(free_port())]
+    process = ServerProcess(command, _READY, timeout=120)
+    assert process.match is not None
+    return Server(LABEL, Target("tf", process.match.group(1)), process)
+
+
+@dataclass
+class _Ops:
+    placeholder: Any
+    assign: Any  # the ref that Assign returns: fetching it reads the value after the write
+    variable: Any
+    layout: tuple[Any, tuple[int, ...]]
+
+
+class TFEndpoint:
+    def __init__(self, address: str) -> None:
+        self.tf: Any = importlib.import_module("tensorflow")
+        self.graph = self.tf.Graph()
+        self.session = self.tf.compat.v1.Session(f"grpc://{address}", graph=self.graph)
+        self.ops: dict[str, _Ops] = {}
+
+    def _ops(self, name: str, value: Array) -> _Ops:
+        layout = (value.dtype, value.shape)
+        found = self.ops.get(name)
+        if found is not None and found.layout == layout:
+            return found
+        tf = self.tf
+        with self.graph.as_default(), tf.device("/job:ps/task:0"):
+            placeholder = tf.compat.v1.placeholder(tf.as_dtype(value.dtype), shape=value.shape)
+            # A ref variable's state lives on the ps under its name, so every client process shares it.
+            variable = tf.compat.v1.get_variable(
+                name,
+                shape=value.shape,
+                dtype=tf.as_dtype(value.dtype),
+                initializer=tf.compat.v1.zeros_initializer(),
+                use_resource=False,
+            )
+            assign = tf.compat.v1.assign(variable, placeholder)
+        self.ops[name] = found = _Ops(placeholder, assign, variable, layout)
+        return found
+
+    def put(self, name: str, value: Array) -> None:
+        self.assign(name, value, read_value=False)
+
+    def assign(self, name: str, value: Array, *, read_value: bool) -> Array | None:
+        ops = self._ops(name, value)
+        fetch = ops.assign if read_value else ops.assign.op
+        result = self.session.run(fetch, feed_dict={ops.placeholder: value})
+        return result if read_value else None
+
+    def read(self, name: str) -> Array:
+        return self.session.run(self.ops[name].variable)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.session.close()
