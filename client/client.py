@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -80,6 +81,7 @@ def _info(proto: pb.VariableInfo) -> VariableInfo:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _head(dtype: DType, shape: Shape) -> bytes:
     proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
     codec.shape_to_proto(shape, proto.tensor_shape)
@@ -127,6 +129,7 @@ class Client:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         self._channels = [self._open(credentials) for _ in range(max(1, channels))]
         self._next = itertools.count()
+        self._stubs: dict[tuple[int, str], grpc.UnaryUnaryMultiCallable] = {}  # type: ignore[type-arg]
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -158,11 +161,20 @@ class Client:
     def _channel(self) -> grpc.Channel:
         return self._channels[next(self._next) % len(self._channels)]
 
-    def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
-        for attempt in itertools.count():
-            stub = self._channel().unary_unary(
+    def _unary_stub(self, method: str) -> grpc.UnaryUnaryMultiCallable:  # type: ignore[type-arg]
+        """The next channel's callable for `method`, made once per channel (making one costs a few µs)."""
+        index = next(self._next) % len(self._channels)
+        stub = self._stubs.get((index, method))
+        if stub is None:
+            stub = self._channels[index].unary_unary(
                 _SERVICE + method, request_serializer=None, response_deserializer=None
             )
+            self._stubs[(index, method)] = stub
+        return stub
+
+    def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
+        for attempt in itertools.count():
+            stub = self._unary_stub(method)
             try:
                 response: bytes = stub(request, timeout=self.timeout, metadata=self._metadata)
                 return response

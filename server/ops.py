@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -59,8 +58,9 @@ class ResourceExhausted(OpError):
     code = "RESOURCE_EXHAUSTED"
 
 
-@dataclass(frozen=True)
-class Info:
+class Info(NamedTuple):
+    """A variable's metadata as the ops return it."""
+
     name: str
     dtype: DType
     shape: Shape | None

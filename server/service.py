@@ -46,6 +46,7 @@ def info_to_proto(info: Info, out: pb.VariableInfo | None = None) -> pb.Variable
     return proto
 
 
+@functools.lru_cache(maxsize=4096)
 def tensor_head(dtype: DType, shape: Shape) -> bytes:
     """A serialized TensorProto without tensor_content, to be followed by it (wire.frame)."""
     proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]

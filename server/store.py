@@ -30,8 +30,8 @@ import shutil
 import struct
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,8 +71,9 @@ class StoreFullError(StoreError):
     """The byte budget, the variable limit or the tmpfs itself has no room."""
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
+    """One of a slot's two descriptors (a NamedTuple: built on every write, so cheap to build)."""
+
     dtype: int
     initialized: bool
     shape: Shape | None
@@ -288,7 +289,7 @@ class Store:
             raw = name.encode()
             struct.pack_into(f"<BBH{MAX_NAME_LENGTH + 1}s", self._meta, off + 4, state, 0, len(raw), raw)
             self._write_descriptor(index, 0, descriptor)
-            self._write_descriptor(index, 1, replace(descriptor, segment=0, capacity=0))
+            self._write_descriptor(index, 1, descriptor._replace(segment=0, capacity=0))
             self._meta[off + _OFF_STATE] = USED
             self._end_change(index)
             self._set_index(count, index)
@@ -358,8 +359,8 @@ class Store:
         _DESC_HEAD.pack_into(
             self._meta, off, d.dtype, d.initialized, rank, d.version, d.nbytes, d.segment, d.capacity
         )
-        dims = (d.shape or ()) + (0,) * (MAX_RANK - max(rank, 0))
-        _DIMS.pack_into(self._meta, off + _DESC_HEAD.size, *dims)
+        if d.shape:  # dims past the rank are never read
+            _DIMS_OF_RANK[rank].pack_into(self._meta, off + _DESC_HEAD.size, *d.shape)
 
     def publish(self, slot: int, descriptor: Descriptor) -> None:
         """Make `descriptor` (whose segment must be the inactive one's) active, crash-atomically."""
@@ -393,11 +394,11 @@ class Store:
             return current.segment, current.capacity
         with self.locks.hold(self.locks.catalog):
             self._free_segment(current)
-            self._write_descriptor(slot, inactive, replace(current, segment=0, capacity=0, nbytes=0))
+            self._write_descriptor(slot, inactive, current._replace(segment=0, capacity=0, nbytes=0))
             if want == 0:
                 return 0, 0
             segment = self._allocate_segment(want)
-            self._write_descriptor(slot, inactive, replace(current, segment=segment, capacity=want, nbytes=0))
+            self._write_descriptor(slot, inactive, current._replace(segment=segment, capacity=want, nbytes=0))
         return segment, want
 
     def _allocate_segment(self, capacity: int) -> int:
