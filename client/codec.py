@@ -124,8 +124,15 @@ def validate_shape(shape: Sequence[int]) -> Shape:
     return dims
 
 
+# numpy refuses an array whose non-zero dims multiply (times the item size) beyond this, even when
+# another dim is zero and it would hold no bytes.
+_MAX_ARRAY_SPAN = 2**63 - 1
+
+
 def nbytes_of(shape: Shape, dtype: DType) -> int:
     """Byte size of a tensor, in Python integers so that huge dims cannot wrap around."""
+    if math.prod(d for d in shape if d) * dtype.numpy.itemsize > _MAX_ARRAY_SPAN:
+        raise CodecError(f"shape {format_shape(shape)} of {dtype.name} is too large for any array")
     return math.prod(shape) * dtype.numpy.itemsize
 
 

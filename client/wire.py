@@ -17,6 +17,8 @@ from google.protobuf.message import Message
 from tensorps.client.codec import CodecError
 
 _LEN = 2
+_START_GROUP, _END_GROUP = 3, 4
+_MAX_GROUP_DEPTH = 32
 _MAX_VARINT_BYTES = 10
 
 
@@ -49,8 +51,8 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     raise CodecError("malformed protobuf: truncated or overlong varint")
 
 
-def _skip(buf: memoryview, pos: int, wire_type: int) -> int:
-    """Position after a field's value of `wire_type` starting at `pos`."""
+def _skip(buf: memoryview, pos: int, wire_type: int, number: int, depth: int = 0) -> int:
+    """Position after the value of field `number` of `wire_type` starting at `pos`."""
     if wire_type == 0:
         return _read_varint(buf, pos)[1]
     if wire_type == 1:
@@ -60,8 +62,21 @@ def _skip(buf: memoryview, pos: int, wire_type: int) -> int:
         end = pos + length
     elif wire_type == 5:
         end = pos + 4
+    elif wire_type == _START_GROUP:
+        # A (deprecated) group: fields up to the matching end-group tag. Protobuf skips unknown ones too.
+        if depth >= _MAX_GROUP_DEPTH:
+            raise CodecError("malformed protobuf: groups nested too deeply")
+        while True:
+            if pos >= len(buf):
+                raise CodecError("malformed protobuf: a group runs past the end of the message")
+            key, pos = _read_varint(buf, pos)
+            if key & 7 == _END_GROUP:
+                if key >> 3 != number:
+                    raise CodecError("malformed protobuf: mismatched end of group")
+                return pos
+            pos = _skip(buf, pos, key & 7, key >> 3, depth + 1)
     else:
-        raise CodecError(f"malformed protobuf: unsupported wire type {wire_type}")
+        raise CodecError(f"malformed protobuf: unexpected wire type {wire_type}")
     if end > len(buf):
         raise CodecError("malformed protobuf: a field runs past the end of the message")
     return end
@@ -80,7 +95,7 @@ def _cut(buf: memoryview, field: int, inner: Sequence[int]) -> tuple[list[Any], 
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise CodecError("malformed protobuf: field number 0")
-        end = _skip(buf, value_pos, wire_type)
+        end = _skip(buf, value_pos, wire_type, number)
         if number == field and wire_type == _LEN:
             parts.append(buf[start:pos])
             _length, body = _read_varint(buf, value_pos)

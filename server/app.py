@@ -164,7 +164,8 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
     os.write(ready_fd, b"r")
     os.close(ready_fd)
     while not stop.wait(0.5):
-        pass
+        # Let go of segments other workers freed, or their tmpfs pages would stay pinned here.
+        store.release_unused()
     health_servicer.stopping = True
     follower.join()
     _set_health(health_servicer, NOT_SERVING)

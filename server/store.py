@@ -48,6 +48,7 @@ _HEADER_SIZE = 4096
 _OFF_NEXT_SEG = 24
 _OFF_USED = 32
 _OFF_COUNT = 40
+_OFF_FREED = 64  # how many segments were ever freed: a cheap "mappings may be stale" signal
 
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 # Slot: sequence counter, state, active descriptor index, name length, name.
@@ -133,6 +134,7 @@ class Store:
         # segment id -> (mapping, slot that used it when mapped)
         self._segments: dict[int, tuple[mmap.mmap, int]] = {}
         self._segments_lock = threading.Lock()
+        self._seen_freed = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -302,7 +304,10 @@ class Store:
         with self.locks.hold(self.locks.catalog):
             _seq, _state, name = self._read_slot_head(slot)
             for which in (0, 1):
-                self._free_segment(self.descriptor(slot, which))
+                d = self.descriptor(slot, which)
+                self._free_segment(d)
+                # A tombstone keeps no segment id, so that other processes see their mappings are stale.
+                self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
             self._begin_change(slot)
             self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
             self._end_change(slot)
@@ -433,6 +438,7 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._segment_path(d.segment))
         self._set_header_u64(_OFF_USED, max(0, self.used_bytes - d.capacity))
+        self._set_header_u64(_OFF_FREED, self._header_u64(_OFF_FREED) + 1)
         with self._segments_lock:
             self._segments.pop(d.segment, None)
 
@@ -454,6 +460,14 @@ class Store:
                 self._evict_stale()
                 self._segments[segment] = entry
         return np.frombuffer(entry[0], np.uint8, nbytes)
+
+    def release_unused(self) -> None:
+        """Unmap segments that other processes freed since the last look (call it now and then)."""
+        freed = self._header_u64(_OFF_FREED)
+        if freed != self._seen_freed:
+            self._seen_freed = freed
+            with self._segments_lock:
+                self._evict_stale()
 
     def _evict_stale(self) -> None:
         """Drop mappings of segments that their slot no longer uses (another process freed them).
