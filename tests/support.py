@@ -13,8 +13,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READY = re.compile(r"tensorps ready: serving on (\S+):(\d+) with")
@@ -165,3 +167,19 @@ def run(command: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess
         list(command), capture_output=True, text=True, check=False, **kwargs
     )
     return result
+
+
+def same_values(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    """Equal dtype, shape and bytes; NaNs match NaNs whatever their payload (arithmetic may pick either)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.tobytes() == b.tobytes():
+        return True
+    if a.dtype.kind not in "fcV":
+        return False
+    wide_a, wide_b = (x.reshape(-1).astype(np.complex128) for x in (a, b))
+    nan_a = np.isnan(wide_a.real) | np.isnan(wide_a.imag)
+    nan_b = np.isnan(wide_b.real) | np.isnan(wide_b.imag)
+    return bool(np.array_equal(nan_a, nan_b)) and (
+        a.reshape(-1)[~nan_a].tobytes() == b.reshape(-1)[~nan_b].tobytes()
+    )

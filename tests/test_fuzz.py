@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import ServerProcess, wait_until
+from support import ServerProcess, same_values, wait_until
 from tensorps.v1 import tensorps_pb2 as pb
 
 LONG = os.environ.get("TENSORPS_FUZZ") == "long"
@@ -175,22 +175,6 @@ class Var:
     version: int
     # The value when initialized and representable (None otherwise).
     value: Array | None = field(default=None, compare=False)
-
-
-def same_values(a: Array, b: Array) -> bool:
-    """Equal dtype, shape and bytes; NaNs match NaNs whatever their payload (arithmetic may pick either)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.tobytes() == b.tobytes():
-        return True
-    if a.dtype.kind not in "fcV":
-        return False
-    wide_a, wide_b = (x.reshape(-1).astype(np.complex128) for x in (a, b))
-    nan_a = np.isnan(wide_a.real) | np.isnan(wide_a.imag)
-    nan_b = np.isnan(wide_b.real) | np.isnan(wide_b.imag)
-    return bool(np.array_equal(nan_a, nan_b)) and (
-        a.reshape(-1)[~nan_a].tobytes() == b.reshape(-1)[~nan_b].tobytes()
-    )
 
 
 def same_var(a: Var | None, b: Var | None) -> bool:

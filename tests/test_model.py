@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from support import same_values
 from tensorps.client import (
     AlreadyExistsError,
     Client,
@@ -78,22 +79,6 @@ def arrays(dtype: np.dtype[Any], shape: Shape) -> st.SearchStrategy[Array]:
         low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
         elements = st.sampled_from([low, high, low + 1, high - 1, -1, 1]) | st.integers(low, high)
     return hnp.arrays(dtype, shape, elements=elements)
-
-
-def same_values(a: Array, b: Array) -> bool:
-    """Equal dtype, shape and bytes; NaNs match NaNs whatever their payload (arithmetic may pick either)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.tobytes() == b.tobytes():
-        return True
-    if a.dtype.kind not in "fc":
-        return False
-    wide_a, wide_b = (x.reshape(-1).astype(np.complex128) for x in (a, b))
-    nan_a = np.isnan(wide_a.real) | np.isnan(wide_a.imag)
-    nan_b = np.isnan(wide_b.real) | np.isnan(wide_b.imag)
-    return bool(np.array_equal(nan_a, nan_b)) and (
-        a.reshape(-1)[~nan_a].tobytes() == b.reshape(-1)[~nan_b].tobytes()
-    )
 
 
 @dataclass(frozen=True)
