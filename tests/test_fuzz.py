@@ -737,7 +737,7 @@ wild_dims = st.one_of(
     st.integers(0, 5), st.sampled_from(WILD_DIMS), st.integers(-(2**63), 2**63 - 1), st.integers(-5, -1)
 )
 wild_shapes = st.lists(wild_dims, max_size=40).map(tuple)
-# Zero elements beside dims whose product overflows: 0 bytes, yet too big for numpy (the known bug).
+# Zero elements beside dims whose product overflows: 0 bytes, yet too big for numpy: INVALID_ARGUMENT.
 zero_huge_shapes = st.lists(st.sampled_from([0, 3, 2**40, 2**62]), min_size=2, max_size=4).map(tuple)
 dtype_codes = st.one_of(st.sampled_from(sorted(DTYPES)), st.integers(0, 30), st.integers(-(2**31), 2**31 - 1))
 
