@@ -152,7 +152,7 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal's ^C reaches all
     auth = TokenAuth(config.token_file) if config.token_file else None
     signal.signal(signal.SIGHUP, lambda signum, frame: auth.reload() if auth else None)
-    store = Store.open(config.store_path)
+    store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
     health_servicer = SupervisedHealth(status)
     server, _ = build_server(config, ops, reuseport=True, auth=auth, health_servicer=health_servicer)
@@ -251,24 +251,26 @@ class Supervisor:
                 os.kill(worker.pid, signum)
 
     def _wait_ready(self, timeout: float) -> bool:
+        """Whether every newly spawned worker reported ready in time; their pipes are closed either way."""
         deadline = time.monotonic() + timeout
         pending = list(self._ready_fds)
-        while pending and time.monotonic() < deadline:
-            for fd in list(pending):
-                os.set_blocking(fd, False)
-                try:
-                    data = os.read(fd, 1)
-                except BlockingIOError:
-                    continue
-                if data:
+        try:
+            while pending and time.monotonic() < deadline:
+                for fd in list(pending):
+                    os.set_blocking(fd, False)
+                    try:
+                        data = os.read(fd, 1)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return False  # the worker died before it was ready
                     pending.remove(fd)
-                else:
-                    return False  # the worker died before it was ready
-            time.sleep(0.01)
-        for fd in self._ready_fds:
-            os.close(fd)
-        self._ready_fds.clear()
-        return not pending
+                time.sleep(0.01)
+            return not pending
+        finally:
+            for fd in self._ready_fds:
+                os.close(fd)
+            self._ready_fds.clear()
 
     def run(self) -> int:
         self._ready_fds: list[int] = []

@@ -16,6 +16,7 @@ import hashlib
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,23 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Descriptor:
+    """A thread's descriptor of the lock file, closed when the thread (and so its thread-local) goes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.forks = _forks[0]
+        self._close = weakref.finalize(self, _close_in_this_process, fd, self.forks)
+
+    def close(self) -> None:
+        self._close()
+
+
+def _close_in_this_process(fd: int, forks: int) -> None:
+    if forks == _forks[0]:  # after a fork the number may name another file
+        os.close(fd)
+
+
 class StripedLocks:
     """`stripes` reader-writer locks plus one catalog lock, all in one lock file.
 
@@ -55,17 +73,19 @@ class StripedLocks:
         self.stripes = stripes
         self.catalog = stripes
         self._local = threading.local()
+        # Every thread's descriptor, so that close() can close them all.
+        self._handles: weakref.WeakSet[_Descriptor] = weakref.WeakSet()
 
     def _fd(self) -> int:
         # One descriptor per thread, and per process: a forked child must not share its parent's, whose
         # locks it would otherwise hold and release. A fork counter is cheaper than getpid() per call.
         local = self._local
-        if getattr(local, "forks", None) != _forks[0]:
-            local.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            local.forks = _forks[0]
-            local.pid = os.getpid()
-        fd: int = local.fd
-        return fd
+        handle: _Descriptor | None = getattr(local, "handle", None)
+        if handle is None or handle.forks != _forks[0]:
+            handle = _Descriptor(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+            local.handle = handle
+            self._handles.add(handle)
+        return handle.fd
 
     def _fcntl(self, kind: int, index: int) -> None:
         fcntl.fcntl(self._fd(), _SETLKW, _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
@@ -88,10 +108,10 @@ class StripedLocks:
         return stripe_of(name, self.stripes)
 
     def close(self) -> None:
-        fd = getattr(self._local, "fd", None)
-        if fd is not None and getattr(self._local, "forks", None) == _forks[0]:
-            os.close(fd)
-            self._local.forks = None
+        """Close every thread's descriptor (releasing any lock still held through it)."""
+        for handle in list(self._handles):
+            handle.close()
+        self._local = threading.local()
 
 
 def create_lock_file(path: str, stripes: int) -> None:

@@ -146,7 +146,7 @@ class Store:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            return cls._attach(path)
+            return cls.attach(path)
         try:
             budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
@@ -167,7 +167,8 @@ class Store:
             raise
 
     @classmethod
-    def _attach(cls, path: str, wait: float = 5.0) -> Store:
+    def attach(cls, path: str, wait: float = 5.0) -> Store:
+        """Open the existing store at `path` (waiting briefly for one being created); never create one."""
         deadline = time.monotonic() + wait
         while not os.path.exists(os.path.join(path, "meta")):
             if time.monotonic() > deadline:
@@ -292,10 +293,12 @@ class Store:
             struct.pack_into(f"<BBH{MAX_NAME_LENGTH + 1}s", self._meta, off + 4, state, 0, len(raw), raw)
             self._write_descriptor(index, 0, descriptor)
             self._write_descriptor(index, 1, descriptor._replace(segment=0, capacity=0))
-            self._meta[off + _OFF_STATE] = USED
-            self._end_change(index)
+            # Indexed before it is marked used: a crash in between leaves an index entry that names()
+            # skips, never a used slot missing from the index (which a later delete would corrupt).
             self._set_index(count, index)
             self._set_header_u64(_OFF_COUNT, count + 1)
+            self._meta[off + _OFF_STATE] = USED
+            self._end_change(index)
         self._slot_cache[name] = index
         return index
 
@@ -305,9 +308,10 @@ class Store:
             _seq, _state, name = self._read_slot_head(slot)
             for which in (0, 1):
                 d = self.descriptor(slot, which)
-                self._free_segment(d)
-                # A tombstone keeps no segment id, so that other processes see their mappings are stale.
+                # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
+                # keeping no segment id also tells other processes their mappings are stale.
                 self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
+                self._free_segment(d)
             self._begin_change(slot)
             self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
             self._end_change(slot)
@@ -315,15 +319,32 @@ class Store:
             last = self.variable_count - 1
             self._set_index(self._position(slot), self._indexed(last))
             self._set_header_u64(_OFF_COUNT, last)
+            self._reclaim_tombstones(slot)
         self._slot_cache.pop(name, None)
+
+    def _reclaim_tombstones(self, slot: int) -> None:
+        """Turn tombstones back into empty slots where no probe chain can pass them.
+
+        A tombstone followed by an empty slot ends every chain through it, so it and the tombstones just
+        before it can become empty. Without this, create/delete churn fills the table with tombstones and
+        every lookup of a missing name scans all of it.
+        """
+        mask = self.capacity - 1
+        if self._meta[self._slot_offset((slot + 1) & mask) + _OFF_STATE] != EMPTY:
+            return
+        while self._meta[self._slot_offset(slot) + _OFF_STATE] == TOMBSTONE:
+            self._begin_change(slot)
+            self._meta[self._slot_offset(slot) + _OFF_STATE] = EMPTY
+            self._end_change(slot)
+            slot = (slot - 1) & mask
 
     def names(self, prefix: str = "") -> list[str]:
         """Every variable's name (a snapshot: variables may come and go meanwhile)."""
         with self.locks.hold(self.locks.catalog, exclusive=False):
             found = []
             for position in range(self.variable_count):
-                name = self._read_slot_head(self._indexed(position))[2]
-                if name.startswith(prefix):
+                _seq, state, name = self._read_slot_head(self._indexed(position))
+                if state == USED and name.startswith(prefix):
                     found.append(name)
         return sorted(found)
 
@@ -398,8 +419,9 @@ class Store:
         if current.capacity == want:
             return current.segment, current.capacity
         with self.locks.hold(self.locks.catalog):
-            self._free_segment(current)
+            # Forget the segment before unlinking it: a crash in between leaks a file, never a dangling id.
             self._write_descriptor(slot, inactive, current._replace(segment=0, capacity=0, nbytes=0))
+            self._free_segment(current)
             if want == 0:
                 return 0, 0
             segment = self._allocate_segment(want)

@@ -99,3 +99,12 @@ def test_listing_does_not_allocate_the_sparse_table(store: Store) -> None:
         assert after * 512 < 4 << 20  # of a ~117 MiB table
     finally:
         big.destroy()
+
+
+def test_churn_does_not_fill_the_table_with_tombstones(store: Store) -> None:
+    """Creating and deleting many distinct names keeps empty slots, so missing-name lookups stay short."""
+    for i in range(5000):
+        store.delete_slot(store.insert(f"churn{i}", declared()))
+    states = [store._meta[store._slot_offset(s) + 4] for s in range(store.capacity)]
+    assert states.count(0) == store.capacity  # every tombstone reclaimed (no neighbours kept them alive)
+    assert store.find("never-created") is None
