@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import time
@@ -79,13 +78,6 @@ def _info(proto: pb.VariableInfo) -> VariableInfo:
         initialized=proto.initialized,
         version=proto.version,
     )
-
-
-@functools.lru_cache(maxsize=4096)
-def _head(dtype: DType, shape: Shape) -> bytes:
-    proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
-    codec.shape_to_proto(shape, proto.tensor_shape)
-    return proto.SerializeToString()
 
 
 class Client:
@@ -289,7 +281,7 @@ class Client:
                 self.delete(name)
                 raise
             return self.info(name)
-        payload = wire.frame(request.SerializeToString(), 4, _head(dtype, array.shape), 4, array)
+        payload = wire.frame(request.SerializeToString(), 4, codec.tensor_head(dtype, array.shape), 4, array)
         response = self._unary("CreateVariable", payload, idempotent=False)
         return _info(pb.CreateVariableResponse.FromString(response).info)
 
@@ -402,7 +394,7 @@ class Client:
             read_value=flags.read_value,
             validate_shape=flags.validate_shape,
         )
-        payload = wire.frame(request.SerializeToString(), 8, _head(dtype, array.shape), 4, array)
+        payload = wire.frame(request.SerializeToString(), 8, codec.tensor_head(dtype, array.shape), 4, array)
         raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
         response, content = wire.parse(pb.AssignResponse, raw, (2, 4))
         info = self._remember(_info(response.info))

@@ -6,7 +6,9 @@ Everything here validates before it allocates: a shape's byte size is computed w
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,9 +118,12 @@ def format_shape(shape: Shape | None) -> str:
 
 
 def validate_shape(shape: Sequence[int]) -> Shape:
-    if len(shape) > MAX_RANK:
-        raise CodecError(f"shape has rank {len(shape)}, the limit is {MAX_RANK}")
-    dims = tuple(int(d) for d in shape)
+    try:
+        dims = tuple(operator.index(d) for d in shape)  # integers only: 2.7 is no dimension
+    except TypeError:
+        raise CodecError(f"shape {shape!r} is not a sequence of integers") from None
+    if len(dims) > MAX_RANK:
+        raise CodecError(f"shape has rank {len(dims)}, the limit is {MAX_RANK}")
     if any(d < 0 for d in dims):
         raise CodecError(f"shape {format_shape(dims)} has a negative dimension")
     return dims
@@ -161,13 +166,12 @@ def as_wire_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
-def tensor_to_proto(array: np.ndarray[Any, Any], out: pb.TensorProto | None = None) -> pb.TensorProto:
-    array = as_wire_array(array)
-    proto = out if out is not None else pb.TensorProto()
-    proto.dtype = dtype_of(array.dtype).code  # type: ignore[assignment]
-    shape_to_proto(array.shape, proto.tensor_shape)
-    proto.tensor_content = array.tobytes()
-    return proto
+@functools.lru_cache(maxsize=4096)
+def tensor_head(dtype: DType, shape: Shape) -> bytes:
+    """A serialized TensorProto without tensor_content, for wire.frame to append the content to."""
+    proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
+    shape_to_proto(shape, proto.tensor_shape)
+    return proto.SerializeToString()
 
 
 def array_from_buffer(data: Any, dtype: DType, shape: Shape) -> np.ndarray[Any, Any]:
@@ -193,11 +197,6 @@ def tensor_header_from_proto(proto: pb.TensorProto) -> tuple[DType, Shape]:
     if shape is None:
         raise CodecError("tensor has an unknown shape")
     return dtype, shape
-
-
-def tensor_from_proto(proto: pb.TensorProto) -> np.ndarray[Any, Any]:
-    dtype, shape = tensor_header_from_proto(proto)
-    return array_from_buffer(proto.tensor_content, dtype, shape)
 
 
 def tensor_from_parts(proto: pb.TensorProto, content: Any) -> np.ndarray[Any, Any]:

@@ -15,8 +15,6 @@ import threading
 from importlib import metadata
 from typing import Any
 
-import grpc
-
 from tensorps.client import codec
 from tensorps.client.client import Array, Client, ServerInfo, VariableInfo, WriteFlags
 from tensorps.client.codec import CodecError, DType, Shape
@@ -26,7 +24,8 @@ from tensorps.client.errors import (
     NotFoundError,
     from_status,
 )
-from tensorps.server.ops import Info, OpError, Ops
+from tensorps.server.ops import Info, Ops
+from tensorps.server.service import status_of
 from tensorps.server.store import Store, StoreError
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -50,12 +49,9 @@ class _ClientErrors:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, OpError):
-            raise from_status(getattr(grpc.StatusCode, exc.code), str(exc)) from None
-        if isinstance(exc, CodecError):
-            raise InvalidArgumentError(str(exc)) from None
-        if isinstance(exc, StoreError):
-            raise InternalError(str(exc)) from None
+        status = status_of(exc) if isinstance(exc, Exception) else None
+        if status is not None:
+            raise from_status(*status) from None
 
 
 _CLIENT_ERRORS = _ClientErrors()
@@ -70,7 +66,7 @@ class LocalClient(Client):
         if not os.path.isfile(os.path.join(path, "meta")):
             raise NotFoundError(f"no tensorps store at {path}")
         try:
-            store = Store.open(path)
+            store = Store.attach(path, wait=0.0)
         except (StoreError, OSError) as exc:
             raise InternalError(f"cannot open the store {path}: {exc}") from None
         self._ops = Ops(store)
@@ -122,6 +118,8 @@ class LocalClient(Client):
         )
 
     def read(self, name: str) -> Array:
+        self._ops.store.release_unused()
+
         def copy(info: Info, view: Array) -> Array:
             self._remember(_variable_info(info))
             return _read_only(view.copy())
@@ -134,6 +132,7 @@ class LocalClient(Client):
 
     def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
         read_value = flags.read_value
+        self._ops.store.release_unused()
         with self._errors():  # the name was checked with the value
             if op == pb.WRITE_OP_ASSIGN:
                 info, value = self._ops.assign(
@@ -155,4 +154,6 @@ class LocalClient(Client):
         if not read_value:
             return result
         assert value is not None
-        return _read_only(value)
+        # A locked assign hands back the value it wrote, which here is the caller's own array: copy it so
+        # that the result, like the remote client's, does not change when the caller's array does.
+        return _read_only(value.copy() if value is array else value)

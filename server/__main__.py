@@ -44,7 +44,10 @@ def parser() -> argparse.ArgumentParser:
         env = "TENSORPS_" + name.upper().replace("-", "_")
         shown = "" if default is None else f" (default: {default})"
         if env in os.environ:
-            default = kind(os.environ[env]) if kind is not bool else _boolean(os.environ[env])
+            try:
+                default = kind(os.environ[env]) if kind is not bool else _boolean(os.environ[env])
+            except (ValueError, argparse.ArgumentTypeError):
+                p.error(f"{env}={os.environ[env]!r} is not a valid --{name}")
         if kind is bool:
             p.add_argument(f"--{name}", action="store_true", default=default, help=f"{text} [{env}]")
         else:
@@ -95,16 +98,31 @@ def parser() -> argparse.ArgumentParser:
         "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on "
         "SIGHUP; every call but health checks needs one",
     )
-    flag("log-level", str, d.log_level, "DEBUG, INFO or WARNING")
+    flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
     return p
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Settings that must be at least this (exclusive minimum for the float ones marked so).
+_MINIMUM = {"port": 0, "workers": 1, "stripes": 1, "max_variables": 1, "threads": 1, "max_concurrent_rpcs": 1}
+_POSITIVE = ("stream_idle_timeout", "max_total_bytes", "max_variable_bytes")
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
-    args = vars(parser().parse_args(argv))
+    p = parser()
+    args = vars(p.parse_args(argv))
     known = {f.name for f in fields(ServerConfig)}
     values = {key: value for key, value in args.items() if key in known}
-    values["workers"] = max(1, values["workers"])
-    values["log_level"] = str(values["log_level"]).upper()
+    for key, least in _MINIMUM.items():
+        if values[key] < least:
+            p.error(f"--{key.replace('_', '-')} must be at least {least}")
+    for key in _POSITIVE:
+        if values[key] is not None and values[key] <= 0:
+            p.error(f"--{key.replace('_', '-')} must be positive")
+    if values["grace"] < 0:
+        p.error("--grace must not be negative")
+    if values["port"] > 65535:
+        p.error("--port must be at most 65535")
     return ServerConfig(**values)
 
 

@@ -8,6 +8,7 @@ rather than grpcio's generic INTERNAL, and so that tensor bytes are cut out of t
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from tensorps.client import codec, wire
-from tensorps.client.codec import CodecError, DType, Shape
+from tensorps.client.codec import CodecError
 from tensorps.server.ops import Info, OpError, Ops
 from tensorps.server.store import StoreError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -46,12 +47,21 @@ def info_to_proto(info: Info, out: pb.VariableInfo | None = None) -> pb.Variable
     return proto
 
 
-@functools.lru_cache(maxsize=4096)
-def tensor_head(dtype: DType, shape: Shape) -> bytes:
-    """A serialized TensorProto without tensor_content, to be followed by it (wire.frame)."""
-    proto = pb.TensorProto(dtype=dtype.code)  # type: ignore[arg-type]
-    codec.shape_to_proto(shape, proto.tensor_shape)
-    return proto.SerializeToString()
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG, errno.EMFILE, errno.ENFILE})
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The status a failed operation answers with (None: not ours to translate)."""
+    if isinstance(exc, OpError):
+        return getattr(grpc.StatusCode, exc.code), str(exc)
+    if isinstance(exc, CodecError | DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request"
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is out of resources: {exc.strerror}"
+    if isinstance(exc, StoreError | OSError):
+        log.exception("store failure")
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return None
 
 
 def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
@@ -59,13 +69,11 @@ def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
     def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> R:
         try:
             return handler(self, request, context)
-        except OpError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        except (CodecError, DecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request")
-        except StoreError as exc:
-            log.exception("store failure")
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:
+                raise
+            context.abort(*status)
 
     return wrapper
 
@@ -75,13 +83,11 @@ def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[...,
     def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
             yield from handler(self, request, context)
-        except OpError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        except (CodecError, DecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request")
-        except StoreError as exc:
-            log.exception("store failure")
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:
+                raise
+            context.abort(*status)
 
     return wrapper
 
@@ -223,7 +229,7 @@ class ParameterServer:
         if result is None:
             return prefix
         source = content if result is value else codec.as_wire_array(result)
-        return wire.frame(prefix, 2, tensor_head(dtype, shape), 4, source)
+        return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, source)
 
     def _apply(self, op: int, name: str, value: Array, flags: Any) -> tuple[Info, Array | None]:
         read_value = _flag(flags, "read_value", True)
@@ -325,7 +331,7 @@ class ParameterServer:
         def encode(info: Info, view: Array) -> bytes:
             prefix = pb.ReadResponse(info=info_to_proto(info)).SerializeToString()
             assert info.shape is not None
-            return wire.frame(prefix, 2, tensor_head(info.dtype, info.shape), 4, view)
+            return wire.frame(prefix, 2, codec.tensor_head(info.dtype, info.shape), 4, view)
 
         return self.ops.read(name, encode)
 

@@ -402,10 +402,6 @@ class Store:
         struct.pack_into("<Q", self._meta, off, version)
         return version
 
-    def set_active(self, slot: int, descriptor: Descriptor) -> None:
-        """Overwrite the active descriptor in place (not crash-atomic; for metadata-only changes)."""
-        self._write_descriptor(slot, self.selector(slot), descriptor)
-
     # ---- segments ------------------------------------------------------------------------------
 
     def spare_segment(self, slot: int, nbytes: int) -> tuple[int, int]:

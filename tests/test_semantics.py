@@ -384,3 +384,10 @@ def test_errors_are_typed(ps: Client, name: str) -> None:
         ps.read(name)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert str(err.value).startswith("NOT_FOUND:")
+
+
+@pytest.mark.parametrize("shape", [("a",), (2.7,), 5, [[1]]])
+def test_shapes_must_be_integers(ps: Client, name: str, shape: object) -> None:
+    """A declared shape of non-integers is an InvalidArgumentError, never silently truncated."""
+    with pytest.raises(InvalidArgumentError):
+        ps.create(name, dtype="float32", shape=shape)  # type: ignore[arg-type]

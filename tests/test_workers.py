@@ -141,7 +141,7 @@ def test_sigterm_during_a_streamed_write_exits_cleanly() -> None:
             server.kill()
     assert code == 0, "\n".join(server.log)
     assert elapsed < 5 + 5  # --grace 5 plus process exit
-    assert outcome["result"] in ("ok", "UNAVAILABLE", "CANCELLED", "UNKNOWN")
+    assert outcome["result"] in ("ok", "UNAVAILABLE", "CANCELLED")
     assert not os.path.exists(server.store)
 
 
@@ -195,3 +195,28 @@ def test_signals_stop_with_exit_0_and_remove_the_store(sig: int) -> None:
     assert server.stop(sig) == 0
     assert not os.path.exists(server.store)
     assert any("worker" in line and "stopped" in line for line in server.log)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--stripes", "0"], {}, "--stripes must be at least 1"),
+        (["--stream-idle-timeout", "0"], {}, "--stream-idle-timeout must be positive"),
+        (["--threads", "0"], {}, "--threads must be at least 1"),
+        (["--log-level", "loud"], {}, "invalid choice"),
+        ([], {"TENSORPS_PORT": "abc"}, "TENSORPS_PORT='abc' is not a valid --port"),
+        (["--max-total-bytes", "12Q"], {}, "not a byte count"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_message(args: list[str], env: dict[str, str], message: str) -> None:
+    """Out-of-range flags and unparsable TENSORPS_* values stop the CLI with a usage error, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorps.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
