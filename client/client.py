@@ -273,14 +273,21 @@ class Client:
             response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
             return _info(pb.CreateVariableResponse.FromString(response).info)
         if array.nbytes > STREAM_THRESHOLD:
-            # Declare, then stream the initial value; a failed write removes the half-made variable.
-            self._create(name, dtype, shape or array.shape, None)
-            try:
-                self.assign(name, array, read_value=False)
-            except TensorPSError:
-                self.delete(name)
-                raise
-            return self.info(name)
+            # Streamed, and still atomic: the server creates the variable once the whole value is in.
+            if shape is not None and shape != array.shape:
+                raise InvalidArgumentError(
+                    f"variable '{name}' is declared with shape {codec.format_shape(shape)} but its initial "
+                    f"value has shape {codec.format_shape(array.shape)}"
+                )
+            header = pb.WriteHeader(
+                op=pb.WRITE_OP_CREATE,
+                name=name,
+                dtype=dtype.code,  # type: ignore[arg-type]
+                read_value=False,
+            )
+            codec.shape_to_proto(array.shape, header.shape)
+            info: VariableInfo = self._write_stream(array, header)
+            return info
         payload = wire.frame(request.SerializeToString(), 4, codec.tensor_head(dtype, array.shape), 4, array)
         response = self._unary("CreateVariable", payload, idempotent=False)
         return _info(pb.CreateVariableResponse.FromString(response).info)

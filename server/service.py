@@ -272,7 +272,10 @@ class ParameterServer:
             return  # the idle watch cancelled the call: no status can be sent any more
         finally:
             watched.close()
-        info, result = self._apply(header.op, name, value, header)
+        if header.op == pb.WRITE_OP_CREATE:
+            info, result = self.ops.create(name, codec.dtype_of(value.dtype), value.shape, value), None
+        else:
+            info, result = self._apply(header.op, name, value, header)
         if result is None:
             yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
         else:
@@ -294,7 +297,7 @@ class ParameterServer:
         shape = codec.shape_from_proto(header.shape)
         if shape is None:
             raise CodecError(f"the write stream for variable '{name}' has an unknown shape")
-        if header.op not in (pb.WRITE_OP_ASSIGN, pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB):
+        if header.op not in pb.WriteOp.values() or header.op == pb.WRITE_OP_UNSPECIFIED:
             raise CodecError(f"unknown write op {header.op} for variable '{name}'")
         nbytes = self.ops.check_size(name, shape, dtype)
         # Checked before this allocation: the size is within the server's limits.

@@ -95,6 +95,7 @@ DTYPES: dict[int, Any] = {
     pb.DT_UINT64: np.uint64,
 }
 ASSIGN, ASSIGN_ADD, ASSIGN_SUB = pb.WRITE_OP_ASSIGN, pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB
+CREATE = pb.WRITE_OP_CREATE
 WRITE_METHODS = {"Assign": ASSIGN, "AssignAdd": ASSIGN_ADD, "AssignSub": ASSIGN_SUB}
 UNARY = ["CreateVariable", "DeleteVariable", "ListVariables", "GetVariable", *WRITE_METHODS, "Read"]
 ALL_METHODS = [*UNARY, "WriteStream", "ReadStream", "GetServerInfo"]
@@ -406,7 +407,7 @@ def predict_stream(messages: list[bytes], world: World) -> Prediction:
     header = chunks[0].header
     if any(chunk.HasField("header") for chunk in chunks[1:]):
         errors.add(INVALID)
-    if header.op not in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB):
+    if header.op not in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB, CREATE):
         errors.add(INVALID)
     _, dims = header_errors(header.dtype, header.shape if header.HasField("shape") else None)
     nbytes = math.prod(dims) * itemsize(header.dtype) if dims is not None and header.dtype in DTYPES else None
@@ -419,9 +420,16 @@ def predict_stream(messages: list[bytes], world: World) -> Prediction:
     else:
         if nbytes is not None and len(content) != nbytes:
             errors.add(INVALID)
-    op = header.op if header.op in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) else ASSIGN
     shape = header.shape if header.HasField("shape") else None
-    prediction = predict_write(op, header.name, header, header.dtype, shape, bytes(content), world)
+    if header.op == CREATE:
+        # A streamed create is the unary create of the same value.
+        value = pb.TensorProto(dtype=header.dtype, tensor_content=bytes(content))
+        if shape is not None:
+            value.tensor_shape.CopyFrom(shape)
+        prediction = predict_create(pb.CreateVariableRequest(name=header.name, value=value), world)
+    else:
+        op = header.op if header.op in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) else ASSIGN
+        prediction = predict_write(op, header.name, header, header.dtype, shape, bytes(content), world)
     if errors:
         return Prediction(errors=frozenset(errors | prediction.errors), odd=prediction.odd)
     return prediction
@@ -889,7 +897,9 @@ def unary_requests(draw: st.DrawFn, fz: Fuzz) -> tuple[str, bytes]:
 def write_streams(draw: st.DrawFn, fz: Fuzz) -> tuple[str, list[bytes]]:
     """A WriteStream: a header and chunks, then perhaps a gap, an overlap, an overrun or a lost header."""
     header = pb.WriteHeader(name=draw(names(fz)))
-    header.op = draw(st.one_of(st.sampled_from([ASSIGN, ASSIGN_ADD, ASSIGN_SUB]), st.integers(0, 2**31 - 1)))  # type: ignore[assignment]
+    header.op = draw(
+        st.one_of(st.sampled_from([ASSIGN, ASSIGN_ADD, ASSIGN_SUB, CREATE]), st.integers(0, 2**31 - 1))
+    )  # type: ignore[assignment]
     optional_flags(draw, header, ["validate_shape", "use_locking", "read_value"])
     dtype, shape, content = draw(tensors(fz))
     header.dtype = dtype  # type: ignore[assignment]

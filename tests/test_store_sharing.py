@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from support import ServerProcess
-from tensorps.client import Client
+from tensorps.client import Client, InvalidArgumentError
 
 
 def test_two_servers_on_two_ports_share_one_store() -> None:
@@ -63,3 +64,19 @@ def test_read_follows_a_variable_that_grew_elsewhere(server: ServerProcess, name
         big = np.arange(20 << 20, dtype=np.float32)
         b.assign(name, big, validate_shape=False, read_value=False)
         assert np.array_equal(a.read(name), big)
+
+
+def test_large_initial_value_is_created_atomically(server: ServerProcess, name: str) -> None:
+    """A create with a streamed 80 MiB value is one operation: version 1; a second create changes nothing."""
+    from tensorps.client import AlreadyExistsError
+
+    big = np.arange(20 << 20, dtype=np.float32)
+    with Client(server.address, timeout=60) as ps:
+        info = ps.create(name, value=big)
+        assert info.initialized and info.version == 1 and info.shape == big.shape
+        with pytest.raises(AlreadyExistsError):
+            ps.create(name, value=np.zeros(20 << 20, np.float32))
+        assert ps.info(name).version == 1
+        assert np.array_equal(ps.read(name), big)
+        with pytest.raises(InvalidArgumentError):
+            ps.create(f"{name}.x", shape=(2,), value=big)

@@ -32,6 +32,7 @@ class WriteOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRITE_OP_ASSIGN: _ClassVar[WriteOp]
     WRITE_OP_ASSIGN_ADD: _ClassVar[WriteOp]
     WRITE_OP_ASSIGN_SUB: _ClassVar[WriteOp]
+    WRITE_OP_CREATE: _ClassVar[WriteOp]
 DT_INVALID: DataType
 DT_FLOAT: DataType
 DT_DOUBLE: DataType
@@ -52,6 +53,7 @@ WRITE_OP_UNSPECIFIED: WriteOp
 WRITE_OP_ASSIGN: WriteOp
 WRITE_OP_ASSIGN_ADD: WriteOp
 WRITE_OP_ASSIGN_SUB: WriteOp
+WRITE_OP_CREATE: WriteOp
 
 class TensorShapeProto(_message.Message):
     __slots__ = ("dim", "unknown_rank")
