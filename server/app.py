@@ -392,6 +392,21 @@ def serve(config: ServerConfig) -> int:
         raise StartupError(f"cannot open the store {config.store_path}: {exc}") from None
     created = store.created
     log.info("%s store %s", "created" if created else "attached to", config.store_path)
+    if not created:
+        # An existing store keeps the settings it was made with; say so when the flags ask for others.
+        wanted = {
+            "stripes": config.stripes,
+            "max-variables": config.max_variables,
+            "max-total-bytes": config.max_total_bytes or store.limits.max_total_bytes,
+        }
+        actual = {
+            "stripes": store.locks.stripes,
+            "max-variables": store.limits.max_variables,
+            "max-total-bytes": store.limits.max_total_bytes,
+        }
+        for key, value in wanted.items():
+            if value != actual[key]:
+                log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.close()  # the workers map it themselves, after the fork
     try:
         code = Supervisor(config).run()

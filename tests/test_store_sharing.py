@@ -13,8 +13,12 @@ from tensorps.client import Client, InvalidArgumentError
 
 def test_two_servers_on_two_ports_share_one_store() -> None:
     """A second server attached with the same --store sees the first's writes, and the other way round."""
-    with ServerProcess(workers=1) as first, ServerProcess(workers=1, store=first.store) as second:
+    with (
+        ServerProcess(workers=1) as first,
+        ServerProcess("--stripes", "8", workers=1, store=first.store) as second,
+    ):
         assert any("attached to store" in line for line in second.log)
+        assert any("the existing store keeps --stripes 64 (not 8)" in line for line in second.log)
         with Client(first.address) as a, Client(second.address) as b:
             a.create("shared", value=np.arange(5, dtype=np.int32))
             np.testing.assert_array_equal(b.read("shared"), np.arange(5))
