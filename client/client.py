@@ -410,13 +410,9 @@ class Client:
         return codec.tensor_from_parts(response.value, content)
 
     def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
-        flat = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-
         def chunks() -> Iterator[bytes]:
             yield pb.WriteChunk(header=header).SerializeToString()
-            for offset in range(0, flat.nbytes, CHUNK_BYTES):
-                head = pb.WriteChunk(offset=offset).SerializeToString()
-                yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
+            yield from wire.data_chunks(array, CHUNK_BYTES)
 
         stream = self._channel().stream_stream(
             _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None

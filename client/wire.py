@@ -8,7 +8,7 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -176,3 +176,14 @@ def _field_names(message_type: type[Message], path: tuple[int, ...]) -> list[str
             descriptor = field.message_type
         _FIELD_NAMES[key] = names
     return names
+
+
+def data_chunks(array: Any, chunk_bytes: int) -> Iterator[bytes]:
+    """An array's bytes as `offset = 2, data = 15` messages of at most `chunk_bytes` each, in order.
+
+    ReadChunk and WriteChunk share those field numbers, so the same messages serve both streams.
+    """
+    flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    for offset in range(0, flat.nbytes, chunk_bytes):
+        head = _tag(2, 0) + encode_varint(offset) if offset else b""
+        yield frame(head, 0, b"", 15, flat[offset : offset + chunk_bytes])

@@ -104,10 +104,7 @@ def _name(name: str) -> str:
 def _chunks(info: Info, array: Array) -> Iterator[bytes]:
     """A value as ReadChunk messages: the info first, then the bytes in order."""
     yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
-    flat = memoryview(codec.as_wire_array(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    for offset in range(0, flat.nbytes, CHUNK_BYTES):
-        head = pb.ReadChunk(offset=offset).SerializeToString()
-        yield wire.frame(head, 0, b"", 15, flat[offset : offset + CHUNK_BYTES])
+    yield from wire.data_chunks(codec.as_wire_array(array), CHUNK_BYTES)
 
 
 class _Cancelled(Exception):
