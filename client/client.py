@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -13,13 +14,16 @@ import grpc
 import numpy as np
 
 from tensorps.client import codec, wire
+from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
+    InternalError,
     InvalidArgumentError,
     ResourceExhaustedError,
     TensorPSError,
     UnavailableError,
     from_rpc_error,
+    from_status,
 )
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -31,6 +35,8 @@ CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
+_READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX))
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _WRITE_METHODS: dict[int, str] = {
     pb.WRITE_OP_ASSIGN: "Assign",
     pb.WRITE_OP_ASSIGN_ADD: "AssignAdd",
@@ -80,7 +86,7 @@ def _info(proto: pb.VariableInfo) -> VariableInfo:
     )
 
 
-class Client:
+class Client(BatchCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
@@ -125,6 +131,7 @@ class Client:
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     def _open(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
         # A subchannel pool of its own per channel: grpcio otherwise shares one connection among all
@@ -139,8 +146,21 @@ class Client:
         return grpc.insecure_channel(self.target, options=options)
 
     def close(self) -> None:
+        self._close_background()
         for channel in self._channels:
             channel.close()
+
+    def _background(self) -> ThreadPoolExecutor:
+        """Threads that run submitted batches (futures), made on first use."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tensorps-client")
+            return self._executor
+
+    def _close_background(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def __enter__(self) -> Client:
         return self
@@ -245,6 +265,13 @@ class Client:
         value: Any = None,
     ) -> VariableInfo:
         """Create a variable: declared (dtype, optional shape) and uninitialized, or with an initial value."""
+        declared, dims, array = self._create_args(name, dtype, shape, value)
+        return self._remember(self._create(name, declared, dims, array))
+
+    def _create_args(
+        self, name: str, dtype: Any, shape: Any, value: Any
+    ) -> tuple[DType, Shape | None, Array | None]:
+        """create()'s arguments checked: the dtype, the declared shape and the initial value as an array."""
         try:
             codec.validate_name(name)
             declared = codec.dtype_of(dtype) if dtype is not None else None
@@ -263,7 +290,7 @@ class Client:
                 "nothing is cast"
             )
         assert dtype is not None
-        return self._remember(self._create(name, dtype, dims, array))
+        return dtype, dims, array
 
     def _create(self, name: str, dtype: DType, shape: Shape | None, array: Array | None) -> VariableInfo:
         request = pb.CreateVariableRequest(name=name, dtype=dtype.code)  # type: ignore[arg-type]
@@ -421,3 +448,76 @@ class Client:
         info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
         self._remember(info)
         return value if header.read_value else info
+
+    # ---- batches (batch.py) --------------------------------------------------------------------
+
+    def _run_batch(self, ops: Sequence[QueuedOp], *, atomic: bool) -> Outcomes:
+        """One Batch call: every operation's outcomes, in order. Batches of reads only are retried."""
+        header, arrays = encode_header(ops, atomic)
+
+        def messages() -> Iterator[bytes]:
+            yield pb.BatchChunk(header=header).SerializeToString()
+            writer = wire.ChunkWriter(CHUNK_BYTES)
+            for array in arrays:
+                writer.add(array)
+                yield from writer.messages
+                writer.messages.clear()
+            yield from writer.finish()
+
+        idempotent = all(op.kind in _READ_KINDS for op in ops)
+        for attempt in itertools.count():
+            stream = self._channel().stream_stream(
+                _SERVICE + "Batch", request_serializer=None, response_deserializer=None
+            )
+            try:
+                replies = stream(messages(), timeout=self.timeout, metadata=self._metadata)
+                return self._batch_outcomes(iter(replies), ops)
+            except UnavailableError:
+                if not idempotent or attempt >= _RETRIES:
+                    raise
+                time.sleep(_RETRY_BACKOFF * 4**attempt)
+        raise AssertionError("unreachable")
+
+    def _batch_outcomes(self, replies: Iterator[bytes], ops: Sequence[QueuedOp]) -> Outcomes:
+        try:
+            first = pb.BatchReply.FromString(next(replies))
+            layout: list[tuple[int, int, DType, Shape] | None] = []
+            total = 0
+            for result in first.results:
+                if result.HasField("value"):
+                    dtype, shape = codec.tensor_header_from_proto(result.value)
+                    nbytes = codec.nbytes_of(shape, dtype)
+                    layout.append((total, nbytes, dtype, shape))
+                    total += nbytes
+                else:
+                    layout.append(None)
+            received = wire.Assembler(total, "the server's batch reply")
+            for raw in replies:
+                chunk, data = wire.parse(pb.BatchReply, raw, (15,))
+                received.add(chunk.offset, data)
+            received.check_complete()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        except StopIteration:
+            raise InternalError("the server's batch reply ended before its results") from None
+        except CodecError as exc:
+            raise InternalError(f"the server's batch reply is malformed: {exc}") from None
+        received.buffer.flags.writeable = False
+        outcomes: Outcomes = [[] for _ in ops]
+        for result, place in zip(first.results, layout, strict=True):
+            if result.code:
+                error = from_status(
+                    _STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN), result.message
+                )
+                outcomes[result.op].append(Outcome(error=error))
+                continue
+            info = self._remember(_info(result.info)) if result.HasField("info") else None
+            value = None
+            if place is not None:
+                offset, nbytes, dtype, shape = place
+                value = codec.array_from_buffer(received.buffer[offset : offset + nbytes], dtype, shape)
+            outcomes[result.op].append(Outcome(info, value))
+        for op in ops:
+            if op.kind == pb.BATCH_OP_DELETE:
+                self._forget(op.name)
+        return outcomes

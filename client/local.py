@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
 from tensorps.client import codec
+from tensorps.client.batch import Outcome, Outcomes, QueuedOp
 from tensorps.client.client import Array, Client, ServerInfo, VariableInfo, WriteFlags
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
@@ -24,6 +26,7 @@ from tensorps.client.errors import (
     NotFoundError,
     from_status,
 )
+from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Info, Ops
 from tensorps.server.service import status_of
 from tensorps.server.store import Store, StoreError
@@ -40,6 +43,10 @@ def _read_only(array: Array) -> Array:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def _copy_out(info: Info, view: Array) -> Array:
+    return _read_only(view.copy())
 
 
 class _ClientErrors:
@@ -73,8 +80,10 @@ class LocalClient(Client):
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._executor = None
 
     def close(self) -> None:
+        self._close_background()
         self._ops.store.close()
 
     def _errors(self, name: str | None = None) -> _ClientErrors:
@@ -157,3 +166,34 @@ class LocalClient(Client):
         # A locked assign hands back the value it wrote, which here is the caller's own array: copy it so
         # that the result, like the remote client's, does not change when the caller's array does.
         return _read_only(value.copy() if value is array else value)
+
+    def _run_batch(self, ops: Sequence[QueuedOp], *, atomic: bool) -> Outcomes:
+        self._ops.store.release_unused()
+        batch = [
+            BatchOp(
+                op.kind,
+                op.name,
+                op.array,
+                op.dtype,
+                op.shape,
+                validate_shape=op.validate_shape is not False,
+                use_locking=op.use_locking if op.use_locking is not None else op.kind == pb.BATCH_OP_ASSIGN,
+                read_value=op.read_value,
+            )
+            for op in ops
+        ]
+        with self._errors():
+            results = run_batch(self._ops, batch, atomic=atomic, consume=_copy_out)
+        outcomes: Outcomes = [[] for _ in ops]
+        for result in results:
+            if result.error is not None:
+                status = status_of(result.error)
+                assert status is not None
+                outcomes[result.op].append(Outcome(error=from_status(*status)))
+            else:
+                info = None if result.info is None else self._remember(_variable_info(result.info))
+                outcomes[result.op].append(Outcome(info, result.value))
+        for op in ops:
+            if op.kind == pb.BATCH_OP_DELETE:
+                self._forget(op.name)
+        return outcomes

@@ -187,3 +187,78 @@ def data_chunks(array: Any, chunk_bytes: int) -> Iterator[bytes]:
     for offset in range(0, flat.nbytes, chunk_bytes):
         head = _tag(2, 0) + encode_varint(offset) if offset else b""
         yield frame(head, 0, b"", 15, flat[offset : offset + chunk_bytes])
+
+
+def _data_message(offset: int, pieces: Sequence[Any], nbytes: int) -> bytes:
+    head = _tag(2, 0) + encode_varint(offset) if offset else b""
+    return b"".join((head, _tag(15, _LEN), encode_varint(nbytes), *pieces))
+
+
+def _flat_bytes(array: Any) -> memoryview:
+    if isinstance(array, np.ndarray):
+        array = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return memoryview(array).cast("B")
+
+
+class ChunkWriter:
+    """Many tensors' bytes, concatenated, as `offset = 2, data = 15` messages of about `chunk_bytes`.
+
+    `add` copies what it is given before it returns (a full chunk straight into its message, the pieces
+    of a partial one into the next message's parts), so that a caller may add a view of shared memory
+    under a lock and release the lock afterwards. Small tensors share messages.
+    """
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.messages: list[bytes] = []
+        self.nbytes = 0  # bytes added so far
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def add(self, array: Any) -> None:
+        flat = _flat_bytes(array)
+        pos, size = 0, flat.nbytes
+        while pos < size:
+            room = self.chunk_bytes - self._pending_bytes
+            piece = flat[pos : pos + room]
+            if not self._pending and piece.nbytes == self.chunk_bytes:
+                self.messages.append(_data_message(self.nbytes, (piece,), piece.nbytes))
+                self.nbytes += piece.nbytes
+            else:
+                self._pending.append(bytes(piece))
+                self._pending_bytes += piece.nbytes
+                if self._pending_bytes == self.chunk_bytes:
+                    self.flush()
+            pos += piece.nbytes
+
+    def flush(self) -> None:
+        if self._pending:
+            self.messages.append(_data_message(self.nbytes, self._pending, self._pending_bytes))
+            self.nbytes += self._pending_bytes
+            self._pending, self._pending_bytes = [], 0
+
+    def finish(self) -> list[bytes]:
+        self.flush()
+        return self.messages
+
+
+class Assembler:
+    """Receives `offset`/`data` chunks of a known number of bytes into one buffer, in order, no gaps."""
+
+    def __init__(self, nbytes: int, what: str) -> None:
+        self.buffer = np.empty(nbytes, np.uint8)
+        self.filled = 0
+        self.what = what
+
+    def add(self, offset: int, data: Any) -> None:
+        size = memoryview(data).nbytes
+        if offset != self.filled:
+            raise CodecError(f"{self.what}: chunk at offset {offset}, expected {self.filled}")
+        if self.filled + size > self.buffer.nbytes:
+            raise CodecError(f"{self.what}: more than the {self.buffer.nbytes} bytes its header announced")
+        self.buffer[self.filled : self.filled + size] = np.frombuffer(data, np.uint8)
+        self.filled += size
+
+    def check_complete(self) -> None:
+        if self.filled != self.buffer.nbytes:
+            raise CodecError(f"{self.what} ended after {self.filled} of {self.buffer.nbytes} bytes")

@@ -22,8 +22,9 @@ from contextlib import contextmanager
 
 # struct flock on Linux x86_64 and aarch64: short l_type, short l_whence, off_t l_start, off_t l_len,
 # pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes.
-_FLOCK = struct.Struct("hhxxxxqqixxxx")
+FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
+OFD_SETLK: int = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -88,7 +89,7 @@ class StripedLocks:
         return handle.fd
 
     def _fcntl(self, kind: int, index: int) -> None:
-        fcntl.fcntl(self._fd(), _SETLKW, _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
+        fcntl.fcntl(self._fd(), _SETLKW, FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
 
     def acquire(self, index: int, *, exclusive: bool) -> None:
         self._fcntl(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, index)

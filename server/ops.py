@@ -12,7 +12,7 @@ Mirrors TF's ref-variable kernels (core/kernels/assign_op.h, dense_update_ops.cc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -58,6 +58,10 @@ class ResourceExhausted(OpError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(OpError):
+    code = "PERMISSION_DENIED"
+
+
 class Info(NamedTuple):
     """A variable's metadata as the ops return it."""
 
@@ -72,6 +76,65 @@ def _info(name: str, d: Descriptor) -> Info:
     return Info(name, dtype_from_code(d.dtype), d.shape, d.initialized, d.version)
 
 
+# ---- the checks of each op, shared by single calls and batches (batch.py) ------------------------
+
+
+def check_dtype(name: str, op: str, current: Descriptor, dtype: DType) -> None:
+    if current.dtype != dtype.code:
+        have = dtype_from_code(current.dtype)
+        raise InvalidArgument(
+            f"{op} of variable '{name}': the variable has dtype {have.name} but the value has "
+            f"dtype {dtype.name}; nothing is cast"
+        )
+
+
+def check_assign(name: str, current: Descriptor, dtype: DType, shape: Shape, validate_shape: bool) -> None:
+    """TF's Assign: same dtype; with validate_shape, the same shape unless the variable has none yet."""
+    check_dtype(name, "Assign", current, dtype)
+    if validate_shape and current.shape is not None and current.shape != shape:
+        raise InvalidArgument(
+            f"Assign requires shapes of both tensors to match. lhs shape= "
+            f"{format_shape(current.shape)} rhs shape= {format_shape(shape)} (variable '{name}')"
+        )
+
+
+def check_update(name: str, op_name: str, current: Descriptor, dtype: DType, shape: Shape) -> None:
+    """TF's AssignAdd/AssignSub: numeric, initialized, identical shapes (no broadcasting)."""
+    if dtype.name == "bool":
+        raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
+    check_dtype(name, op_name, current, dtype)
+    check_readable(name, current)
+    if current.shape != shape:
+        raise InvalidArgument(
+            f"Parameters and update must be the same size. lhs shape= {format_shape(current.shape)} "
+            f"rhs shape= {format_shape(shape)} (variable '{name}')"
+        )
+
+
+def check_readable(name: str, current: Descriptor) -> None:
+    if not current.initialized:
+        raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
+
+
+def created_descriptor(name: str, dtype: DType, shape: Shape | None, value: Array | None) -> Descriptor:
+    """The descriptor CreateVariable starts from (uninitialized unless zero-sized), after its checks."""
+    validate_name(name)
+    if value is not None:
+        if value.dtype != dtype.numpy:
+            raise InvalidArgument(
+                f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
+            )
+        if shape is not None and tuple(shape) != value.shape:
+            raise InvalidArgument(
+                f"variable '{name}' is declared with shape {format_shape(shape)} but its initial value "
+                f"has shape {format_shape(value.shape)}"
+            )
+        shape = value.shape
+    # A variable with zero elements has nothing left to initialize (as in TF).
+    initialized = shape is not None and 0 in shape
+    return Descriptor(dtype.code, initialized, shape, 0, 0)
+
+
 class Ops:
     """The operations of DESIGN §3 over one store. Thread-safe and process-safe."""
 
@@ -81,6 +144,24 @@ class Ops:
         self.max_variable_bytes = max_variable_bytes
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def acquire(self, stripe: int, *, exclusive: bool) -> None:
+        """Take a stripe, first finishing any atomic batch that a dead holder of it left half-published."""
+        self.locks.acquire(stripe, exclusive=exclusive)
+        if self.store.in_commit(stripe):
+            try:
+                self.store.recover()
+            except BaseException:
+                self.locks.release(stripe)
+                raise
+
+    @contextlib.contextmanager
+    def hold(self, stripe: int, *, exclusive: bool = True) -> Iterator[None]:
+        self.acquire(stripe, exclusive=exclusive)
+        try:
+            yield
+        finally:
+            self.locks.release(stripe)
 
     def _slot(self, name: str) -> int:
         slot = self.store.find(name)
@@ -101,16 +182,6 @@ class Ops:
                     f"more than the server's {setting} of {limit}"
                 )
         return nbytes
-
-    @staticmethod
-    def _check_dtype(name: str, op: str, current: Descriptor, dtype: DType) -> DType:
-        have = dtype_from_code(current.dtype)
-        if have.code != dtype.code:
-            raise InvalidArgument(
-                f"{op} of variable '{name}': the variable has dtype {have.name} but the value has "
-                f"dtype {dtype.name}; nothing is cast"
-            )
-        return have
 
     def _view(self, slot: int, d: Descriptor) -> Array:
         assert d.shape is not None
@@ -137,34 +208,20 @@ class Ops:
     # ---- catalog -------------------------------------------------------------------------------
 
     def create(self, name: str, dtype: DType, shape: Shape | None, value: Array | None = None) -> Info:
-        validate_name(name)
-        if value is not None:
-            if value.dtype != dtype.numpy:
-                raise InvalidArgument(
-                    f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
-                )
-            if shape is not None and tuple(shape) != value.shape:
-                raise InvalidArgument(
-                    f"variable '{name}' is declared with shape {format_shape(shape)} but its initial value "
-                    f"has shape {format_shape(value.shape)}"
-                )
-            shape = value.shape
-        if shape is not None:
-            self.check_size(name, shape, dtype)
-        # A variable with zero elements has nothing left to initialize (as in TF).
-        initialized = shape is not None and 0 in shape
-        with self.locks.hold(self.locks.stripe(name)):
+        initial = created_descriptor(name, dtype, shape, value)
+        if initial.shape is not None:
+            self.check_size(name, initial.shape, dtype)
+        with self.hold(self.locks.stripe(name)):
             if self.store.find(name) is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
-                slot = self.store.insert(name, Descriptor(dtype.code, initialized, shape, 0, 0))
+                slot = self.store.insert(name, initial)
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
             if value is None:
                 return _info(name, self.store.active(slot))
             try:
-                assert shape is not None
-                buffer, publish = self._write_spare(name, slot, dtype, shape, 1)
+                buffer, publish = self._write_spare(name, slot, dtype, value.shape, 1)
             except BaseException:
                 self.store.delete_slot(slot)
                 raise
@@ -173,11 +230,11 @@ class Ops:
             return info
 
     def delete(self, name: str) -> None:
-        with self.locks.hold(self.locks.stripe(name)):
+        with self.hold(self.locks.stripe(name)):
             self.store.delete_slot(self._slot(name))
 
     def info(self, name: str) -> Info:
-        with self.locks.hold(self.locks.stripe(name), exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False):
             return _info(name, self.store.active(self._slot(name)))
 
     def list(self, prefix: str = "") -> list[Info]:
@@ -191,11 +248,10 @@ class Ops:
 
     def read(self, name: str, consume: Callable[[Info, Array], T]) -> T:
         """Calls consume(info, view) under a shared lock; the view is valid only during the call."""
-        with self.locks.hold(self.locks.stripe(name), exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False):
             slot = self._slot(name)
             d = self.store.active(slot)
-            if not d.initialized:
-                raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
+            check_readable(name, d)
             return consume(_info(name, d), self._view(slot, d))
 
     def assign(
@@ -215,16 +271,11 @@ class Ops:
         dtype = dtype_of(value.dtype)
         shape: Shape = value.shape
         stripe = self.locks.stripe(name)
-        self.locks.acquire(stripe, exclusive=True)
+        self.acquire(stripe, exclusive=True)
         try:
             slot = self._slot(name)
             current = self.store.active(slot)
-            self._check_dtype(name, "Assign", current, dtype)
-            if validate_shape and current.shape is not None and current.shape != shape:
-                raise InvalidArgument(
-                    f"Assign requires shapes of both tensors to match. lhs shape= "
-                    f"{format_shape(current.shape)} rhs shape= {format_shape(shape)} (variable '{name}')"
-                )
+            check_assign(name, current, dtype, shape, validate_shape)
             self.check_size(name, shape, dtype)
             if use_locking or not current.initialized or current.shape != shape:
                 # A fresh buffer (TF allocates one to reshape) is filled before anyone sees it.
@@ -254,21 +305,12 @@ class Ops:
         op_name = "AssignSub" if subtract else "AssignAdd"
         ufunc = np.subtract if subtract else np.add
         dtype = dtype_of(delta.dtype)
-        if dtype.name == "bool":
-            raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
         stripe = self.locks.stripe(name)
-        self.locks.acquire(stripe, exclusive=True)
+        self.acquire(stripe, exclusive=True)
         try:
             slot = self._slot(name)
             current = self.store.active(slot)
-            self._check_dtype(name, op_name, current, dtype)
-            if not current.initialized:
-                raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
-            if current.shape != delta.shape:
-                raise InvalidArgument(
-                    f"Parameters and update must be the same size. lhs shape= {format_shape(current.shape)} "
-                    f"rhs shape= {format_shape(delta.shape)} (variable '{name}')"
-                )
+            check_update(name, op_name, current, dtype, delta.shape)
             source = self._view(slot, current)
             if use_locking:
                 buffer, publish = self._write_spare(name, slot, dtype, delta.shape, current.version + 1)

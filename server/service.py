@@ -24,6 +24,8 @@ from google.protobuf.message import DecodeError
 
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError
+from tensorps.server import batch_service
+from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops
 from tensorps.server.store import StoreError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -35,16 +37,6 @@ log = logging.getLogger("tensorps.server")
 _VERSION = metadata.version("tensorps")
 R = TypeVar("R")
 Array = np.ndarray[Any, Any]
-
-
-def info_to_proto(info: Info, out: pb.VariableInfo | None = None) -> pb.VariableInfo:
-    proto = out if out is not None else pb.VariableInfo()
-    proto.name = info.name
-    proto.dtype = info.dtype.code  # type: ignore[assignment]
-    codec.shape_to_proto(info.shape, proto.shape)
-    proto.initialized = info.initialized
-    proto.version = info.version
-    return proto
 
 
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG, errno.EMFILE, errno.ENFILE})
@@ -80,9 +72,11 @@ def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
 
 def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[..., Iterator[R]]:
     @functools.wraps(handler)
-    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
+    def wrapper(
+        self: ParameterServer, request: Any, context: grpc.ServicerContext, **options: Any
+    ) -> Iterator[R]:
         try:
-            yield from handler(self, request, context)
+            yield from handler(self, request, context, **options)
         except Exception as exc:
             status = status_of(exc)
             if status is None:
@@ -322,6 +316,20 @@ class ParameterServer:
             raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
         return header, name, codec.array_from_buffer(buffer, dtype, shape)
 
+    @_abort_on_error_stream
+    def batch(
+        self, messages: Iterator[bytes], context: grpc.ServicerContext, *, read_only: bool = False
+    ) -> Iterator[bytes]:
+        """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
+        watched = self._idle.watch(messages, context)
+        try:
+            batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only)
+        except _Cancelled:
+            return
+        finally:
+            watched.close()
+        yield from batch_service.execute(self.ops, batch, atomic)
+
     # ---- reads ---------------------------------------------------------------------------------
 
     @_abort_on_error
@@ -372,5 +380,6 @@ class ParameterServer:
             "WriteStream": grpc.stream_stream_rpc_method_handler(self.write_stream),
             "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
             "GetServerInfo": unary(self.get_server_info),
+            "Batch": grpc.stream_stream_rpc_method_handler(self.batch),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
+from tensorps.server import commits
 from tensorps.server.locks import StripedLocks, create_lock_file
 
 MAGIC = b"TPSSTOR2"
@@ -49,6 +50,9 @@ _OFF_NEXT_SEG = 24
 _OFF_USED = 32
 _OFF_COUNT = 40
 _OFF_FREED = 64  # how many segments were ever freed: a cheap "mappings may be stale" signal
+# One byte per stripe: set while an atomic batch holding the stripe publishes (commits.py).
+_OFF_IN_COMMIT = 1024
+MAX_STRIPES = _HEADER_SIZE - _OFF_IN_COMMIT
 
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 # Slot: sequence counter, state, active descriptor index, name length, name.
@@ -148,6 +152,8 @@ class Store:
         except FileExistsError:
             return cls.attach(path)
         try:
+            if not 1 <= stripes <= MAX_STRIPES:
+                raise StoreError(f"a store has 1 to {MAX_STRIPES} lock stripes, not {stripes}")
             budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
             create_lock_file(os.path.join(path, "locks"), stripes)
@@ -305,21 +311,25 @@ class Store:
     def delete_slot(self, slot: int) -> None:
         """Delete the variable in `slot` and free its segments. The caller holds its stripe lock."""
         with self.locks.hold(self.locks.catalog):
-            _seq, _state, name = self._read_slot_head(slot)
-            for which in (0, 1):
-                d = self.descriptor(slot, which)
-                # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
-                # keeping no segment id also tells other processes their mappings are stale.
-                self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
-                self._free_segment(d)
-            self._begin_change(slot)
-            self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
-            self._end_change(slot)
-            # The last index entry takes the deleted one's place, keeping the index dense.
-            last = self.variable_count - 1
-            self._set_index(self._position(slot), self._indexed(last))
-            self._set_header_u64(_OFF_COUNT, last)
-            self._reclaim_tombstones(slot)
+            self._delete_slot(slot)
+
+    def _delete_slot(self, slot: int) -> None:
+        """delete_slot for a caller that holds the catalog lock."""
+        _seq, _state, name = self._read_slot_head(slot)
+        for which in (0, 1):
+            d = self.descriptor(slot, which)
+            # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
+            # keeping no segment id also tells other processes their mappings are stale.
+            self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
+            self._free_segment(d)
+        self._begin_change(slot)
+        self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
+        self._end_change(slot)
+        # The last index entry takes the deleted one's place, keeping the index dense.
+        last = self.variable_count - 1
+        self._set_index(self._position(slot), self._indexed(last))
+        self._set_header_u64(_OFF_COUNT, last)
+        self._reclaim_tombstones(slot)
         self._slot_cache.pop(name, None)
 
     def _reclaim_tombstones(self, slot: int) -> None:
@@ -390,10 +400,48 @@ class Store:
 
     def publish(self, slot: int, descriptor: Descriptor) -> None:
         """Make `descriptor` (whose segment must be the inactive one's) active, crash-atomically."""
+        self.flip(slot, self.prepare(slot, descriptor))
+
+    def prepare(self, slot: int, descriptor: Descriptor) -> int:
+        """Write `descriptor` as the slot's inactive one; returns the selector that will publish it."""
         inactive = 1 - self.selector(slot)
         self._write_descriptor(slot, inactive, descriptor)
-        # The single byte store that commits the write: before it, readers and a crash see the old value.
-        self._meta[self._slot_offset(slot) + _OFF_SELECTOR] = inactive
+        return inactive
+
+    def flip(self, slot: int, selector: int) -> None:
+        # The single byte store that commits a write: before it, readers and a crash see the old value.
+        self._meta[self._slot_offset(slot) + _OFF_SELECTOR] = selector
+
+    # ---- atomic batches (commits.py) -----------------------------------------------------------
+
+    def in_commit(self, stripe: int) -> bool:
+        """Whether an atomic batch that held `stripe` died while publishing (the caller now holds it)."""
+        return self._meta[_OFF_IN_COMMIT + stripe] != 0
+
+    def mark_in_commit(self, stripes: list[int], marked: bool) -> None:
+        for stripe in stripes:
+            self._meta[_OFF_IN_COMMIT + stripe] = 1 if marked else 0
+
+    def recover(self) -> int:
+        """Finish or undo every atomic batch whose process died while publishing; returns how many."""
+        done = 0
+        with self.locks.hold(self.locks.catalog):
+            for path, state, entries in commits.orphans(self.path):
+                for entry in entries:
+                    slot = self._probe(entry.name, locked=True) if entry.name else None
+                    if state == commits.COMMITTED and entry.kind == commits.FLIP:
+                        self.flip(entry.slot, entry.selector)
+                    elif state == commits.COMMITTED and entry.kind == commits.DELETE:
+                        if slot == entry.slot:
+                            self._delete_slot(entry.slot)
+                    elif state != commits.COMMITTED and entry.kind == commits.CREATED:
+                        if isinstance(slot, int):
+                            self._delete_slot(slot)
+                    elif entry.kind == commits.STRIPE:
+                        self.mark_in_commit([entry.slot], False)
+                os.unlink(path)
+                done += 1
+        return done
 
     def bump_version(self, slot: int) -> int:
         """Count an in-place (unlocked) write in the active descriptor; returns the new version."""

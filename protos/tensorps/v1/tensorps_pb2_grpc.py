@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Batch = channel.stream_stream(
+                '/tensorps.v1.ParameterServer/Batch',
+                request_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
+                response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -162,6 +167,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request_iterator, context):
+        """Any number of operations on any number of variables in one call (see BatchChunk). A read-only
+        token may send a batch only if it holds no write (else PERMISSION_DENIED, nothing changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +232,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.FromString,
                     response_serializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.SerializeToString,
+            ),
+            'Batch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.FromString,
+                    response_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +536,33 @@ class ParameterServer:
             '/tensorps.v1.ParameterServer/GetServerInfo',
             tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.SerializeToString,
             tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorps.v1.ParameterServer/Batch',
+            tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
+            tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
             options,
             channel_credentials,
             insecure,
