@@ -1,5 +1,6 @@
 """The thin tensorps client: numpy arrays in and out, exceptions named like tf.errors."""
 
+from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.errors import (
     AlreadyExistsError,
@@ -17,6 +18,7 @@ from tensorps.client.errors import (
 
 __all__ = [
     "AlreadyExistsError",
+    "BatchError",
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -24,6 +26,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "Pipeline",
     "ResourceExhaustedError",
     "ServerInfo",
     "TensorPSError",
