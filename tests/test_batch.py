@@ -293,7 +293,7 @@ def test_batch_limits_apply_per_operation_and_as_a_whole() -> None:
 
 def _raw_batch(address: str, messages: list[bytes]) -> grpc.RpcError | list[bytes]:
     with grpc.insecure_channel(address) as channel:
-        call = channel.stream_stream("/tensorps.v1.ParameterServer/Batch")
+        call = channel.stream_stream("/tensorps.v1.ParameterServer/Batch", None, None)
         try:
             return list(call(iter(messages), timeout=30))
         except grpc.RpcError as error:
@@ -328,6 +328,8 @@ def test_malformed_batch_streams_are_refused_and_change_nothing(
     with Client(server.address, timeout=30) as ps:
         ps.create(v, value=np.zeros(1000, np.float32))
     data = np.ones(1000, np.float32).tobytes()
+    unknown = pb.BatchOp(name=v)
+    unknown.kind = 99  # type: ignore[assignment]
     header = _assign_header(v, 1000)
     first = header.SerializeToString()
     messages = {
@@ -338,9 +340,7 @@ def test_malformed_batch_streams_are_refused_and_change_nothing(
         "no_header": [pb.BatchChunk(offset=0, data=data).SerializeToString()],
         "empty": [],
         "inline_content": [],
-        "bad_kind": [
-            pb.BatchChunk(header=pb.BatchHeader(ops=[pb.BatchOp(kind=99, name=v)])).SerializeToString()
-        ],
+        "bad_kind": [pb.BatchChunk(header=pb.BatchHeader(ops=[unknown])).SerializeToString()],
     }[case]
     if case == "inline_content":
         header.header.ops[0].value.tensor_content = data
@@ -416,7 +416,7 @@ def _comparable(result: Any, prefix: str) -> Any:
 
 
 def _state(ps: Client, prefix: str) -> list[Any]:
-    found = []
+    found: list[Any] = []
     for var in "abc":
         try:
             info = ps.info(f"{prefix}/{var}")
