@@ -291,11 +291,12 @@ def model_step_table(run: ModelRun, skipped: Sequence[Skipped]) -> str:
 
 
 def model_step_legend(rounds: int) -> str:
+    plural = "s" if rounds != 1 else ""
     return "\n".join(
         [
-            f"Model steps: medians and ranges (min-max) over {rounds} rounds of one timed step per system, "
-            "model and push kind (systems round-robin, rotated each round); pull ms and push ms are the "
-            "medians of the two halves. Every pull is compared with what the system must hold after the "
+            f"Model steps: medians and ranges (min-max) over {rounds} round{plural} of one timed step per "
+            "system, model and push kind (systems round-robin, rotated each round); pull ms and push ms are "
+            "the medians of the two halves. Every pull is compared with what the system must hold after the "
             "previous push (each pushed tensor carries a fresh tag), and a final pull checks the last one.",
             "- assign writes new values (tensorps: use_locking=True, TF's default), assign_add adds deltas "
             "(use_locking=False, TF's default); nothing is read back in the push (read_value=False).",

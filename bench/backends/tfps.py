@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -42,16 +43,16 @@ class _Ops:
 
 class TFEndpoint:
     """A model step is one session.run each way: fetch every variable, then feed every placeholder and
-    run a group of their Assign (or AssignAdd) ops, as a between-graph worker does."""
+    run their Assign (or AssignAdd) ops, as a between-graph worker does."""
 
     note = ""
 
     def __init__(self, address: str) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's startup notes would bury the progress lines
         self.tf: Any = importlib.import_module("tensorflow")
         self.graph = self.tf.Graph()
         self.session = self.tf.compat.v1.Session(f"grpc://{address}", graph=self.graph)
         self.ops: dict[str, _Ops] = {}
-        self.groups: dict[tuple[tuple[str, ...], bool], Any] = {}
         self.calls = 0
 
     def _ops(self, name: str, value: Array) -> _Ops:
@@ -94,19 +95,14 @@ class TFEndpoint:
 
     def push(self, values: Mapping[str, Array], *, add: bool) -> None:
         ops = [self._ops(name, value) for name, value in values.items()]
-        key = (tuple(values), add)
-        group = self.groups.get(key)
-        if group is None:
-            with self.graph.as_default(), self.tf.device("/job:ps/task:0"):
-                group = self.tf.group(*[o.add.op if add else o.assign.op for o in ops])
-            self.groups[key] = group
+        targets = [o.add.op if add else o.assign.op for o in ops]
         self.calls += 1
         self.session.run(
-            group, feed_dict={o.placeholder: v for o, v in zip(ops, values.values(), strict=True)}
+            targets, feed_dict={o.placeholder: v for o, v in zip(ops, values.values(), strict=True)}
         )
 
     def batching(self, *, add: bool) -> str:
-        return "one session.run each way (" + ("AssignAdd" if add else "Assign") + " group)"
+        return "one session.run each way (" + ("AssignAdd" if add else "Assign") + " ops)"
 
     def close(self) -> None:
         self.session.close()
