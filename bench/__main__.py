@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs = modelstep.run(steppers, models, profile.model_rounds, runner.progress)
                 for run in runs:
                     print(report.model_step_table(run, skipped) + "\n")
-                print(report.model_step_legend(profile.model_rounds) + "\n", flush=True)
+                print(report.model_step_legend(runs) + "\n", flush=True)
             if args.workers_scaling:
                 by_label = {s.label: s for s in servers}
                 one, two = by_label[tps.label(1)], by_label[tps.label(2)]

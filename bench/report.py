@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.backends import Skipped
+from bench.backends import Skipped, tps
 from bench.fleet import Concurrent
 from bench.modelstep import ModelRun
 from bench.profiles import Profile
@@ -290,8 +290,15 @@ def model_step_table(run: ModelRun, skipped: Sequence[Skipped]) -> str:
     return "\n".join(lines)
 
 
-def model_step_legend(rounds: int) -> str:
+def model_step_legend(runs: Sequence[ModelRun]) -> str:
+    rounds = runs[0].rounds if runs else 0
     plural = "s" if rounds != 1 else ""
+    calls = "- calls per step: requests sent by the pull + by the push."
+    if any(row.label.endswith(f"({tps.PER_VARIABLE})") for run in runs for row in run.rows):
+        calls += (
+            f" tensorps *({tps.PER_VARIABLE})*: this client has no `read_many`/`assign_many` (issue 9), "
+            "so a step is one call per variable."
+        )
     return "\n".join(
         [
             f"Model steps: medians and ranges (min-max) over {rounds} round{plural} of one timed step per "
@@ -300,8 +307,7 @@ def model_step_legend(rounds: int) -> str:
             "previous push (each pushed tensor carries a fresh tag), and a final pull checks the last one.",
             "- assign writes new values (tensorps: use_locking=True, TF's default), assign_add adds deltas "
             "(use_locking=False, TF's default); nothing is read back in the push (read_value=False).",
-            "- calls per step: requests sent by the pull + by the push. tensorps *(per-variable calls)*: "
-            "this client has no `read_many`/`assign_many` (issue 9), so a step is one call per variable.",
+            calls,
             "- raw TCP floor: the step's bytes sent one way, then the other, over one loopback TCP socket "
             "between two Python processes (`sendall`/`recv_into`, no framing), measured every round in the "
             "same run; the last column is the median step ÷ the median floor.",

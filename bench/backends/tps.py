@@ -14,6 +14,7 @@ from tensorps.client import AlreadyExistsError, Client
 
 _READY = re.compile(r"tensorps ready: serving on (\S+):(\d+) with")
 SHM_LABEL = "tensorps shm:// (same host)"
+PER_VARIABLE = "per-variable calls"  # the model-step rows' note while the client lacks the batch API
 
 
 def label(workers: int) -> str:
@@ -44,7 +45,7 @@ class TensorpsEndpoint:
         self._assign_many: Callable[..., Any] | None = getattr(self.client, "assign_many", None)
         self._assign_add_many: Callable[..., Any] | None = getattr(self.client, "assign_add_many", None)
         self.batched = None not in (self._read_many, self._assign_many, self._assign_add_many)
-        self.note = "" if self.batched else "per-variable calls"
+        self.note = "" if self.batched else PER_VARIABLE
 
     def put(self, name: str, value: Array) -> None:
         try:
