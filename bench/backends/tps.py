@@ -40,7 +40,7 @@ class TensorpsEndpoint:
     def __init__(self, address: str) -> None:
         self.client = Client(address, timeout=300)
         self.calls = 0
-        # Looked up, not called by name: the batch API is being written on main while this runs today.
+        # Looked up, not called by name: not every client has the batch API (issue 9) yet.
         self._read_many: Callable[..., Any] | None = getattr(self.client, "read_many", None)
         self._assign_many: Callable[..., Any] | None = getattr(self.client, "assign_many", None)
         self._assign_add_many: Callable[..., Any] | None = getattr(self.client, "assign_add_many", None)
