@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import resource
 import signal
 import socket
 import threading
@@ -27,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
+from tensorps.server.mapping import max_map_count
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
 from tensorps.server.store import Store, StoreError
@@ -376,9 +378,31 @@ def check_security(config: ServerConfig) -> None:
         )
 
 
+def check_process_limits(config: ServerConfig) -> None:
+    """Raise the open-file limit to its hard limit, and say when mappings could run out before variables.
+
+    Segments are mapped without descriptors (mapping.py), but gRPC connections and the store still take
+    some. Each variable takes up to two mappings (a second buffer for locked writes).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = max_map_count()
+    if limit is not None and 2 * config.max_variables + 1000 > limit:
+        log.info(
+            "up to %d variables may need %d memory mappings per worker, more than vm.max_map_count (%d): "
+            "raise it (sysctl vm.max_map_count=%d) to fill the store",
+            config.max_variables,
+            2 * config.max_variables,
+            limit,
+            2 * config.max_variables + 1000,
+        )
+
+
 def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
     check_security(config)
+    check_process_limits(config)
     port = claim_port(config)
     config = replace(config, port=port)
     try:

@@ -38,6 +38,7 @@ import numpy as np
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
 from tensorps.server import commits
 from tensorps.server.locks import StripedLocks, create_lock_file
+from tensorps.server.mapping import map_file
 
 MAGIC = b"TPSSTOR2"
 PAGE = mmap.PAGESIZE
@@ -136,7 +137,7 @@ class Store:
         self.locks = StripedLocks(os.path.join(path, "locks"), stripes)
         self._slot_cache: dict[str, int] = {}
         # segment id -> (mapping, slot that used it when mapped)
-        self._segments: dict[int, tuple[mmap.mmap, int]] = {}
+        self._segments: dict[int, tuple[Any, int]] = {}
         self._segments_lock = threading.Lock()
         self._seen_freed = 0
 
@@ -518,12 +519,13 @@ class Store:
         with self._segments_lock:
             entry = self._segments.get(segment)
             if entry is None:
-                fd = os.open(self._segment_path(segment), os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    entry = (mmap.mmap(fd, capacity), slot)
-                finally:
-                    os.close(fd)
-                self._evict_stale()
+                # Mappings of segments freed elsewhere are dropped only when something was freed since the
+                # last look: scanning them all on every new mapping made creating N variables O(N²).
+                freed = self._header_u64(_OFF_FREED)
+                if freed != self._seen_freed:
+                    self._seen_freed = freed
+                    self._evict_stale()
+                entry = (map_file(self._segment_path(segment), capacity), slot)
                 self._segments[segment] = entry
         return np.frombuffer(entry[0], np.uint8, nbytes)
 

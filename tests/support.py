@@ -44,7 +44,9 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int = 0,
         wait: bool = True,
+        open_files: int | None = None,
     ) -> None:
+        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`)."""
         self.store = store or fresh_store_path()
         self.host = host
         command = [
@@ -63,6 +65,8 @@ class ServerProcess:
             "5",
             *args,
         ]
+        if open_files is not None:
+            command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(open_files), *command]
         self.proc = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,
