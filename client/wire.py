@@ -200,6 +200,13 @@ def _flat_bytes(array: Any) -> memoryview:
     return memoryview(array).cast("B")
 
 
+def join_data(prefix: bytes, arrays: Sequence[Any]) -> bytes:
+    """`prefix` followed by one `data = 15` field holding the arrays' bytes concatenated (one copy)."""
+    views = [_flat_bytes(array) for array in arrays]
+    total = sum(view.nbytes for view in views)
+    return b"".join((prefix, _tag(15, _LEN), encode_varint(total), *views))
+
+
 class ChunkWriter:
     """Many tensors' bytes, concatenated, as `offset = 2, data = 15` messages of about `chunk_bytes`.
 

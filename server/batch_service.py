@@ -124,23 +124,27 @@ def decode_ops(header: pb.BatchHeader, layouts: list[_Layout | None], data: Any)
     return decoded
 
 
+def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
+    """The first message's header, every operation checked and its value placed (no data taken yet)."""
+    chunk, _data = wire.parse(pb.BatchChunk, message, (15,))
+    if not chunk.HasField("header"):
+        raise CodecError("the first message of a batch has no header")
+    layouts, total = plan_header(chunk.header, ops, read_only=read_only)
+    return chunk.header, layouts, total
+
+
 def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream, and whether it is atomic."""
+    """A batch's operations from its request stream (BatchStream), and whether it is atomic."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
-    chunk, data = wire.parse(pb.BatchChunk, first, (15,))
-    if not chunk.HasField("header"):
-        raise CodecError("the first message of a batch stream has no header")
-    header = chunk.header
-    layouts, total = plan_header(header, ops, read_only=read_only)
+    header, layouts, total = _header(first, ops, read_only=read_only)
     assembler = wire.Assembler(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
-        if message is not first:
-            chunk, data = wire.parse(pb.BatchChunk, message, (15,))
-            if chunk.HasField("header"):
-                raise CodecError("the batch stream has a second header")
+        chunk, data = wire.parse(pb.BatchChunk, message, (15,))
+        if message is not first and chunk.HasField("header"):
+            raise CodecError("the batch stream has a second header")
         if data.nbytes:
             assembler.add(chunk.offset, data)
         message = next(messages, None)
@@ -148,9 +152,20 @@ def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[li
     return decode_ops(header, layouts, assembler.buffer), header.atomic
 
 
-def execute(ops: Ops, batch: list[BatchOp], atomic: bool) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes."""
-    writer = wire.ChunkWriter(CHUNK_BYTES)
+def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
+    """A batch sent as one message (Batch): the header and every value's bytes at once."""
+    header, layouts, total = _header(raw, ops, read_only=read_only)
+    chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
+    if chunk.offset or data.nbytes != total:
+        raise CodecError(
+            f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
+            f"its header needs {total} at 0"
+        )
+    return decode_ops(header, layouts, data), header.atomic
+
+
+def _run(ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter) -> bytes:
+    """Run the batch, the values it returns going to `writer`; the serialized results."""
 
     def consume(info: Info, view: Any) -> pb.TensorProto:
         writer.add(view)
@@ -161,8 +176,22 @@ def execute(ops: Ops, batch: list[BatchOp], atomic: bool) -> Iterator[bytes]:
     reply = pb.BatchReply()
     for result in results:
         _result_to_proto(result, reply.results.add())
-    yield reply.SerializeToString()
+    return reply.SerializeToString()
+
+
+def execute(ops: Ops, batch: list[BatchOp], atomic: bool) -> Iterator[bytes]:
+    """Run the batch; the reply stream: every result, then the values' bytes."""
+    writer = wire.ChunkWriter(CHUNK_BYTES)
+    yield _run(ops, batch, atomic, writer)
     yield from writer.finish()
+
+
+def execute_one(ops: Ops, batch: list[BatchOp], atomic: bool) -> bytes:
+    """Run the batch; the reply as one message: every result and the values' bytes."""
+    writer = wire.ChunkWriter(1 << 62)  # one data field: the client chose Batch for a small reply
+    results = _run(ops, batch, atomic, writer)
+    data = writer.finish()
+    return results + data[0] if data else results
 
 
 def _result_to_proto(result: Result, out: pb.BatchResult) -> None:

@@ -58,9 +58,9 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
 
 def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(handler)
-    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> R:
+    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext, **options: Any) -> R:
         try:
-            return handler(self, request, context)
+            return handler(self, request, context, **options)
         except Exception as exc:
             status = status_of(exc)
             if status is None:
@@ -316,11 +316,17 @@ class ParameterServer:
             raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
         return header, name, codec.array_from_buffer(buffer, dtype, shape)
 
+    @_abort_on_error
+    def batch(self, raw: bytes, context: grpc.ServicerContext, *, read_only: bool = False) -> bytes:
+        """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
+        batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only)
+        return batch_service.execute_one(self.ops, batch, atomic)
+
     @_abort_on_error_stream
-    def batch(
+    def batch_stream(
         self, messages: Iterator[bytes], context: grpc.ServicerContext, *, read_only: bool = False
     ) -> Iterator[bytes]:
-        """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
+        """BatchStream: `read_only` as for batch."""
         watched = self._idle.watch(messages, context)
         try:
             batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only)
@@ -380,6 +386,7 @@ class ParameterServer:
             "WriteStream": grpc.stream_stream_rpc_method_handler(self.write_stream),
             "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
             "GetServerInfo": unary(self.get_server_info),
-            "Batch": grpc.stream_stream_rpc_method_handler(self.batch),
+            "Batch": unary(self.batch),
+            "BatchStream": grpc.stream_stream_rpc_method_handler(self.batch_stream),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
