@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
+# Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
+REQUEST_ID_KEY = "tensorps-request-id"
 _READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX))
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _WRITE_METHODS: dict[int, str] = {
@@ -184,15 +187,24 @@ class Client(BatchCalls):
             self._stubs[(index, method)] = stub
         return stub
 
-    def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
+    def _call_metadata(self, write: bool) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata; a write carries a fresh request id, which its retries repeat."""
+        if not write:
+            return self._metadata
+        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)))
+
+    def _unary(self, method: str, request: bytes, *, idempotent: bool = False, write: bool = False) -> bytes:
+        """One unary call, retried on UNAVAILABLE if idempotent or a write (made exactly-once by its id)."""
+        metadata = self._call_metadata(write)
         for attempt in itertools.count():
             stub = self._unary_stub(method)
             try:
-                response: bytes = stub(request, timeout=self.timeout, metadata=self._metadata)
+                response: bytes = stub(request, timeout=self.timeout, metadata=metadata)
                 return response
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                if not (idempotent and isinstance(error, UnavailableError) and attempt < _RETRIES):
+                retry = (idempotent or write) and attempt < _RETRIES
+                if not (retry and isinstance(error, UnavailableError)):
                     raise error from None
                 # A worker that died is replaced within about a second; the next channel may reach another.
                 time.sleep(_RETRY_BACKOFF * 4**attempt)
@@ -297,7 +309,7 @@ class Client(BatchCalls):
         if shape is not None:
             codec.shape_to_proto(shape, request.shape)
         if array is None:
-            response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
+            response = self._unary("CreateVariable", request.SerializeToString(), write=True)
             return _info(pb.CreateVariableResponse.FromString(response).info)
         if array.nbytes > STREAM_THRESHOLD:
             # Streamed, and still atomic: the server creates the variable once the whole value is in.
@@ -316,13 +328,13 @@ class Client(BatchCalls):
             info: VariableInfo = self._write_stream(array, header)
             return info
         payload = wire.frame(request.SerializeToString(), 4, codec.tensor_head(dtype, array.shape), 4, array)
-        response = self._unary("CreateVariable", payload, idempotent=False)
+        response = self._unary("CreateVariable", payload, write=True)
         return _info(pb.CreateVariableResponse.FromString(response).info)
 
     def delete(self, name: str) -> None:
         self._forget(name)
         request = pb.DeleteVariableRequest(name=name).SerializeToString()
-        self._unary("DeleteVariable", request, idempotent=False)
+        self._unary("DeleteVariable", request, write=True)
 
     def info(self, name: str) -> VariableInfo:
         request = pb.GetVariableRequest(name=name).SerializeToString()
@@ -389,7 +401,7 @@ class Client(BatchCalls):
     ) -> Any:
         """TF's Assign: the variable's value after the write, or its VariableInfo without read_value."""
         flags = WriteFlags(use_locking, read_value, validate_shape)
-        return self._write(name, value, pb.WRITE_OP_ASSIGN, flags, idempotent=True)
+        return self._write(name, value, pb.WRITE_OP_ASSIGN, flags)
 
     def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignAdd: same shape, no broadcasting; integer overflow wraps."""
@@ -399,17 +411,17 @@ class Client(BatchCalls):
         """TF's AssignSub: same shape, no broadcasting; integer overflow wraps."""
         return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, WriteFlags(use_locking, read_value))
 
-    def _write(self, name: str, value: Any, op: int, flags: WriteFlags, *, idempotent: bool = False) -> Any:
+    def _write(self, name: str, value: Any, op: int, flags: WriteFlags) -> Any:
         """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
         array = self._as_array(name, value)
         try:
-            return self._send_write(name, array, op, flags, idempotent=idempotent)
+            return self._send_write(name, array, op, flags)
         except TensorPSError:
             if not isinstance(value, np.ndarray | np.generic):
                 self._forget(name)  # the dtype used for the conversion may be stale
             raise
 
-    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags) -> Any:
         dtype = codec.dtype_of(array.dtype)
         if array.nbytes > STREAM_THRESHOLD:
             header = pb.WriteHeader(
@@ -429,7 +441,7 @@ class Client(BatchCalls):
             validate_shape=flags.validate_shape,
         )
         payload = wire.frame(request.SerializeToString(), 8, codec.tensor_head(dtype, array.shape), 4, array)
-        raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
+        raw = self._unary(_WRITE_METHODS[op], payload, write=True)
         response, content = wire.parse(pb.AssignResponse, raw, (2, 4))
         info = self._remember(_info(response.info))
         if not flags.read_value:
@@ -441,13 +453,22 @@ class Client(BatchCalls):
             yield pb.WriteChunk(header=header).SerializeToString()
             yield from wire.data_chunks(array, CHUNK_BYTES)
 
-        stream = self._channel().stream_stream(
-            _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None
-        )
-        responses = stream(chunks(), timeout=self.timeout, metadata=self._metadata)
-        info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
-        self._remember(info)
-        return value if header.read_value else info
+        metadata = self._call_metadata(write=True)
+        for attempt in itertools.count():
+            stream = self._channel().stream_stream(
+                _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None
+            )
+            try:
+                responses = stream(chunks(), timeout=self.timeout, metadata=metadata)
+                info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
+            except UnavailableError:
+                if attempt >= _RETRIES:
+                    raise
+                time.sleep(_RETRY_BACKOFF * 4**attempt)
+                continue
+            self._remember(info)
+            return value if header.read_value else info
+        raise AssertionError("unreachable")
 
     # ---- batches (batch.py) --------------------------------------------------------------------
 
@@ -459,21 +480,22 @@ class Client(BatchCalls):
         """
         header, arrays = encode_header(ops, atomic)
         unary = sum(a.nbytes for a in arrays) <= STREAM_THRESHOLD and self._small_reply(ops)
-        idempotent = all(op.kind in _READ_KINDS for op in ops)
+        # Reads are idempotent; writes carry a request id (the server applies none of them twice).
+        metadata = self._call_metadata(write=not all(op.kind in _READ_KINDS for op in ops))
         for attempt in itertools.count():
             try:
                 if unary:
                     payload = wire.join_data(pb.BatchChunk(header=header).SerializeToString(), arrays)
                     stub = self._unary_stub("Batch")
                     reply, data = wire.parse(
-                        pb.BatchReply, stub(payload, timeout=self.timeout, metadata=self._metadata), (15,)
+                        pb.BatchReply, stub(payload, timeout=self.timeout, metadata=metadata), (15,)
                     )
                     return self._batch_outcomes(reply, data, ops)
                 stream = self._channel().stream_stream(
                     _SERVICE + "BatchStream", request_serializer=None, response_deserializer=None
                 )
                 replies = iter(
-                    stream(_batch_messages(header, arrays), timeout=self.timeout, metadata=self._metadata)
+                    stream(_batch_messages(header, arrays), timeout=self.timeout, metadata=metadata)
                 )
                 reply = pb.BatchReply.FromString(next(replies))
                 received = wire.Assembler(_reply_bytes(reply), "the server's batch reply")
@@ -484,7 +506,7 @@ class Client(BatchCalls):
                 return self._batch_outcomes(reply, received.buffer, ops)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                if not (idempotent and isinstance(error, UnavailableError) and attempt < _RETRIES):
+                if not (isinstance(error, UnavailableError) and attempt < _RETRIES):
                     raise error from None
                 time.sleep(_RETRY_BACKOFF * 4**attempt)
             except StopIteration:

@@ -139,7 +139,7 @@ class LocalClient(Client):
     def _read_stream(self, name: str) -> Array:
         return self.read(name)
 
-    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags) -> Any:
         read_value = flags.read_value
         self._ops.store.release_unused()
         with self._errors():  # the name was checked with the value

@@ -164,7 +164,9 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
     return decode_ops(header, layouts, data), header.atomic
 
 
-def _run(ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter) -> bytes:
+def _run(
+    ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter, request: bytes | None
+) -> bytes:
     """Run the batch, the values it returns going to `writer`; the serialized results."""
 
     def consume(info: Info, view: Any) -> pb.TensorProto:
@@ -172,24 +174,24 @@ def _run(ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter)
         assert info.shape is not None
         return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
 
-    results = run_batch(ops, batch, atomic=atomic, consume=consume)
+    results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request)
     reply = pb.BatchReply()
     for result in results:
         _result_to_proto(result, reply.results.add())
     return reply.SerializeToString()
 
 
-def execute(ops: Ops, batch: list[BatchOp], atomic: bool) -> Iterator[bytes]:
+def execute(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> Iterator[bytes]:
     """Run the batch; the reply stream: every result, then the values' bytes."""
     writer = wire.ChunkWriter(CHUNK_BYTES)
-    yield _run(ops, batch, atomic, writer)
+    yield _run(ops, batch, atomic, writer, request)
     yield from writer.finish()
 
 
-def execute_one(ops: Ops, batch: list[BatchOp], atomic: bool) -> bytes:
+def execute_one(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> bytes:
     """Run the batch; the reply as one message: every result and the values' bytes."""
     writer = wire.ChunkWriter(1 << 62)  # one data field: the client chose Batch for a small reply
-    results = _run(ops, batch, atomic, writer)
+    results = _run(ops, batch, atomic, writer, request)
     data = writer.finish()
     return results + data[0] if data else results
 

@@ -86,6 +86,21 @@ def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[...,
     return wrapper
 
 
+REQUEST_ID_KEY = "tensorps-request-id"
+
+
+def request_id(context: grpc.ServicerContext) -> bytes | None:
+    """The call's request id (metadata `tensorps-request-id`, 32 hex digits): a retried write answers with
+    its first outcome instead of applying twice. Absent or malformed: the write is not deduplicated."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) == 32:
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                return None
+    return None
+
+
 def _flag(message: Any, field: str, default: bool) -> bool:
     return bool(getattr(message, field)) if message.HasField(field) else default
 
@@ -182,13 +197,13 @@ class ParameterServer:
             raise CodecError(f"variable '{name}' needs a dtype or an initial value")
         else:
             dtype = codec.dtype_from_code(request.dtype)
-        info = self.ops.create(name, dtype, shape, value)
+        info = self.ops.create(name, dtype, shape, value, request=request_id(context))
         return pb.CreateVariableResponse(info=info_to_proto(info)).SerializeToString()
 
     @_abort_on_error
     def delete_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = pb.DeleteVariableRequest.FromString(raw)
-        self.ops.delete(_name(request.name))
+        self.ops.delete(_name(request.name), request=request_id(context))
         return b""
 
     @_abort_on_error
@@ -207,7 +222,7 @@ class ParameterServer:
 
     # ---- writes --------------------------------------------------------------------------------
 
-    def _write(self, op: int, raw: bytes) -> bytes:
+    def _write(self, op: int, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request, content = wire.parse(pb.AssignRequest, raw, (8, 4))
         name = _name(request.name)
         if not request.HasField("value"):
@@ -215,14 +230,16 @@ class ParameterServer:
         dtype, shape = codec.tensor_header_from_proto(request.value)
         self.ops.check_size(name, shape, dtype)
         value = codec.array_from_buffer(content, dtype, shape)
-        info, result = self._apply(op, name, value, request)
+        info, result = self._apply(op, name, value, request, request_id(context))
         prefix = pb.AssignResponse(info=info_to_proto(info)).SerializeToString()
         if result is None:
             return prefix
         source = content if result is value else codec.as_wire_array(result)
         return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, source)
 
-    def _apply(self, op: int, name: str, value: Array, flags: Any) -> tuple[Info, Array | None]:
+    def _apply(
+        self, op: int, name: str, value: Array, flags: Any, request: bytes | None
+    ) -> tuple[Info, Array | None]:
         read_value = _flag(flags, "read_value", True)
         if op == pb.WRITE_OP_ASSIGN:
             return self.ops.assign(
@@ -231,6 +248,7 @@ class ParameterServer:
                 validate_shape=_flag(flags, "validate_shape", True),
                 use_locking=_flag(flags, "use_locking", True),
                 read_value=read_value,
+                request=request,
             )
         if op in (pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB):
             return self.ops.assign_add(
@@ -239,20 +257,21 @@ class ParameterServer:
                 use_locking=_flag(flags, "use_locking", False),
                 read_value=read_value,
                 subtract=op == pb.WRITE_OP_ASSIGN_SUB,
+                request=request,
             )
         raise CodecError(f"unknown write op {op}")
 
     @_abort_on_error
     def assign(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN, raw)
+        return self._write(pb.WRITE_OP_ASSIGN, raw, context)
 
     @_abort_on_error
     def assign_add(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN_ADD, raw)
+        return self._write(pb.WRITE_OP_ASSIGN_ADD, raw, context)
 
     @_abort_on_error
     def assign_sub(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN_SUB, raw)
+        return self._write(pb.WRITE_OP_ASSIGN_SUB, raw, context)
 
     @_abort_on_error_stream
     def write_stream(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -264,9 +283,11 @@ class ParameterServer:
         finally:
             watched.close()
         if header.op == pb.WRITE_OP_CREATE:
-            info, result = self.ops.create(name, codec.dtype_of(value.dtype), value.shape, value), None
+            dtype = codec.dtype_of(value.dtype)
+            info = self.ops.create(name, dtype, value.shape, value, request=request_id(context))
+            result = None
         else:
-            info, result = self._apply(header.op, name, value, header)
+            info, result = self._apply(header.op, name, value, header, request_id(context))
         if result is None:
             yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
         else:
@@ -320,7 +341,7 @@ class ParameterServer:
     def batch(self, raw: bytes, context: grpc.ServicerContext, *, read_only: bool = False) -> bytes:
         """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
         batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only)
-        return batch_service.execute_one(self.ops, batch, atomic)
+        return batch_service.execute_one(self.ops, batch, atomic, request_id(context))
 
     @_abort_on_error_stream
     def batch_stream(
@@ -334,7 +355,7 @@ class ParameterServer:
             return
         finally:
             watched.close()
-        yield from batch_service.execute(self.ops, batch, atomic)
+        yield from batch_service.execute(self.ops, batch, atomic, request_id(context))
 
     # ---- reads ---------------------------------------------------------------------------------
 

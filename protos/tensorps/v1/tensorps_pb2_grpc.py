@@ -26,7 +26,17 @@ if _version_not_supported:
 
 
 class ParameterServerStub:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -102,7 +112,17 @@ class ParameterServerStub:
 
 
 class ParameterServerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     def CreateVariable(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -268,7 +288,17 @@ def add_ParameterServerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ParameterServer:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     @staticmethod
     def CreateVariable(request,
