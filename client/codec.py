@@ -183,10 +183,30 @@ def array_from_buffer(data: Any, dtype: DType, shape: Shape) -> np.ndarray[Any, 
             f"tensor content has {actual} bytes, but shape {format_shape(shape)} of {dtype.name} "
             f"needs {expected}"
         )
-    array = np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
-    if dtype.code == pb.DT_BOOL and expected and array.view(np.uint8).max() > 1:
-        raise CodecError("bool tensor content holds bytes other than 0 and 1")
-    return array
+    # Only the length is checked here; whether the bytes are values of the dtype is check_values's job,
+    # which the server's ops run on every value, whichever transport brought it.
+    return np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
+
+
+def check_values(array: np.ndarray[Any, Any], *, name: str = "") -> None:
+    """Refuse tensor content that holds no value of its dtype: a bool byte other than 0 or 1.
+
+    numpy stores any byte in a bool array (np.uint8(2).view(bool)), and such a byte would poison every
+    later read of the variable. The server's ops call this on each value they are asked to store, so the
+    network and the same-host (shm://) clients pass through exactly the same check.
+    """
+    if array.dtype != np.bool_ or not array.size:
+        return
+    raw = array.view(np.uint8)
+    if raw.max() <= 1:
+        return
+    first = int(np.flatnonzero(raw.reshape(-1) > 1)[0])
+    index = [int(i) for i in np.unravel_index(first, array.shape)]
+    where = f"variable '{name}': " if name else ""
+    raise CodecError(
+        f"{where}the bool value holds byte {int(raw.reshape(-1)[first])} at element {index}; "
+        "a bool is 0 or 1"
+    )
 
 
 def tensor_header_from_proto(proto: pb.TensorProto) -> tuple[DType, Shape]:

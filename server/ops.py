@@ -20,6 +20,7 @@ import numpy as np
 from tensorps.client.codec import (
     DType,
     Shape,
+    check_values,
     dtype_from_code,
     dtype_of,
     format_shape,
@@ -139,6 +140,7 @@ class Ops:
     def create(self, name: str, dtype: DType, shape: Shape | None, value: Array | None = None) -> Info:
         validate_name(name)
         if value is not None:
+            check_values(value, name=name)  # here, not in a transport: gRPC and shm:// pass the same check
             if value.dtype != dtype.numpy:
                 raise InvalidArgument(
                     f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
@@ -213,6 +215,7 @@ class Ops:
         is exactly the value written.
         """
         dtype = dtype_of(value.dtype)
+        check_values(value, name=name)
         shape: Shape = value.shape
         stripe = self.locks.stripe(name)
         self.locks.acquire(stripe, exclusive=True)
@@ -254,6 +257,7 @@ class Ops:
         op_name = "AssignSub" if subtract else "AssignAdd"
         ufunc = np.subtract if subtract else np.add
         dtype = dtype_of(delta.dtype)
+        check_values(delta, name=name)
         if dtype.name == "bool":
             raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
         stripe = self.locks.stripe(name)
