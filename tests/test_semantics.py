@@ -160,7 +160,7 @@ def test_python_values_take_the_variables_dtype_losslessly(ps: Client, name: str
     ps.create(floats, dtype="float32", shape=())
     assert ps.assign(floats, 3).dtype == np.float32
     assert ps.assign(floats, 0.375) == np.float32(0.375)
-    with pytest.raises(InvalidArgumentError, match="0.1 is no float32"):
+    with pytest.raises(InvalidArgumentError, match=r"0\.1 is no float32"):
         ps.assign(floats, 0.1)  # no float32 is 0.1: pass np.float32(0.1) to round it on purpose
     assert ps.assign(floats, np.float32(0.1)) == np.float32(0.1)
     with pytest.raises(InvalidArgumentError):
