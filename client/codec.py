@@ -192,12 +192,16 @@ def array_from_buffer(data: Any, dtype: DType, shape: Shape) -> np.ndarray[Any, 
 
 
 def check_values(array: np.ndarray[Any, Any], *, name: str = "") -> None:
-    """Refuse tensor content that holds no value of its dtype: a bool byte other than 0 or 1.
+    """Refuse a tensor the store cannot hold: a rank beyond MAX_RANK, or content that holds no value of its
+    dtype (a bool byte other than 0 or 1).
 
-    numpy stores any byte in a bool array (np.uint8(2).view(bool)), and such a byte would poison every
-    later read of the variable. The server's ops call this on each value they are asked to store, so the
-    network and the same-host (shm://) clients pass through exactly the same check.
+    numpy makes arrays of up to 64 dims and stores any byte in a bool array (np.uint8(2).view(bool)); such a
+    byte would poison every later read of the variable. The server's ops call this on each value they are
+    asked to store, so the network and the same-host (shm://) clients pass through exactly the same check.
     """
+    if array.ndim > MAX_RANK:
+        where = f" for variable '{name}'" if name else ""
+        raise CodecError(f"a value of rank {array.ndim}{where}: the limit is {MAX_RANK}")
     if array.dtype != np.bool_ or not array.size:
         return
     raw = array.view(np.uint8)
@@ -231,6 +235,8 @@ def tensor_from_parts(proto: pb.TensorProto, content: Any) -> np.ndarray[Any, An
 # float becomes an integer ([2.0] for int32 fails, as in TF), no complex a real (bfloat16's kind is "V").
 _ALLOWED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "V": "iuf", "c": "iufc"}
 _PYTHON_KINDS: dict[type, str] = {bool: "b", int: "i", float: "f", complex: "c"}
+# The Python containers a value may nest (numpy takes any sequence; these are the ones that hold numbers).
+_SEQUENCES = (list, tuple, range)
 _KIND_NAMES = {"b": "a bool", "i": "an int", "f": "a float", "c": "a complex number"}
 
 
@@ -310,11 +316,11 @@ def _check_leaves(value: Any, dtype: DType, allowed: str, where: str) -> set[typ
 
 
 def _leaf_types(value: Any, types: set[type]) -> None:
-    if not isinstance(value, list | tuple):
+    if not isinstance(value, _SEQUENCES):
         types.add(type(value))
         return
     kinds = set(map(type, value))
-    if any(issubclass(k, list | tuple) for k in kinds):
+    if any(issubclass(k, _SEQUENCES) for k in kinds):
         for item in value:
             _leaf_types(item, types)
     else:
@@ -323,7 +329,7 @@ def _leaf_types(value: Any, types: set[type]) -> None:
 
 def _leaves(value: Any, index: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], Any]]:
     """The elements of nested lists and tuples with their indices (a numpy array inside is one element)."""
-    if isinstance(value, list | tuple):
+    if isinstance(value, _SEQUENCES):
         for i, item in enumerate(value):
             yield from _leaves(item, (*index, i))
     else:

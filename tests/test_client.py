@@ -57,6 +57,18 @@ def test_bool_bytes_other_than_0_and_1_are_refused(ps: Client, name: str) -> Non
     assert ps.read(name).tolist() == [True, False, True]
 
 
+def test_values_beyond_the_rank_limit_are_refused(ps: Client, name: str) -> None:
+    """A numpy value of rank 33 is refused over both transports (shm:// used to reach the store with it)."""
+    value = np.zeros([1] * 33, np.float32)
+    with pytest.raises(InvalidArgumentError, match="rank 33"):
+        ps.create(name, value=value)
+    ps.create(name, dtype="float32")
+    with pytest.raises(InvalidArgumentError, match="rank 33"):
+        ps.assign(name, value)
+    assert ps.info(name).version == 0
+    assert ps.assign(name, np.zeros([1] * 32, np.float32), read_value=False).shape == (1,) * 32
+
+
 def test_streamed_bool_values_are_checked_too(ps: Client, name: str) -> None:
     """A bool value large enough to be streamed is checked as a small one is."""
     raw = np.zeros(5 << 20, np.uint8)
@@ -185,6 +197,14 @@ def test_integers_beyond_64_bits_and_numpy_promotion_stay_exact(ps: Client, name
     with pytest.raises(InvalidArgumentError, match=r"element \[0\] -1 is outside the range of uint64"):
         ps.assign(unsigned, [-1, 2**63])  # numpy alone makes float64 of it
     assert ps.assign(unsigned, [2**64 - 1, 2**63]).tolist() == [2**64 - 1, 2**63]
+
+
+def test_tuples_and_ranges_convert_like_lists(ps: Client, name: str) -> None:
+    """Nested tuples and ranges are Python values too, converted by the same rule."""
+    ps.create(name, dtype="int16", shape=(2, 3))
+    assert ps.assign(name, (range(3), (3, 4, 5))).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(InvalidArgumentError, match=r"element \[1, 2\] 40000 is outside the range of int16"):
+        ps.assign(name, (range(3), (3, 4, 40000)))
 
 
 # ---- a stale dtype cache never fails a call -----------------------------------------------------
