@@ -23,7 +23,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tensorps.client.codec import CodecError, DType, Shape, dtype_from_code, dtype_of, validate_name
+from tensorps.client.codec import (
+    CodecError,
+    DType,
+    Shape,
+    check_values,
+    dtype_from_code,
+    dtype_of,
+    validate_name,
+)
 from tensorps.server import commits
 from tensorps.server.ops import (
     NO_REQUEST,
@@ -365,6 +373,7 @@ class _Atomic:
             value = op.value
             assert value is not None
             var, current = self._existing(name)
+            check_values(value, name=name)
             dtype = dtype_of(value.dtype)
             if kind == ASSIGN:
                 check_assign(name, current, dtype, value.shape, op.validate_shape)

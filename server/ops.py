@@ -20,6 +20,7 @@ import numpy as np
 from tensorps.client.codec import (
     DType,
     Shape,
+    check_values,
     dtype_from_code,
     dtype_of,
     format_shape,
@@ -126,6 +127,7 @@ def created_descriptor(name: str, dtype: DType, shape: Shape | None, value: Arra
     """The descriptor CreateVariable starts from (uninitialized unless zero-sized), after its checks."""
     validate_name(name)
     if value is not None:
+        check_values(value, name=name)  # here, not in a transport: gRPC and shm:// pass the same check
         if value.dtype != dtype.numpy:
             raise InvalidArgument(
                 f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
@@ -351,6 +353,7 @@ class Ops:
         is exactly the value written.
         """
         dtype = dtype_of(value.dtype)
+        check_values(value, name=name)
         shape: Shape = value.shape
         stripe = self.locks.stripe(name)
         self.acquire(stripe, exclusive=True)
@@ -395,6 +398,7 @@ class Ops:
         op_name = "AssignSub" if subtract else "AssignAdd"
         ufunc = np.subtract if subtract else np.add
         dtype = dtype_of(delta.dtype)
+        check_values(delta, name=name)
         stripe = self.locks.stripe(name)
         self.acquire(stripe, exclusive=True)
         try:
