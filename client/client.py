@@ -8,7 +8,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -724,18 +724,20 @@ class Client(BatchCalls):
         if unary:
             payload = wire.join_data(pb.BatchChunk(header=header).SerializeToString(), arrays)
             reply, data = wire.parse(pb.BatchReply, self._unary_stub("Batch")(payload, **options), (15,))
-            return self._batch_outcomes(reply, data, ops)
+            if data.nbytes != _reply_bytes(reply):
+                raise CodecError(f"{data.nbytes} bytes of values, its results announce {_reply_bytes(reply)}")
+            return self._batch_outcomes(reply, lambda offset, nbytes: data[offset : offset + nbytes], ops)
         stream = self._channel().stream_stream(
             _SERVICE + "BatchStream", request_serializer=None, response_deserializer=None
         )
         replies = iter(stream(_batch_messages(header, arrays), **options))
         reply = pb.BatchReply.FromString(next(replies))
-        received = wire.Assembler(_reply_bytes(reply), "the server's batch reply")
+        received = wire.Received(_reply_bytes(reply), "the server's batch reply")
         for raw in replies:
             chunk, data = wire.parse(pb.BatchReply, raw, (15,))
             received.add(chunk.offset, data)
         received.check_complete()
-        return self._batch_outcomes(reply, received.buffer, ops)
+        return self._batch_outcomes(reply, received.view, ops)
 
     def _small_reply(self, ops: Sequence[QueuedOp]) -> bool:
         """Whether the reply's values are known to fit STREAM_THRESHOLD (sizes last seen of reads)."""
@@ -752,12 +754,10 @@ class Client(BatchCalls):
                 total += op.array.nbytes
         return total <= STREAM_THRESHOLD
 
-    def _batch_outcomes(self, reply: pb.BatchReply, data: Any, ops: Sequence[QueuedOp]) -> Outcomes:
-        """Every operation's outcomes from the reply's results and its values' bytes."""
-        values = np.frombuffer(data, np.uint8)
-        values.flags.writeable = False
-        if values.nbytes != _reply_bytes(reply):
-            raise InternalError("the server's batch reply has the wrong number of bytes")
+    def _batch_outcomes(
+        self, reply: pb.BatchReply, view: Callable[[int, int], Any], ops: Sequence[QueuedOp]
+    ) -> Outcomes:
+        """Every operation's outcomes from the reply's results and its values' bytes (`view`)."""
         outcomes: Outcomes = [[] for _ in ops]
         offset = 0
         for result in reply.results:
@@ -770,7 +770,7 @@ class Client(BatchCalls):
             if result.HasField("value"):
                 dtype, shape = codec.tensor_header_from_proto(result.value)
                 nbytes = codec.nbytes_of(shape, dtype)
-                value = codec.array_from_buffer(values[offset : offset + nbytes], dtype, shape)
+                value = codec.array_from_buffer(view(offset, nbytes), dtype, shape)
                 offset += nbytes
             outcomes[result.op].append(Outcome(info, value))
         for op in ops:
@@ -792,7 +792,9 @@ def _reply_bytes(reply: pb.BatchReply) -> int:
 def _batch_messages(header: pb.BatchHeader, arrays: Sequence[Array]) -> Iterator[bytes]:
     """BatchStream's requests: the header, then the values' bytes in chunks, framed as they are sent."""
     yield pb.BatchChunk(header=header).SerializeToString()
-    writer = wire.ChunkWriter(CHUNK_BYTES)
+    # A tensor goes whole up to STREAM_THRESHOLD (below every server's message limit), so that the server
+    # can use it in place.
+    writer = wire.ChunkWriter(CHUNK_BYTES, STREAM_THRESHOLD)
     for array in arrays:
         writer.add(array)
         yield from writer.messages

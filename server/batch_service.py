@@ -7,7 +7,7 @@ into the segment). Values coming back are framed by wire.ChunkWriter under the v
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
@@ -85,15 +85,18 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
     return layouts, total
 
 
-def decode_ops(header: pb.BatchHeader, layouts: list[_Layout | None], data: Any) -> list[BatchOp]:
+def decode_ops(
+    header: pb.BatchHeader, layouts: list[_Layout | None], view: Callable[[int, int], Any]
+) -> list[BatchOp]:
     """The operations with their values as typed views of the received data, TF's defaults filled in."""
     decoded = []
     for index, (op, layout) in enumerate(zip(header.ops, layouts, strict=True)):
         try:
             value = None
             if layout is not None:
-                piece = data[layout.offset : layout.offset + layout.nbytes]
-                value = codec.array_from_buffer(piece, layout.dtype, layout.shape)
+                value = codec.array_from_buffer(
+                    view(layout.offset, layout.nbytes), layout.dtype, layout.shape
+                )
             dtype = None
             if op.kind == CREATE:
                 if layout is not None:
@@ -139,17 +142,18 @@ def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[li
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
     header, layouts, total = _header(first, ops, read_only=read_only)
-    assembler = wire.Assembler(total, "the batch stream")
+    # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
+    # whole), until ops copy them into the store.
+    received = wire.Received(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
         chunk, data = wire.parse(pb.BatchChunk, message, (15,))
         if message is not first and chunk.HasField("header"):
             raise CodecError("the batch stream has a second header")
-        if data.nbytes:
-            assembler.add(chunk.offset, data)
+        received.add(chunk.offset, data)
         message = next(messages, None)
-    assembler.check_complete()
-    return decode_ops(header, layouts, assembler.buffer), header.atomic
+    received.check_complete()
+    return decode_ops(header, layouts, received.view), header.atomic
 
 
 def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
@@ -161,7 +165,7 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
             f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
             f"its header needs {total} at 0"
         )
-    return decode_ops(header, layouts, data), header.atomic
+    return decode_ops(header, layouts, lambda offset, nbytes: data[offset : offset + nbytes]), header.atomic
 
 
 def _run(
@@ -183,7 +187,8 @@ def _run(
 
 def execute(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> Iterator[bytes]:
     """Run the batch; the reply stream: every result, then the values' bytes."""
-    writer = wire.ChunkWriter(CHUNK_BYTES)
+    # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
+    writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
     yield _run(ops, batch, atomic, writer, request)
     yield from writer.finish()
 
