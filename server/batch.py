@@ -451,8 +451,6 @@ class _Atomic:
     def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
         store = self.store
         record = commits.CommitRecord(store.path)
-        for stripe in stripes:
-            record.add(commits.STRIPE, stripe)
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = False
@@ -508,8 +506,10 @@ class _Atomic:
             if not committed:
                 for slot in inserted:
                     store.delete_slot(slot)
-            store.mark_in_commit(stripes, False)
+            # The record goes before the marks: a kill in between leaves marks without a record (whoever
+            # takes such a stripe finds nothing to replay), never a finished batch's record to replay later.
             record.finish()
+            store.mark_in_commit(stripes, False)
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
         index = last_write[name]
