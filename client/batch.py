@@ -128,18 +128,18 @@ class Pipeline:
     def assign_add(
         self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True
     ) -> Pipeline:
-        array = self._client._as_array(name, delta, self._created.get(name))
-        return self._queue(
-            QueuedOp(pb.BATCH_OP_ASSIGN_ADD, name, array, None, None, None, use_locking, read_value)
-        )
+        return self._update(pb.BATCH_OP_ASSIGN_ADD, name, delta, use_locking, read_value)
 
     def assign_sub(
         self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True
     ) -> Pipeline:
+        return self._update(pb.BATCH_OP_ASSIGN_SUB, name, delta, use_locking, read_value)
+
+    def _update(self, kind: int, name: str, delta: Any, use_locking: bool, read_value: bool) -> Pipeline:
+        name = self._client._checked(name)
+        flags = (_flag(use_locking, "use_locking"), _flag(read_value, "read_value"))
         array = self._client._as_array(name, delta, self._created.get(name))
-        return self._queue(
-            QueuedOp(pb.BATCH_OP_ASSIGN_SUB, name, array, None, None, None, use_locking, read_value)
-        )
+        return self._queue(QueuedOp(kind, name, array, None, None, None, *flags))
 
     def read(self, name: str) -> Pipeline:
         return self._queue(QueuedOp(pb.BATCH_OP_READ, self._client._checked(name)))

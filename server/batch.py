@@ -47,7 +47,7 @@ from tensorps.server.ops import (
     check_update,
     created_descriptor,
 )
-from tensorps.server.requests import INLINE, Applied
+from tensorps.server.requests import INLINE, Applied, pack_applied
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -93,6 +93,7 @@ class BatchOp(NamedTuple):
     use_locking: bool = True
     read_value: bool = True
     request: bytes | None = None  # this operation's request id (exactly-once retries), if any
+    refused: OpError | None = None  # refused before it ran (a limit of its value): its outcome
 
 
 class Result(NamedTuple):
@@ -110,9 +111,10 @@ class Result(NamedTuple):
 class BatchFailed(OpError):
     """An atomic batch refused: names the failing operation; nothing was applied."""
 
-    def __init__(self, index: int, op: BatchOp, error: OpError) -> None:
+    def __init__(self, index: int, op: BatchOp, error: OpError, *, applied: bool = False) -> None:
         what = OP_NAMES.get(op.kind, f"operation kind {op.kind}")
-        super().__init__(f"operation {index} ({what} of '{op.name}'): {error}; nothing was applied")
+        outcome = "the batch was applied before (a retry)" if applied else "nothing was applied"
+        super().__init__(f"operation {index} ({what} of '{op.name}'): {error}; {outcome}")
         self.code = error.code
         self.index = index
         self.error = error
@@ -133,9 +135,13 @@ def run_batch(
     results: list[Result] = []
     for index, op in enumerate(batch):
         try:
+            if op.refused is not None:
+                raise op.refused
             results.extend(_run_one(ops, index, op, consume))
         except OpError as error:
             results.append(Result(index, error=error))
+        except CodecError as exc:  # a value the codec refuses: as its single call, INVALID_ARGUMENT
+            results.append(Result(index, error=InvalidArgument(str(exc))))
     return results
 
 
@@ -272,43 +278,53 @@ class _Atomic:
         """The results of a batch that happened already: its writes' first outcomes (as far as they are still
         known), and reads and infos of the variables as they are now."""
         for index, op in enumerate(self.batch):
-            name = op.name
-            slot = self.store.find(name) if op.kind != READ_PREFIX else None
-            current = None if slot is None else self.store.active(slot)
-            if op.kind == READ_PREFIX:
-                self._read_prefix(index, name, listed[name])
-            elif op.kind == DELETE:
-                self.results.append(Result(index))
-            elif op.kind in (CREATE, INFO):
-                if current is None:
-                    if op.kind == INFO:
-                        raise BatchFailed(index, op, NotFound(f"variable '{name}' does not exist"))
-                    assert op.dtype is not None
-                    current = created_descriptor(name, op.dtype, op.shape, op.value)
-                self.results.append(Result(index, _info(name, current)))
-            elif op.kind == READ:
-                var, d = self._existing(name)
-                self.results.append(
-                    Result(index, _info(name, d), self.consume(_info(name, d), self._value(var, d)))
-                )
+            try:
+                self._replay_one(index, op, listed)
+            except OpError as error:
+                raise BatchFailed(index, op, error, applied=True) from None
+
+    def _replay_one(self, index: int, op: BatchOp, listed: dict[str, list[str]]) -> None:
+        name = op.name
+        slot = self.store.find(name) if op.kind != READ_PREFIX else None
+        current = None if slot is None else self.store.active(slot)
+        if op.kind == READ_PREFIX:
+            self._read_prefix(index, name, listed[name])
+        elif op.kind == DELETE:
+            self.results.append(Result(index))
+        elif op.kind in (CREATE, INFO):
+            if current is None:
+                if op.kind == INFO:
+                    raise NotFound(f"variable '{name}' does not exist")
+                assert op.dtype is not None
+                current = created_descriptor(name, op.dtype, op.shape, op.value)
+                found = self.ops.applied(name, None, op.request)
+                made = op.value is not None
+                current = current._replace(version=found[0].version if found else int(made), initialized=made)
+            self.results.append(Result(index, _info(name, current)))
+        elif op.kind == READ:
+            var, d = self._existing(name)
+            check_readable(name, d)
+            self.results.append(
+                Result(index, _info(name, d), self.consume(_info(name, d), self._value(var, d)))
+            )
+        else:
+            assert op.value is not None
+            done = self.ops.applied(name, slot, op.request) or (
+                Applied(current.version if current else 0, None),
+                False,
+            )
+            info, value = self.ops.replayed_write(
+                name,
+                -1 if slot is None else slot,
+                done,
+                op.value,
+                op=OP_NAMES[op.kind],
+                read_value=op.read_value,
+            )
+            if value is op.value:
+                self.results.append(Result(index, info, echo=True))
             else:
-                assert op.value is not None and slot is not None
-                done = self.ops.applied(name, slot, op.request) or (
-                    Applied(current.version if current else 0, None),
-                    False,
-                )
-                try:
-                    info, value = self.ops.replayed_write(
-                        name, slot, done, op.value, op=OP_NAMES[op.kind], read_value=op.read_value
-                    )
-                except OpError as error:
-                    raise BatchFailed(index, op, error) from None
-                if value is op.value:
-                    self.results.append(Result(index, info, echo=True))
-                else:
-                    self.results.append(
-                        Result(index, info, None if value is None else self.consume(info, value))
-                    )
+                self.results.append(Result(index, info, None if value is None else self.consume(info, value)))
 
     # ---- plan ----------------------------------------------------------------------------------
 
@@ -329,7 +345,9 @@ class _Atomic:
     def _value(self, var: _Var, d: Descriptor) -> Array:
         if var.value is not None:
             return var.value
-        assert var.slot is not None
+        if var.slot is None:  # created by this batch without a value: zero elements, or never read
+            assert d.shape is not None
+            return np.empty(d.shape, dtype_from_code(d.dtype).numpy)
         return self.ops._view(var.slot, d)
 
     def _plan(self, listed: dict[str, list[str]]) -> dict[str, int]:
@@ -453,7 +471,7 @@ class _Atomic:
         record = commits.CommitRecord(store.path)
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
-        committed = False
+        committed = published = False
         try:
             flips: list[tuple[int, int]] = []
             for name, var in self.vars.items():
@@ -492,24 +510,32 @@ class _Atomic:
             for name, slot in drops:
                 assert slot is not None
                 record.add(commits.DELETE, slot, name=name)
+                self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
+            for name, request, version, value in self.superseded:
+                record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
             record.commit()
             committed = True
+            # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,
+            # an interrupt), the record and the marks stay, and the next holder of a stripe redoes it.
             for slot, selector in flips:
                 store.flip(slot, selector)
-            for name, slot in drops:
+            for _name, slot in drops:
                 assert slot is not None
-                self.ops.retire(name, slot)
                 store.delete_slot(slot)
             for name, request, version, value in self.superseded:
                 store.requests.record(self.ops.locks.stripe(name), request, version, value)
+            published = True
         finally:
-            if not committed:
-                for slot in inserted:
-                    store.delete_slot(slot)
-            # The record goes before the marks: a kill in between leaves marks without a record (whoever
-            # takes such a stripe finds nothing to replay), never a finished batch's record to replay later.
-            record.finish()
-            store.mark_in_commit(stripes, False)
+            if committed and not published:
+                record.abandon()
+            else:
+                if not committed:
+                    for slot in inserted:
+                        store.delete_slot(slot)
+                # The record goes before the marks: a kill in between leaves marks without a record (whoever
+                # takes such a stripe finds nothing to replay), never a finished batch's record to replay.
+                record.finish()
+                store.mark_in_commit(stripes, False)
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
         index = last_write[name]

@@ -34,12 +34,14 @@ _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
 
 
 class _Layout(NamedTuple):
-    """Where an operation's value lies in the batch's data."""
+    """Where an operation's value lies in the batch's data; `refused`: the op's own limit error (a batch in
+    order answers it for that operation alone, as its single call would)."""
 
     dtype: DType
     shape: Shape
     offset: int
     nbytes: int
+    refused: ResourceExhausted | None = None
 
 
 def _flag(op: pb.BatchOp, field: str, default: bool) -> bool:
@@ -70,8 +72,14 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
             if op.value.tensor_content:
                 raise CodecError("a batch value's bytes belong in the stream's data, not in tensor_content")
             dtype, shape = codec.tensor_header_from_proto(op.value)
-            nbytes = ops.check_size(op.name, shape, dtype)
-            layouts.append(_Layout(dtype, shape, total, nbytes))
+            refused = None
+            try:
+                nbytes = ops.check_size(op.name, shape, dtype)
+            except ResourceExhausted as exc:
+                if header.atomic:
+                    raise
+                refused, nbytes = exc, codec.nbytes_of(shape, dtype)
+            layouts.append(_Layout(dtype, shape, total, nbytes, refused))
             total += nbytes
         except CodecError as exc:
             raise CodecError(f"{_where(index, op)}: {exc}") from None
@@ -93,6 +101,9 @@ def decode_ops(
     for index, (op, layout) in enumerate(zip(header.ops, layouts, strict=True)):
         try:
             value = None
+            if layout is not None and layout.refused is not None:
+                decoded.append(BatchOp(op.kind, op.name, refused=layout.refused))
+                continue
             if layout is not None:
                 value = codec.array_from_buffer(
                     view(layout.offset, layout.nbytes), layout.dtype, layout.shape

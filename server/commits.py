@@ -19,6 +19,7 @@ clears the mark of the stripe it holds (marks of other stripes are cleared by wh
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -29,10 +30,13 @@ from typing import NamedTuple
 from tensorps.server.locks import FLOCK, OFD_SETLK
 
 PREFIX = "commit-"
+STAGING = "new-commit-"
 PREPARING, COMMITTED = 1, 2
-CREATED, FLIP, DELETE = 1, 2, 3
-# Entry: kind, slot, selector, name length; then the name.
-_ENTRY = struct.Struct("<BIBH")
+# REQUEST: a request id the batch makes applied that no descriptor will carry (a delete's, or a write's
+# that a later write of the same variable in the batch replaced); payload: id, version, kept value.
+CREATED, FLIP, DELETE, REQUEST = 1, 2, 3, 4
+# Entry: kind, slot, selector, name length, payload length; then the name and the payload.
+_ENTRY = struct.Struct("<BIBHH")
 
 
 class Entry(NamedTuple):
@@ -40,26 +44,34 @@ class Entry(NamedTuple):
     slot: int
     selector: int
     name: str
+    payload: bytes = b""
 
 
 class CommitRecord:
     """The record of one atomic batch, written by the thread that applies it."""
 
     def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, PREFIX + secrets.token_hex(8))
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        name = secrets.token_hex(8)
+        # Made under a name recovery ignores, and locked, before it becomes a record: a recovering process
+        # must never take a live batch's new record for an orphan (the rename keeps the lock).
+        staging = os.path.join(directory, STAGING + name)
+        self.path = os.path.join(directory, PREFIX + name)
+        self._fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
             os.pwrite(self._fd, bytes([PREPARING]), 0)  # ENOSPC on a full tmpfs: no record, no batch
+            os.rename(staging, self.path)
         except BaseException:
-            self.finish()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            os.close(self._fd)
             raise
         self._end = 1
 
-    def add(self, kind: int, slot: int = 0, selector: int = 0, name: str = "") -> None:
+    def add(self, kind: int, slot: int = 0, selector: int = 0, name: str = "", payload: bytes = b"") -> None:
         """Append an entry; it is in the file (and so survives this process) when this returns."""
         raw = name.encode()
-        data = _ENTRY.pack(kind, slot, selector, len(raw)) + raw
+        data = _ENTRY.pack(kind, slot, selector, len(raw), len(payload)) + raw + payload
         os.pwrite(self._fd, data, self._end)
         self._end += len(data)
 
@@ -68,7 +80,15 @@ class CommitRecord:
         os.pwrite(self._fd, bytes([COMMITTED]), 0)
 
     def finish(self) -> None:
-        os.unlink(self.path)
+        """The batch is complete (or changed nothing): the record goes."""
+        try:
+            os.unlink(self.path)
+        finally:
+            os.close(self._fd)
+
+    def abandon(self) -> None:
+        """The batch failed after its commit point: leave the record to be redone by the next holder of
+        one of its stripes (closing the descriptor drops the lock that marked the record live)."""
         os.close(self._fd)
 
 
@@ -76,10 +96,13 @@ def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
     """(path, state, entries) of every record whose writer is dead; its file stays locked by the caller
     until the generator moves on, so that two recovering processes never replay one record at once."""
     try:
-        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
+        names = os.listdir(directory)
     except FileNotFoundError:
         return
     for name in names:
+        if name.startswith(STAGING):
+            _remove_if_dead(os.path.join(directory, name))  # killed before it became a record
+    for name in (n for n in names if n.startswith(PREFIX)):
         path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -97,12 +120,27 @@ def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
             os.close(fd)
 
 
+def _remove_if_dead(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        os.unlink(path)
+    except OSError:
+        pass  # its writer is alive (or another process removed it)
+    finally:
+        os.close(fd)
+
+
 def _entries(data: bytes) -> Iterator[Entry]:
     pos = 1
     while pos + _ENTRY.size <= len(data):
-        kind, slot, selector, length = _ENTRY.unpack_from(data, pos)
+        kind, slot, selector, length, extra = _ENTRY.unpack_from(data, pos)
         pos += _ENTRY.size
-        if pos + length > len(data):
+        if pos + length + extra > len(data):
             return  # killed while appending this entry: it had not happened yet
-        yield Entry(kind, slot, selector, data[pos : pos + length].decode())
-        pos += length
+        name = data[pos : pos + length].decode()
+        yield Entry(kind, slot, selector, name, data[pos + length : pos + length + extra])
+        pos += length + extra

@@ -234,6 +234,18 @@ class Ops:
                 value = self._view(slot, current).tobytes()
             self.store.requests.record(self.locks.stripe(name), current.request, current.version, value)
 
+    def _applied_unlocked(self, name: str, slot: int, version: int, request: bytes | None) -> None:
+        """Remember an unlocked write once its copy is done (a crash before it must not count it as done):
+        in the descriptor it made if no write replaced it meanwhile, else in the table."""
+        if request is None:
+            return
+        with self.hold(self.locks.stripe(name)):
+            current = self.store.active(slot) if self.store.find(name) == slot else None
+            if current is not None and current.version == version and current.request == NO_REQUEST:
+                self.store.set_request(slot, request)
+            else:
+                self.store.requests.record(self.locks.stripe(name), request, version, None)
+
     def applied(self, name: str, slot: int | None, request: bytes | None) -> tuple[Applied, bool] | None:
         """If the write `request` happened already: its outcome, and whether it made the current value."""
         if request is None:
@@ -276,7 +288,9 @@ class Ops:
         *,
         request: bytes | None = None,
     ) -> Info:
-        initial = created_descriptor(name, dtype, shape, value)._replace(request=request or NO_REQUEST)
+        initial = created_descriptor(name, dtype, shape, value)
+        if value is None:  # the insert is the whole create; with a value, the value's publish is
+            initial = initial._replace(request=request or NO_REQUEST)
         if initial.shape is not None:
             self.check_size(name, initial.shape, dtype)
         with self.hold(self.locks.stripe(name)):
@@ -285,7 +299,8 @@ class Ops:
             if done is not None:
                 if slot is not None and done[1]:
                     return _info(name, self.store.active(slot))
-                return _info(name, initial._replace(initialized=initial.initialized or value is not None))
+                made = initial._replace(version=done[0].version)
+                return _info(name, made._replace(initialized=made.initialized or value is not None))
             if slot is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
@@ -296,7 +311,7 @@ class Ops:
                 return _info(name, self.store.active(slot))
             try:
                 buffer, publish = self._write_spare(
-                    name, slot, dtype, value.shape, version=1, request=initial.request
+                    name, slot, dtype, value.shape, version=1, request=request or NO_REQUEST
                 )
             except BaseException:
                 self.store.delete_slot(slot)
@@ -307,14 +322,16 @@ class Ops:
 
     def delete(self, name: str, *, request: bytes | None = None) -> None:
         with self.hold(self.locks.stripe(name)):
-            slot = self.store.find(name)
-            if slot is None and self.applied(name, None, request) is not None:
+            # The id first: a retry must not delete a variable that someone created again since.
+            if self.applied(name, None, request) is not None:
                 return
             slot = self._slot(name)
             self.retire(name, slot)
-            if request is not None:
-                self.store.requests.record(self.locks.stripe(name), request, 0, None)
             self.store.delete_slot(slot)
+            if request is not None:
+                # After the delete: a crash in between makes the retry answer NOT_FOUND (the variable is
+                # gone either way), never report a delete that did not happen.
+                self.store.requests.record(self.locks.stripe(name), request, 0, None)
 
     def info(self, name: str) -> Info:
         with self.hold(self.locks.stripe(name), exclusive=False):
@@ -376,11 +393,12 @@ class Ops:
                 return info, (value if read_value else None)
             # Same shape, unlocked: TF copies outside the lock, so concurrent writers may interleave.
             self.retire(name, slot)
-            version = self.store.bump_version(slot, request or NO_REQUEST)
+            version = self.store.bump_version(slot, NO_REQUEST)
             target = self._view(slot, current)
         finally:
             self.locks.release(stripe)
         np.copyto(target, value)
+        self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, shape, True, version)
         return info, (target.copy() if read_value else None)
 
@@ -419,10 +437,11 @@ class Ops:
                 info: Info = publish()
                 return info, (buffer.copy() if read_value else None)
             self.retire(name, slot)
-            version = self.store.bump_version(slot, request or NO_REQUEST)
+            version = self.store.bump_version(slot, NO_REQUEST)
         finally:
             self.locks.release(stripe)
         with np.errstate(all="ignore"):
             ufunc(source, delta, out=source)
+        self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, delta.shape, True, version)
         return info, (source.copy() if read_value else None)

@@ -44,6 +44,20 @@ class Applied(NamedTuple):
     value: bytes | None
 
 
+_APPLIED = struct.Struct("<16sQ")
+
+
+def pack_applied(request: bytes, version: int, value: bytes | None) -> bytes:
+    """An applied write for a commit record (recovery records it with record())."""
+    return _APPLIED.pack(request, version) + (b"" if value is None else b"\x01" + value)
+
+
+def unpack_applied(payload: bytes) -> tuple[bytes, int, bytes | None]:
+    request, version = _APPLIED.unpack_from(payload)
+    rest = payload[_APPLIED.size :]
+    return request, version, rest[1:] if rest else None
+
+
 def create_file(directory: str, stripes: int) -> None:
     fd = os.open(os.path.join(directory, FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

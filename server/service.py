@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -87,17 +88,17 @@ def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[...,
 
 
 REQUEST_ID_KEY = "tensorps-request-id"
+_REQUEST_ID = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def request_id(context: grpc.ServicerContext) -> bytes | None:
     """The call's request id (metadata `tensorps-request-id`, 32 hex digits): a retried write answers with
     its first outcome instead of applying twice. Absent or malformed: the write is not deduplicated."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) == 32:
-            try:
-                return bytes.fromhex(value)
-            except ValueError:
-                return None
+        if key == REQUEST_ID_KEY:
+            if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value) or not value.strip("0"):
+                raise CodecError(f"{REQUEST_ID_KEY} must be 32 hex digits, not all zero; got {value!r:.80}")
+            return bytes.fromhex(value)
     return None
 
 

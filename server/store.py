@@ -39,7 +39,7 @@ from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
 from tensorps.server import commits, requests
 from tensorps.server.locks import StripedLocks, create_lock_file
 from tensorps.server.mapping import map_file
-from tensorps.server.requests import RequestTable
+from tensorps.server.requests import RequestTable, unpack_applied
 
 MAGIC = b"TPSSTOR3"
 PAGE = mmap.PAGESIZE
@@ -454,6 +454,8 @@ class Store:
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:
                         if slot == entry.slot:
                             self._delete_slot(entry.slot)
+                    elif state == commits.COMMITTED and entry.kind == commits.REQUEST:
+                        self.requests.record(self.locks.stripe(entry.name), *unpack_applied(entry.payload))
                     elif (
                         state != commits.COMMITTED and entry.kind == commits.CREATED and isinstance(slot, int)
                     ):
@@ -462,6 +464,11 @@ class Store:
                 done += 1
             self.mark_in_commit([stripe], False)
         return done
+
+    def set_request(self, slot: int, request: bytes) -> None:
+        """Name the write that made the active descriptor (an unlocked write, once its copy is done)."""
+        off = self._descriptor_offset(slot, self.selector(slot))
+        struct.pack_into("16s", self._meta, off + _OFF_REQUEST, request)
 
     def bump_version(self, slot: int, request: bytes) -> int:
         """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""

@@ -276,19 +276,28 @@ def test_read_only_token_may_batch_reads_only(tmp_path: Any) -> None:
 
 
 def test_batch_limits_apply_per_operation_and_as_a_whole() -> None:
-    """Per-variable and total byte limits refuse a batch before any byte arrives, changing nothing."""
+    """A value beyond the variable limit fails its operation alone in order (as its single call) and the
+    whole batch when atomic; a batch beyond the byte budget is refused before its bytes; nothing changes."""
     limits = ("--max-variable-bytes", "1M", "--max-total-bytes", "8M")
     with ServerProcess(*limits) as server, Client(server.address, timeout=30) as ps:
         ps.create("small", value=np.zeros(4, np.float32))
-        pipe = ps.pipeline().assign("small", np.ones(4, np.float32))
-        pipe.create("big", value=np.zeros(1 << 19))
+        atomic = ps.pipeline(atomic=True).assign("small", np.ones(4, np.float32))
+        atomic.create("big", value=np.zeros(1 << 19))
         with pytest.raises(ResourceExhaustedError, match="operation 1 \\(CreateVariable of 'big'\\)"):
-            pipe.execute()
+            atomic.execute()
+        assert ps.info("small").version == 1
+        in_order = (
+            ps.pipeline().assign("small", np.ones(4, np.float32)).create("big", value=np.zeros(1 << 19))
+        )
+        with pytest.raises(BatchError) as caught:
+            in_order.execute()
+        assert list(caught.value.errors) == [1]
+        assert isinstance(caught.value.errors[1], ResourceExhaustedError)
+        assert ps.info("small").version == 2
         many = {f"v{i}": {"value": np.zeros(1 << 17, np.float32)} for i in range(20)}
         with pytest.raises(ResourceExhaustedError):
-            ps.create_many(many, atomic=True)
+            ps.create_many(many)
         assert [i.name for i in ps.list()] == ["small"]
-        assert ps.info("small").version == 1
 
 
 def _raw_batch(address: str, messages: list[bytes]) -> grpc.RpcError | list[bytes]:

@@ -6,16 +6,24 @@ import os
 import random
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from support import ServerProcess
+from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, TensorPSError, codec, wire
+from tensorps.client.codec import dtype_of
+from tensorps.server import batch
+from tensorps.server.ops import NotFound, OpError, Ops
+from tensorps.server.store import Store
 from tensorps.v1 import tensorps_pb2 as pb
 
 METHOD = "/tensorps.v1.ParameterServer/"
@@ -175,3 +183,94 @@ def test_sigkilled_workers_under_eight_retrying_clients_lose_and_double_nothing(
         with Client(server.address, timeout=60) as ps:
             assert int(ps.read("counter")) == sum(done)
         assert sum(done) > 0
+
+
+# ---- crash windows, at the level of the store (a process killed at a chosen instant) -------------------
+
+CHILD = str(Path(__file__).with_name("ops_child.py"))
+
+
+@pytest.fixture
+def ops() -> Iterator[Ops]:
+    store = Store.open(fresh_store_path(), max_total_bytes=1 << 26)
+    yield Ops(store)
+    store.destroy()
+
+
+def _die_in(ops: Ops, what: str, name: str, request: bytes) -> None:
+    command = [sys.executable, CHILD, ops.store.path, what, name, request.hex()]
+    assert subprocess.run(command, check=False, timeout=60).returncode == 9
+
+
+def test_an_unlocked_update_killed_in_its_copy_is_applied_by_its_retry(ops: Ops) -> None:
+    """An unlocked assign_add whose process dies after the lock, before its copy: the retry applies it."""
+    ops.create("v", dtype_of("float32"), None, np.zeros(4, np.float32))
+    rid = secrets.token_bytes(16)
+    _die_in(ops, "add-during-copy", "v", rid)
+    info, _value = ops.assign_add("v", np.ones(4, np.float32), request=rid)
+    again, _value = ops.assign_add("v", np.ones(4, np.float32), request=rid)
+    assert again.version == info.version
+    np.testing.assert_array_equal(ops.read("v", lambda _i, view: view.copy()), np.ones(4, np.float32))
+
+
+def test_a_create_killed_before_its_value_is_published_is_finished_by_its_retry(ops: Ops) -> None:
+    """A create with a value dies after inserting the variable, before publishing the value: the retry is
+    not taken for done (it would leave an uninitialized variable acknowledged)."""
+    rid = secrets.token_bytes(16)
+    _die_in(ops, "create-before-publish", "c", rid)
+    with pytest.raises(OpError):  # the half-made variable exists, uninitialized: the retry says so
+        ops.create("c", dtype_of("float32"), None, np.full(4, 3.0, np.float32), request=rid)
+    assert not ops.info("c").initialized
+
+
+def test_a_retried_delete_spares_a_variable_created_again_since(ops: Ops) -> None:
+    """delete(id), another create of the name, then the retry of delete(id): the new variable stays."""
+    ops.create("d", dtype_of("int8"), (2,))
+    rid = secrets.token_bytes(16)
+    ops.delete("d", request=rid)
+    ops.create("d", dtype_of("int8"), (3,))
+    ops.delete("d", request=rid)
+    assert ops.info("d").shape == (3,)
+
+
+def test_an_atomic_delete_killed_after_its_commit_point_answers_its_retry(ops: Ops) -> None:
+    """An atomic batch [delete x] killed after its commit point: recovery finishes it, and its retry
+    answers OK instead of NOT_FOUND."""
+    ops.create("x", dtype_of("int8"), (2,))
+    rid = secrets.token_bytes(16)
+    _die_in(ops, "atomic-delete-after-commit", "x", rid)
+    with pytest.raises(NotFound):
+        ops.info("x")
+    retried = batch.run_batch(
+        ops, [batch.BatchOp(batch.DELETE, "x")], atomic=True, consume=lambda i, v: None, request=rid
+    )
+    assert retried == [batch.Result(0)]
+
+
+def test_request_ids_must_be_32_hex_digits_not_all_zero(server: ServerProcess, name: str) -> None:
+    """An all-zero or malformed request id is INVALID_ARGUMENT (a zero id would match every variable's
+    'no request'), and changes nothing."""
+    with Client(server.address, timeout=30) as ps:
+        ps.create(name, value=np.zeros((), np.int64))
+    with grpc.insecure_channel(server.address) as channel:
+        for bad in ("0" * 32, "12 34" + "0" * 27, "xyz"):
+            with pytest.raises(grpc.RpcError) as caught:
+                _call(channel, "AssignAdd", _write(name, np.int64(1), read_value=False), bad)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(server.address, timeout=30) as ps:
+        assert ps.info(name).version == 1
+
+
+def test_zero_element_variables_created_in_an_atomic_batch_read_as_empty(ops: Ops) -> None:
+    """[create z with shape (0,), read z, read_prefix] in an atomic batch, as the single calls do."""
+    results = batch.run_batch(
+        ops,
+        [
+            batch.BatchOp(batch.CREATE, "z", dtype=dtype_of("float32"), shape=(0,)),
+            batch.BatchOp(batch.READ, "z"),
+            batch.BatchOp(batch.READ_PREFIX, "z"),
+        ],
+        atomic=True,
+        consume=lambda info, view: view.copy(),
+    )
+    assert results[1].value.shape == (0,) and results[2].value.shape == (0,)
