@@ -766,6 +766,8 @@ class Client(BatchCalls):
         """Every operation's outcomes from the reply's results and its values' bytes (`view`)."""
         outcomes: Outcomes = [[] for _ in ops]
         offset = 0
+        if any(result.op >= len(ops) for result in reply.results):
+            raise CodecError("a result names an operation the batch does not have")
         for result in reply.results:
             if result.code:
                 code = _STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)

@@ -1,9 +1,9 @@
 """Bearer-token authentication: a server interceptor over a reloadable token file.
 
 Token file: one token per line, optionally followed by `read-only` (or `ro`); blank lines and lines starting
-with '#' are ignored. Read-only tokens may call Read, ReadStream, GetVariable, ListVariables and
-GetServerInfo; other calls get PERMISSION_DENIED. The health service stays open so that orchestrators can
-probe without a token.
+with '#' are ignored. Read-only tokens may call Read, ReadStream, GetVariable, ListVariables,
+GetServerInfo, and Batch/BatchStream without writes; other calls get PERMISSION_DENIED. The health service
+stays open so that orchestrators can probe without a token.
 """
 
 from __future__ import annotations

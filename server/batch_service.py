@@ -1,7 +1,7 @@
 """The gRPC adapter of Batch: a header, then the values' bytes; every check before the first byte is taken.
 
-The path of a batch's tensor byte: wire.Assembler (one staging buffer for the whole batch, received before
-any lock is taken) -> codec.array_from_buffer (a typed view per value) -> batch.run_batch -> ops (np.copyto
+The path of a batch's tensor byte: wire.Received (the messages as they came, received before any lock is
+taken) -> codec.array_from_buffer (a typed view per value, in place) -> batch.run_batch -> ops (np.copyto
 into the segment). Values coming back are framed by wire.ChunkWriter under the variable's lock (one copy).
 """
 

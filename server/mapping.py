@@ -41,7 +41,8 @@ def map_file(path: str, length: int) -> Any:
         code = ctypes.get_errno()
         raise OSError(code, f"cannot map {path}: {os.strerror(code)}")
     buffer = (ctypes.c_ubyte * length).from_address(address)
-    weakref.finalize(buffer, _libc.munmap, address, length)
+    # Not at exit: gRPC's daemon threads may still view the mapping then; the kernel unmaps it anyway.
+    weakref.finalize(buffer, _libc.munmap, address, length).atexit = False
     return buffer
 
 

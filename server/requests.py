@@ -58,10 +58,15 @@ def unpack_applied(payload: bytes) -> tuple[bytes, int, bytes | None]:
     return request, version, rest[1:] if rest else None
 
 
+def file_bytes(stripes: int) -> int:
+    return stripes * _PARTITION
+
+
 def create_file(directory: str, stripes: int) -> None:
     fd = os.open(os.path.join(directory, FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, stripes * _PARTITION)
+        # Reserved, not sparse: a tmpfs filled by variables must not SIGBUS a worker that touches the table.
+        os.posix_fallocate(fd, 0, stripes * _PARTITION)
     finally:
         os.close(fd)
 

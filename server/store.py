@@ -160,10 +160,10 @@ class Store:
         try:
             if not 1 <= stripes <= MAX_STRIPES:
                 raise StoreError(f"a store has 1 to {MAX_STRIPES} lock stripes, not {stripes}")
-            budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
             create_lock_file(os.path.join(path, "locks"), stripes)
-            requests.create_file(path, stripes)
+            requests.create_file(path, stripes)  # reserved first: the default budget is what is left
+            budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             tmp = os.path.join(path, "meta.init")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

@@ -22,7 +22,7 @@ def main() -> None:
     ops = Ops(Store.attach(path))
     if where == "commit":
         commits.CommitRecord.commit = lambda self: os._exit(9)  # type: ignore[method-assign]
-    elif where == "finish":  # published, stripes unmarked, record not yet removed
+    elif where == "finish":  # published, record not yet removed (its stripes still marked)
         commits.CommitRecord.finish = lambda self: os._exit(9)  # type: ignore[method-assign]
     else:
         limit = int(where.split(":")[1])
