@@ -44,6 +44,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int = 0,
         wait: bool = True,
+        session: bool = False,
     ) -> None:
         self.store = store or fresh_store_path()
         self.host = host
@@ -69,6 +70,8 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             text=True,
             env={**os.environ, **(env or {})},
+            # A session (and process group) of its own, for tests that signal the whole group.
+            start_new_session=session,
         )
         self.log: list[str] = []
         self.port = 0
