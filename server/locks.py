@@ -6,24 +6,45 @@ itself: two threads of one process then exclude each other exactly as two proces
 dies, the kernel closes its descriptors and releases its locks, so a crashed worker never leaves a
 stripe held (multiprocessing.Lock would stay locked forever). Classic POSIX locks (fcntl.lockf) would
 not do: they are per process, so threads would not exclude each other.
+
+Two consequences of "an OFD lock lives as long as its open file description":
+- A forked child shares its parent's descriptions, so it would keep the parent's locks alive after the
+  parent dies (a same-host trainer that forks data loaders could wedge a stripe for every server thread).
+  Every child therefore closes its inherited lock-file descriptors right after the fork.
+- A stopped (SIGSTOP) holder keeps its locks. acquire() therefore takes an optional timeout, and the
+  server bounds every wait by the call's deadline (LockTimeout -> DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import os
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 # struct flock on Linux x86_64 and aarch64: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes.
+# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes. (This is only the layout: the store's
+# lock-free slot lookup additionally assumes x86-64's ordering of memory accesses; see store.py and the
+# README's "Platform" note.)
 _FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
+_SETLK = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
+# A waiter with a deadline polls (the kernel offers no timed F_OFD_SETLKW), sleeping from _FIRST_PAUSE
+# doubling up to _LONGEST_PAUSE: a lock freed meanwhile costs a waiter at most that much extra latency.
+_FIRST_PAUSE = 50e-6
+_LONGEST_PAUSE = 2e-3
+
+
+class LockTimeout(Exception):
+    """A lock was not granted within the caller's timeout (its holder may be stopped or slow)."""
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -34,10 +55,32 @@ def stripe_of(name: str, stripes: int) -> int:
 
 
 _forks = [0]
+# (device, inode) of every lock file a StripedLocks of this process opened.
+_lock_files: set[tuple[int, int]] = set()
 
 
 def _after_fork_in_child() -> None:
     _forks[0] += 1
+    _close_inherited_lock_descriptors()
+
+
+def _close_inherited_lock_descriptors() -> None:
+    """Close, in a forked child, every descriptor of a lock file inherited from the parent.
+
+    Found by identity in /proc/self/fd rather than from a list of ours: a descriptor that another thread
+    had just opened (and not yet recorded) when the fork happened is closed as well. Closing it here does
+    not release the parent's locks (the parent's own descriptor still refers to the description); it only
+    keeps them from outliving the parent. This process opens descriptors of its own when it locks.
+    """
+    if not _lock_files:
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in _lock_files:
+                    os.close(fd)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -72,6 +115,8 @@ class StripedLocks:
         self.path = path
         self.stripes = stripes
         self.catalog = stripes
+        st = os.stat(path)
+        _lock_files.add((st.st_dev, st.st_ino))
         self._local = threading.local()
         # Every thread's descriptor, so that close() can close them all.
         self._handles: weakref.WeakSet[_Descriptor] = weakref.WeakSet()
@@ -90,8 +135,28 @@ class StripedLocks:
     def _fcntl(self, kind: int, index: int) -> None:
         fcntl.fcntl(self._fd(), _SETLKW, _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
 
-    def acquire(self, index: int, *, exclusive: bool) -> None:
-        self._fcntl(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, index)
+    def acquire(self, index: int, *, exclusive: bool, timeout: float | None = None) -> None:
+        """Take lock `index`, waiting as long as it takes, or at most `timeout` seconds (LockTimeout)."""
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        if timeout is None:
+            self._fcntl(kind, index)
+            return
+        fd = self._fd()
+        flock = _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0)
+        deadline = time.monotonic() + timeout
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                fcntl.fcntl(fd, _SETLK, flock)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # both mean "held by another"
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"lock {index} was not granted within {timeout:.3g} s")
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, _LONGEST_PAUSE)
 
     def release(self, index: int) -> None:
         self._fcntl(fcntl.F_UNLCK, index)

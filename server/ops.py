@@ -7,12 +7,16 @@ Mirrors TF's ref-variable kernels (core/kernels/assign_op.h, dense_update_ops.cc
 - AssignAdd/AssignSub: initialized variable, identical shapes, no broadcasting; with use_locking the whole
   read-modify-write is locked, without it the update runs in place, as TF's does.
 - A failed call changes nothing: every check runs before the first byte is written.
+- Waiting for a variable's stripe is bounded by the call's deadline (Ops.deadline), so that a stopped
+  holder (a SIGSTOPped same-host client) costs callers their deadline, not a thread for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -26,6 +30,7 @@ from tensorps.client.codec import (
     nbytes_of,
     validate_name,
 )
+from tensorps.server.locks import LockTimeout
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
 T = TypeVar("T")
@@ -58,6 +63,10 @@ class ResourceExhausted(OpError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(OpError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class Info(NamedTuple):
     """A variable's metadata as the ops return it."""
 
@@ -79,8 +88,38 @@ class Ops:
         self.store = store
         self.locks = store.locks
         self.max_variable_bytes = max_variable_bytes
+        self._call = threading.local()  # .deadline: this thread's current call's, time.monotonic()
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Bound this thread's waits for a variable's lock to `seconds` from now (None: no bound)."""
+        previous = getattr(self._call, "deadline", None)
+        self._call.deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._call.deadline = previous
+
+    def _lock(self, name: str, *, exclusive: bool = True) -> int:
+        """Take `name`'s stripe within the call's deadline; returns it (for locks.release)."""
+        stripe = self.locks.stripe(name)
+        deadline: float | None = getattr(self._call, "deadline", None)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.locks.acquire(stripe, exclusive=exclusive, timeout=timeout)
+        except LockTimeout:
+            raise DeadlineExceeded(f"timed out waiting for the lock of variable '{name}'") from None
+        return stripe
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, *, exclusive: bool = True) -> Iterator[None]:
+        stripe = self._lock(name, exclusive=exclusive)
+        try:
+            yield
+        finally:
+            self.locks.release(stripe)
 
     def _slot(self, name: str) -> int:
         slot = self.store.find(name)
@@ -153,7 +192,7 @@ class Ops:
             self.check_size(name, shape, dtype)
         # A variable with zero elements has nothing left to initialize (as in TF).
         initialized = shape is not None and 0 in shape
-        with self.locks.hold(self.locks.stripe(name)):
+        with self._locked(name):
             if self.store.find(name) is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
@@ -173,11 +212,11 @@ class Ops:
             return info
 
     def delete(self, name: str) -> None:
-        with self.locks.hold(self.locks.stripe(name)):
+        with self._locked(name):
             self.store.delete_slot(self._slot(name))
 
     def info(self, name: str) -> Info:
-        with self.locks.hold(self.locks.stripe(name), exclusive=False):
+        with self._locked(name, exclusive=False):
             return _info(name, self.store.active(self._slot(name)))
 
     def list(self, prefix: str = "") -> list[Info]:
@@ -191,7 +230,7 @@ class Ops:
 
     def read(self, name: str, consume: Callable[[Info, Array], T]) -> T:
         """Calls consume(info, view) under a shared lock; the view is valid only during the call."""
-        with self.locks.hold(self.locks.stripe(name), exclusive=False):
+        with self._locked(name, exclusive=False):
             slot = self._slot(name)
             d = self.store.active(slot)
             if not d.initialized:
@@ -214,8 +253,7 @@ class Ops:
         """
         dtype = dtype_of(value.dtype)
         shape: Shape = value.shape
-        stripe = self.locks.stripe(name)
-        self.locks.acquire(stripe, exclusive=True)
+        stripe = self._lock(name)
         try:
             slot = self._slot(name)
             current = self.store.active(slot)
@@ -256,8 +294,7 @@ class Ops:
         dtype = dtype_of(delta.dtype)
         if dtype.name == "bool":
             raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
-        stripe = self.locks.stripe(name)
-        self.locks.acquire(stripe, exclusive=True)
+        stripe = self._lock(name)
         try:
             slot = self._slot(name)
             current = self.store.active(slot)
