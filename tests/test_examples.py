@@ -206,6 +206,20 @@ def test_demo_starts_trains_and_stops_the_server() -> None:
     assert not os.path.exists(store)
 
 
+def test_demo_with_port_0_uses_the_port_the_server_picked() -> None:
+    """`make run ARGS="--port 0"`: the demo reads the real port from the server's ready line and runs."""
+    store = fresh_store_path()
+    started = time.monotonic()
+    result = _demo(["--port", "0", "--steps", "200", "--threshold", "100"], store)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    match = re.search(r"== server healthy at 127\.0\.0\.1:(\d+) ", out)
+    assert match and int(match.group(1)) > 0, out
+    assert f"--target 127.0.0.1:{match.group(1)}" in out
+    assert time.monotonic() - started < 60
+    assert not os.path.exists(store)
+
+
 def test_demo_propagates_the_training_exit_code() -> None:
     """A training that misses its threshold makes the demo exit 1, and the server is still stopped."""
     store = fresh_store_path()
