@@ -148,13 +148,26 @@ class Store:
         except FileExistsError:
             return cls.attach(path)
         try:
-            budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
             create_lock_file(os.path.join(path, "locks"), stripes)
             tmp = os.path.join(path, "meta.init")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.ftruncate(fd, _slots_offset(capacity) + capacity * SLOT_SIZE)
+                # Reserve the whole table now, as segments are: a tmpfs allocates a page when it is first
+                # touched, and a full one answers with SIGBUS, which would kill whichever process inserts
+                # a variable. The table is outside the byte budget; the default budget is taken from the
+                # space left after it.
+                size = _slots_offset(capacity) + capacity * SLOT_SIZE
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                        raise StoreFullError(
+                            f"the store's filesystem has no room for its variable table of {size} bytes "
+                            f"(max_variables {max_variables}): enlarge it or lower max_variables"
+                        ) from None
+                    raise
+                budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
                 header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
                 os.pwrite(fd, header, 0)
             finally:

@@ -45,10 +45,12 @@ class ServerProcess:
         port: int = 0,
         wait: bool = True,
         session: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.store = store or fresh_store_path()
         self.host = host
         command = [
+            *wrapper,  # a command that runs the server, e.g. in a mount namespace of its own
             sys.executable,
             "-m",
             "tensorps.server",
