@@ -31,9 +31,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # struct flock on Linux x86_64 and aarch64: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes. (This is only the layout: the store's
-# lock-free slot lookup additionally assumes x86-64's ordering of memory accesses; see store.py and the
-# README's "Platform" note.)
+# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes. That is a claim about this layout only, not
+# about aarch64 support: the store's lock-free slot lookup (a per-slot sequence counter read before and
+# after a slot's name, with no barrier) assumes that loads are not reordered with loads nor stores with
+# stores, as on x86-64 (TSO); a weakly ordered CPU (aarch64) gives no such guarantee. What these locks
+# guard is ordered on every CPU: fcntl is a system call, a full barrier. See the README's "Platform".
 _FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
 _SETLK = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
