@@ -90,17 +90,20 @@ def test_a_stopped_holder_costs_callers_their_deadline_not_a_thread(one_worker: 
                 except TensorPSError as exc:
                     errors.append(exc)
 
-        # More callers than the worker has threads: with unbounded waits they would all park for ever.
-        callers = [threading.Thread(target=call, args=(i % 2 == 0,)) for i in range(20)]
+        # Two waves of 12 callers: more than the worker's 16 threads in all, so with unbounded waits the
+        # second wave (and health) would find every thread parked. Each wave fits in the pool, so that
+        # every call starts at once and the server answers before the client's own timer fires.
         started = time.monotonic()
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join(30)
+        for _wave in range(2):
+            callers = [threading.Thread(target=call, args=(i % 2 == 0,)) for i in range(12)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(30)
         elapsed = time.monotonic() - started
-        assert len(errors) == 20 and all(isinstance(e, DeadlineExceededError) for e in errors), errors
+        assert len(errors) == 24 and all(isinstance(e, DeadlineExceededError) for e in errors), errors
         assert all("timed out waiting for the lock of variable 'x'" in str(e) for e in errors), errors
-        assert elapsed < 10
+        assert elapsed < 15
         assert server.healthy()
         with Client(server.address, timeout=5) as ps:
             ps.assign("y", np.ones(4, np.float32))
