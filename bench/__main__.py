@@ -1,6 +1,8 @@
 """`python -m bench`: tensorps against a naive gRPC server, Redis and a TF ps task, in one run.
 
-Prints Markdown on stdout (progress goes to stderr). Exits 1 if any system returned a wrong value or a
+Two workloads: single calls (small and large assigns and reads, concurrent clients) and whole-model steps
+(pull and push every tensor of ResNet-50 and a small CNN, against a raw TCP socket's floor). Prints
+Markdown on stdout (progress goes to stderr). Exits 1 if any system returned a wrong value or a
 required server failed to start; systems that are not installed are reported as skipped rows.
 """
 
@@ -13,12 +15,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
 
-from bench import procstat, report, runner
+from bench import modelstep, procstat, report, runner
 from bench.backends import Server, Skipped, tps
 from bench.backends.process import StartError
 from bench.fleet import Fleet
+from bench.models import MODELS
 from bench.profiles import PROFILES
 from bench.workloads import VerificationError
+
+WORKLOADS = ("calls", "model")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -33,6 +38,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(runner.STARTERS)}",
     )
     p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of calls (single-call table), model (model steps)",
+    )
+    p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: the profile's)")
+    p.add_argument(
         "--workers-scaling",
         action="store_true",
         help="also compare --workers 1 and 2 under concurrent clients (starts both tensorps servers)",
@@ -45,6 +56,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.workers_scaling:
         keys += [k for k in ("tensorps1", "tensorps2") if k not in keys]
     args.keys = [k for k in runner.STARTERS if k in keys]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not args.workloads or any(w not in WORKLOADS for w in args.workloads):
+        p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS)}")
+    if args.models is not None:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not args.models or any(m not in MODELS for m in args.models):
+            p.error(f"unknown models {args.models}; choose from {','.join(MODELS)}")
     return args
 
 
@@ -57,11 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     profile = PROFILES[args.profile]
     if args.rounds:
-        profile = replace(profile, rounds=args.rounds, scaling_rounds=args.rounds)
+        profile = replace(profile, rounds=args.rounds, scaling_rounds=args.rounds, model_rounds=args.rounds)
+    models = [MODELS[key]() for key in (args.models or profile.models)]
     signal.signal(signal.SIGTERM, _terminate)
-    runner.progress(f"starting {', '.join(args.keys)} and {profile.clients} client processes")
+    # The client processes serve the single-call table's concurrent runs and the workers-scaling table.
+    clients = profile.clients if "calls" in args.workloads or args.workers_scaling else 0
+    runner.progress(f"starting {', '.join(args.keys)} and {clients} client processes")
     foreign = procstat.ForeignLoad()
-    with Fleet(profile.clients) as fleet:
+    with Fleet(clients) as fleet:
         try:
             systems = runner.start_systems(args.keys)
         except StartError as exc:
@@ -70,12 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             servers = [s for s in systems if isinstance(s, Server)]
             skipped = [s for s in systems if isinstance(s, Skipped)]
-            results = runner.compare(servers, profile, fleet)
-            print(report.environment(profile) + "\n")
-            print(report.comparison_table(results, skipped, profile) + "\n")
-            print(report.legend(profile) + "\n")
-            print(report.memory_notes(results) + "\n")
-            print(report.client_cpu_notes(results) + "\n", flush=True)
+            print(report.environment(profile) + "\n", flush=True)
+            if "calls" in args.workloads:
+                results = runner.compare(servers, profile, fleet)
+                print(report.comparison_table(results, skipped, profile) + "\n")
+                print(report.legend(profile) + "\n")
+                print(report.memory_notes(results) + "\n")
+                print(report.client_cpu_notes(results) + "\n", flush=True)
+            if "model" in args.workloads:
+                # After the memory figures above: the models would otherwise count as the servers' peak.
+                steppers = runner.model_systems(servers)
+                runs = modelstep.run(steppers, models, profile.model_rounds, runner.progress)
+                for run in runs:
+                    print(report.model_step_table(run, skipped) + "\n")
+                print(report.model_step_legend(runs) + "\n", flush=True)
             if args.workers_scaling:
                 by_label = {s.label: s for s in servers}
                 one, two = by_label[tps.label(1)], by_label[tps.label(2)]

@@ -19,6 +19,8 @@ class Profile:
     clients: int  # concurrent client processes
     window: float  # seconds each concurrent measurement counts calls
     scaling_rounds: int
+    models: tuple[str, ...]  # keys of bench.models.MODELS for the model-step workload
+    model_rounds: int  # timed steps of each push kind per system and model, one per round
 
 
 PROFILES = {
@@ -32,6 +34,8 @@ PROFILES = {
         clients=8,
         window=0.25,
         scaling_rounds=2,
+        models=("tiny_cnn",),
+        model_rounds=2,
     ),
     "full": Profile(
         name="full",
@@ -43,5 +47,7 @@ PROFILES = {
         clients=8,
         window=3.0,
         scaling_rounds=6,
+        models=("resnet50", "small_cnn"),
+        model_rounds=7,
     ),
 }

@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.backends import Skipped
+from bench.backends import Skipped, tps
 from bench.fleet import Concurrent
+from bench.modelstep import ModelRun
 from bench.profiles import Profile
 from bench.runner import BASELINES, Results, median
 
@@ -248,3 +249,70 @@ def foreign_load(fraction: float) -> str:
         print(warning, file=sys.stderr)
         line += f" **{warning.capitalize()}.**"
     return line
+
+
+def _ms(seconds: float) -> str:
+    return _number(seconds * 1e3)
+
+
+def _decimal_size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB"
+
+
+def model_step_table(run: ModelRun, skipped: Sequence[Skipped]) -> str:
+    model = run.model
+    lines = [
+        f"Model step, **{model.title}**: {model.tensors} float32 tensors, {model.parameters:,} parameters "
+        f"({_decimal_size(model.nbytes)}); a step pulls all of them and pushes all of them "
+        f"({_decimal_size(2 * model.nbytes)}).",
+        "",
+        "| system | push | how it batches | calls per step | step ms | step ms, range | pull ms | push ms "
+        "| step / raw-TCP floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    floor = statistics.median(e.total for e in run.floor)
+
+    def row(label: str, push: str, how: str, calls: str, *, pulls: list[float], pushes: list[float]) -> str:
+        steps = [a + b for a, b in zip(pulls, pushes, strict=True)]
+        step = statistics.median(steps)
+        cells = [label, push, how, calls, _ms(step), f"{_ms(min(steps))}-{_ms(max(steps))}"]
+        cells += [_ms(statistics.median(pulls)), _ms(statistics.median(pushes)), f"{_number(step / floor)}x"]
+        return "| " + " | ".join(cells) + " |"
+
+    pulls, pushes = [e.pull for e in run.floor], [e.push for e in run.floor]
+    how = "the same bytes each way, one loopback socket"
+    lines.append(row("raw TCP floor", "-", how, "-", pulls=pulls, pushes=pushes))
+    for r in run.rows:
+        calls = f"{r.calls[0]} + {r.calls[1]}"
+        lines.append(row(r.label, r.push, r.batching, calls, pulls=r.pulls, pushes=r.pushes))
+    for s in skipped:
+        lines.append(f"| {s.label} | {s.reason} |" + " |" * 7)
+    return "\n".join(lines)
+
+
+def model_step_legend(runs: Sequence[ModelRun]) -> str:
+    rounds = runs[0].rounds if runs else 0
+    plural = "s" if rounds != 1 else ""
+    calls = "- calls per step: requests sent by the pull + by the push."
+    if any(row.label.endswith(f"({tps.PER_VARIABLE})") for run in runs for row in run.rows):
+        calls += (
+            f" tensorps *({tps.PER_VARIABLE})*: this client has no `read_many`/`assign_many` (issue 9), "
+            "so a step is one call per variable."
+        )
+    return "\n".join(
+        [
+            f"Model steps: medians and ranges (min-max) over {rounds} round{plural} of one timed step per "
+            "system, model and push kind (systems round-robin, rotated each round); pull ms and push ms are "
+            "the medians of the two halves. Every pull is compared with what the system must hold after the "
+            "previous push (each pushed tensor carries a fresh tag), and a final pull checks the last one.",
+            "- assign writes new values (tensorps: use_locking=True, TF's default), assign_add adds deltas "
+            "(use_locking=False, TF's default); nothing is read back in the push (read_value=False).",
+            calls,
+            "- raw TCP floor: the step's bytes sent one way, then the other, over one loopback TCP socket "
+            "between two Python processes (`sendall`/`recv_into`, no framing), measured every round in the "
+            "same run; the last column is the median step ÷ the median floor.",
+            '- tensorps shm://: `Client("shm://STORE")` on the 1-worker server\'s store, no network.',
+            "- Redis cannot add tensors: assign_add is MGET, a numpy add and MSET in the client (two round "
+            "trips, not atomic against another writer).",
+        ]
+    )

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bench import procstat, workloads
-from bench.backends import Endpoint, Server, Skipped, connect, naive, rediskv, tfps, tps
+from bench import modelstep, procstat, workloads
+from bench.backends import Endpoint, Server, Skipped, Target, connect, naive, rediskv, tfps, tps
 from bench.backends.process import StartError
 from bench.fleet import Concurrent, Fleet
 from bench.profiles import Profile
@@ -162,3 +162,14 @@ def scaling(one: Server, two: Server, profile: Profile, fleet: Fleet) -> list[tu
             )
         rounds.append((measured[one.label], measured[two.label]))
     return rounds
+
+
+def model_systems(servers: Sequence[Server]) -> list[modelstep.System]:
+    """The servers, plus a shm:// client on the first tensorps server's store after the last tensorps one."""
+    systems = [modelstep.System(s.label, s.target) for s in servers]
+    stored = [index for index, s in enumerate(servers) if s.store is not None]
+    if stored:
+        store = servers[stored[0]].store
+        shm = modelstep.System(tps.SHM_LABEL, Target("tensorps", f"shm://{store}"))
+        systems.insert(stored[-1] + 1, shm)
+    return systems

@@ -1,33 +1,50 @@
 """The thin tensorps client: numpy arrays in and out, exceptions named like tf.errors."""
 
+from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.errors import (
+    AbortedError,
     AlreadyExistsError,
+    CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
     PermissionDeniedError,
     ResourceExhaustedError,
     TensorPSError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
+    UnknownError,
+    UsageError,
 )
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
+    "BatchError",
+    "CancelledError",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
+    "OutOfRangeError",
     "PermissionDeniedError",
+    "Pipeline",
     "ResourceExhaustedError",
     "ServerInfo",
     "TensorPSError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+    "UsageError",
     "VariableInfo",
 ]

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import resource
 import signal
 import socket
 import threading
@@ -27,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
+from tensorps.server.mapping import max_map_count
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
 from tensorps.server.signals import SignalPipe, blocked, die_with_parent
@@ -37,6 +39,7 @@ log = logging.getLogger("tensorps.server")
 # Room for the protobuf framing around a tensor of max_message_bytes.
 _FRAMING_SLACK = 64 * 1024
 _RESTART_BACKOFF_MAX = 10.0
+_MAX_SEND = 2**31 - 1
 MIN_MESSAGE_BYTES = 4 << 20
 
 
@@ -48,7 +51,9 @@ def grpc_options(config: ServerConfig, *, reuseport: bool) -> list[tuple[str, in
     limit = config.max_message_bytes + _FRAMING_SLACK
     return [
         ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        # Sending is not what the limit protects: a Batch reply larger than its client expected (a
+        # variable grew) must still go out in one message, after its writes were applied.
+        ("grpc.max_send_message_length", _MAX_SEND),
         ("grpc.so_reuseport", 1 if reuseport else 0),
     ]
 
@@ -428,6 +433,27 @@ def check_security(config: ServerConfig) -> None:
         )
 
 
+def check_process_limits(config: ServerConfig) -> None:
+    """Raise the open-file limit to its hard limit, and say when mappings could run out before variables.
+
+    Segments are mapped without descriptors (mapping.py), but gRPC connections and the store still take
+    some. Each variable takes up to two mappings (a second buffer for locked writes).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = max_map_count()
+    if limit is not None and 2 * config.max_variables + 1000 > limit:
+        log.info(
+            "up to %d variables may need %d memory mappings per worker, more than vm.max_map_count (%d): "
+            "raise it (sysctl vm.max_map_count=%d) to fill the store",
+            config.max_variables,
+            2 * config.max_variables,
+            limit,
+            2 * config.max_variables + 1000,
+        )
+
+
 def _token_auth(config: ServerConfig) -> TokenAuth | None:
     """The token interceptor, loaded once here: workers inherit it and its last good tokens."""
     if not config.token_file:
@@ -441,6 +467,7 @@ def _token_auth(config: ServerConfig) -> TokenAuth | None:
 def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
     check_security(config)
+    check_process_limits(config)
     port = claim_port(config)
     config = replace(config, port=port)
     try:

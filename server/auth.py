@@ -8,6 +8,7 @@ probe without a token.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import threading
@@ -24,6 +25,10 @@ _READ_ONLY_METHODS = frozenset(
     f"/tensorps.v1.ParameterServer/{m}"
     for m in ("Read", "ReadStream", "GetVariable", "ListVariables", "GetServerInfo")
 )
+
+
+# Read-only tokens may call these, which then refuse any write they carry (PERMISSION_DENIED).
+_CONTENT_CHECKED_METHODS = frozenset(f"/tensorps.v1.ParameterServer/{m}" for m in ("Batch", "BatchStream"))
 
 
 class TokenFileError(Exception):
@@ -123,6 +128,12 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
         token = self._match(presented.strip().encode()) if scheme.lower() == "bearer" else None
         if token is None:
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        if token.read_only and method in _CONTENT_CHECKED_METHODS:
+            kind = "unary_unary" if handler.unary_unary is not None else "stream_stream"
+            behaviour: Any = getattr(handler, kind)
+            return handler._replace(  # type: ignore[attr-defined,no-any-return]
+                **{kind: functools.partial(behaviour, read_only=True)}
+            )
         if token.read_only and method not in _READ_ONLY_METHODS:
             return _abort_handler(
                 handler, grpc.StatusCode.PERMISSION_DENIED, f"a read-only token may not call {method}"

@@ -23,6 +23,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import stat
 import struct
 import threading
 import time
@@ -36,9 +37,9 @@ from contextlib import contextmanager
 # after a slot's name, with no barrier) assumes that loads are not reordered with loads nor stores with
 # stores, as on x86-64 (TSO); a weakly ordered CPU (aarch64) gives no such guarantee. What these locks
 # guard is ordered on every CPU: fcntl is a system call, a full barrier. See the README's "Platform".
-_FLOCK = struct.Struct("hhxxxxqqixxxx")
+FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
-_SETLK = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
+OFD_SETLK: int = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
 # A waiter with a deadline polls (the kernel offers no timed F_OFD_SETLKW), sleeping from _FIRST_PAUSE
 # doubling up to _LONGEST_PAUSE: a lock freed meanwhile costs a waiter at most that much extra latency.
 _FIRST_PAUSE = 50e-6
@@ -57,8 +58,10 @@ def stripe_of(name: str, stripes: int) -> int:
 
 
 _forks = [0]
-# (device, inode) of every lock file a StripedLocks of this process opened.
+# (device, inode) of every lock file a StripedLocks of this process opened, and the directories (stores)
+# that hold them.
 _lock_files: set[tuple[int, int]] = set()
+_lock_dirs: set[str] = set()
 
 
 def _after_fork_in_child() -> None:
@@ -67,22 +70,36 @@ def _after_fork_in_child() -> None:
 
 
 def _close_inherited_lock_descriptors() -> None:
-    """Close, in a forked child, every descriptor of a lock file inherited from the parent.
+    """Close, in a forked child, the inherited descriptors that could keep the parent's locks alive.
 
-    Found by identity in /proc/self/fd rather than from a list of ours: a descriptor that another thread
-    had just opened (and not yet recorded) when the fork happened is closed as well. Closing it here does
-    not release the parent's locks (the parent's own descriptor still refers to the description); it only
-    keeps them from outliving the parent. This process opens descriptors of its own when it locks.
+    Two kinds: every descriptor of a stripe lock file, holding a lock now or not (the parent may lock
+    through it later), found by identity; and every descriptor of another file in a store's directory
+    through which an OFD lock is held right now (an atomic batch's commit record), found in
+    /proc/self/fdinfo. Scanning /proc/self/fd rather than a list of ours also catches a descriptor that
+    another thread had just opened when the fork happened. Closing them here does not release the
+    parent's locks (its own descriptors still refer to the same descriptions); it only keeps them from
+    outliving the parent. The child opens descriptors of its own. Other files are left alone.
     """
     if not _lock_files:
-        return
+        return  # this process never opened a store: nothing of ours to close
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc/self/fd"):
             fd = int(entry)
             with contextlib.suppress(OSError):
                 st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) in _lock_files:
+                if (st.st_dev, st.st_ino) in _lock_files or (
+                    stat.S_ISREG(st.st_mode) and _in_a_store(fd) and _holds_ofd_lock(fd)
+                ):
                     os.close(fd)
+
+
+def _in_a_store(fd: int) -> bool:
+    return os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) in _lock_dirs
+
+
+def _holds_ofd_lock(fd: int) -> bool:
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        return b" OFDLCK " in info.read()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -119,6 +136,7 @@ class StripedLocks:
         self.catalog = stripes
         st = os.stat(path)
         _lock_files.add((st.st_dev, st.st_ino))
+        _lock_dirs.add(os.path.dirname(os.path.realpath(path)))
         self._local = threading.local()
         # Every thread's descriptor, so that close() can close them all.
         self._handles: weakref.WeakSet[_Descriptor] = weakref.WeakSet()
@@ -135,7 +153,7 @@ class StripedLocks:
         return handle.fd
 
     def _fcntl(self, kind: int, index: int) -> None:
-        fcntl.fcntl(self._fd(), _SETLKW, _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
+        fcntl.fcntl(self._fd(), _SETLKW, FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
 
     def acquire(self, index: int, *, exclusive: bool, timeout: float | None = None) -> None:
         """Take lock `index`, waiting as long as it takes, or at most `timeout` seconds (LockTimeout)."""
@@ -144,12 +162,12 @@ class StripedLocks:
             self._fcntl(kind, index)
             return
         fd = self._fd()
-        flock = _FLOCK.pack(kind, os.SEEK_SET, index, 1, 0)
+        flock = FLOCK.pack(kind, os.SEEK_SET, index, 1, 0)
         deadline = time.monotonic() + timeout
         pause = _FIRST_PAUSE
         while True:
             try:
-                fcntl.fcntl(fd, _SETLK, flock)
+                fcntl.fcntl(fd, OFD_SETLK, flock)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):  # both mean "held by another"

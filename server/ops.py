@@ -24,6 +24,7 @@ import numpy as np
 from tensorps.client.codec import (
     DType,
     Shape,
+    check_values,
     dtype_from_code,
     dtype_of,
     format_shape,
@@ -31,9 +32,11 @@ from tensorps.client.codec import (
     validate_name,
 )
 from tensorps.server.locks import LockTimeout
+from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
 T = TypeVar("T")
+NO_REQUEST = bytes(16)
 Array = np.ndarray[Any, Any]
 
 
@@ -63,6 +66,14 @@ class ResourceExhausted(OpError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(OpError):
+    code = "PERMISSION_DENIED"
+
+
+class Aborted(OpError):
+    code = "ABORTED"
+
+
 class DeadlineExceeded(OpError):
     code = "DEADLINE_EXCEEDED"
 
@@ -81,6 +92,66 @@ def _info(name: str, d: Descriptor) -> Info:
     return Info(name, dtype_from_code(d.dtype), d.shape, d.initialized, d.version)
 
 
+# ---- the checks of each op, shared by single calls and batches (batch.py) ------------------------
+
+
+def check_dtype(name: str, op: str, current: Descriptor, dtype: DType) -> None:
+    if current.dtype != dtype.code:
+        have = dtype_from_code(current.dtype)
+        raise InvalidArgument(
+            f"{op} of variable '{name}': the variable has dtype {have.name} but the value has "
+            f"dtype {dtype.name}; nothing is cast"
+        )
+
+
+def check_assign(name: str, current: Descriptor, dtype: DType, shape: Shape, validate_shape: bool) -> None:
+    """TF's Assign: same dtype; with validate_shape, the same shape unless the variable has none yet."""
+    check_dtype(name, "Assign", current, dtype)
+    if validate_shape and current.shape is not None and current.shape != shape:
+        raise InvalidArgument(
+            f"Assign requires shapes of both tensors to match. lhs shape= "
+            f"{format_shape(current.shape)} rhs shape= {format_shape(shape)} (variable '{name}')"
+        )
+
+
+def check_update(name: str, op_name: str, current: Descriptor, dtype: DType, shape: Shape) -> None:
+    """TF's AssignAdd/AssignSub: numeric, initialized, identical shapes (no broadcasting)."""
+    if dtype.name == "bool":
+        raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
+    check_dtype(name, op_name, current, dtype)
+    check_readable(name, current)
+    if current.shape != shape:
+        raise InvalidArgument(
+            f"Parameters and update must be the same size. lhs shape= {format_shape(current.shape)} "
+            f"rhs shape= {format_shape(shape)} (variable '{name}')"
+        )
+
+
+def check_readable(name: str, current: Descriptor) -> None:
+    if not current.initialized:
+        raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
+
+
+def created_descriptor(name: str, dtype: DType, shape: Shape | None, value: Array | None) -> Descriptor:
+    """The descriptor CreateVariable starts from (uninitialized unless zero-sized), after its checks."""
+    validate_name(name)
+    if value is not None:
+        check_values(value, name=name)  # here, not in a transport: gRPC and shm:// pass the same check
+        if value.dtype != dtype.numpy:
+            raise InvalidArgument(
+                f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
+            )
+        if shape is not None and tuple(shape) != value.shape:
+            raise InvalidArgument(
+                f"variable '{name}' is declared with shape {format_shape(shape)} but its initial value "
+                f"has shape {format_shape(value.shape)}"
+            )
+        shape = value.shape
+    # A variable with zero elements has nothing left to initialize (as in TF).
+    initialized = shape is not None and 0 in shape
+    return Descriptor(dtype.code, initialized, shape, 0, 0)
+
+
 class Ops:
     """The operations of DESIGN §3 over one store. Thread-safe and process-safe."""
 
@@ -94,7 +165,7 @@ class Ops:
 
     @contextlib.contextmanager
     def deadline(self, seconds: float | None) -> Iterator[None]:
-        """Bound this thread's waits for a variable's lock to `seconds` from now (None: no bound)."""
+        """Bound this thread's waits for a stripe to `seconds` from now (None: no bound)."""
         previous = getattr(self._call, "deadline", None)
         self._call.deadline = None if seconds is None else time.monotonic() + seconds
         try:
@@ -102,24 +173,39 @@ class Ops:
         finally:
             self._call.deadline = previous
 
-    def _lock(self, name: str, *, exclusive: bool = True) -> int:
-        """Take `name`'s stripe within the call's deadline; returns it (for locks.release)."""
-        stripe = self.locks.stripe(name)
+    def acquire(self, stripe: int, *, exclusive: bool, name: str | None = None) -> None:
+        """Take a stripe within the call's deadline (DeadlineExceeded naming `name`), first finishing any
+        atomic batch that a dead holder of it left half-published."""
         deadline: float | None = getattr(self._call, "deadline", None)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             self.locks.acquire(stripe, exclusive=exclusive, timeout=timeout)
         except LockTimeout:
-            raise DeadlineExceeded(f"timed out waiting for the lock of variable '{name}'") from None
-        return stripe
+            what = f"variable '{name}'" if name is not None else f"stripe {stripe}"
+            raise DeadlineExceeded(f"timed out waiting for the lock of {what}") from None
+        if self.store.in_commit(stripe):
+            try:
+                self.store.recover()
+            except BaseException:
+                self.locks.release(stripe)
+                raise
 
     @contextlib.contextmanager
-    def _locked(self, name: str, *, exclusive: bool = True) -> Iterator[None]:
-        stripe = self._lock(name, exclusive=exclusive)
+    def hold(self, stripe: int, *, exclusive: bool = True, name: str | None = None) -> Iterator[None]:
+        self.acquire(stripe, exclusive=exclusive, name=name)
         try:
             yield
         finally:
             self.locks.release(stripe)
+
+    def _lookup(self, name: str, request: bytes | None) -> int:
+        """A write's slot; a retried write of a variable deleted since still finds its outcome (-1)."""
+        slot = self.store.find(name)
+        if slot is None:
+            if request is not None and self.store.requests.lookup(self.locks.stripe(name), request):
+                return -1
+            raise NotFound(f"variable '{name}' does not exist")
+        return slot
 
     def _slot(self, name: str) -> int:
         slot = self.store.find(name)
@@ -141,23 +227,13 @@ class Ops:
                 )
         return nbytes
 
-    @staticmethod
-    def _check_dtype(name: str, op: str, current: Descriptor, dtype: DType) -> DType:
-        have = dtype_from_code(current.dtype)
-        if have.code != dtype.code:
-            raise InvalidArgument(
-                f"{op} of variable '{name}': the variable has dtype {have.name} but the value has "
-                f"dtype {dtype.name}; nothing is cast"
-            )
-        return have
-
     def _view(self, slot: int, d: Descriptor) -> Array:
         assert d.shape is not None
         raw = self.store.segment_array(slot, d.segment, d.capacity, d.nbytes)
         return raw.view(dtype_from_code(d.dtype).numpy).reshape(d.shape)
 
     def _write_spare(
-        self, name: str, slot: int, dtype: DType, shape: Shape, version: int
+        self, name: str, slot: int, dtype: DType, shape: Shape, *, version: int, request: bytes
     ) -> tuple[Array, Any]:
         """Prepare the inactive buffer for `shape`; returns it and a function that publishes it."""
         nbytes = nbytes_of(shape, dtype)
@@ -165,45 +241,90 @@ class Ops:
             segment, capacity = self.store.spare_segment(slot, nbytes)
         except StoreFullError as exc:
             raise ResourceExhausted(f"variable '{name}': {exc}") from None
-        d = Descriptor(dtype.code, True, shape, version, nbytes, segment, capacity)
+        d = Descriptor(dtype.code, True, shape, version, nbytes, segment, capacity, request)
 
         def publish() -> Info:
+            self.retire(name, slot)
             self.store.publish(slot, d)
             return _info(name, d)
 
         return self._view(slot, d), publish
 
+    # ---- exactly-once writes (requests.py) -----------------------------------------------------
+
+    def retire(self, name: str, slot: int) -> None:
+        """Remember the write that made the slot's active descriptor, which is about to be replaced."""
+        current = self.store.active(slot)
+        if current.request != NO_REQUEST:
+            value = None
+            if current.initialized and current.shape is not None and current.nbytes <= INLINE:
+                value = self._view(slot, current).tobytes()
+            self.store.requests.record(self.locks.stripe(name), current.request, current.version, value)
+
+    def applied(self, name: str, slot: int | None, request: bytes | None) -> tuple[Applied, bool] | None:
+        """If the write `request` happened already: its outcome, and whether it made the current value."""
+        if request is None:
+            return None
+        if slot is not None and slot >= 0:
+            current = self.store.active(slot)
+            if current.request == request:
+                return Applied(current.version, None), True
+        found = self.store.requests.lookup(self.locks.stripe(name), request)
+        return None if found is None else (found, False)
+
+    def replayed_write(
+        self, name: str, slot: int, applied: tuple[Applied, bool], value: Array, *, op: str, read_value: bool
+    ) -> tuple[Info, Array | None]:
+        """A retried write's first outcome: its info, and its value when it can still be known."""
+        (version, kept), current = applied
+        info = Info(name, dtype_of(value.dtype), value.shape, True, version)
+        if not read_value:
+            return info, None
+        if current:
+            d = self.store.active(slot)
+            return info, self._view(slot, d).copy()
+        if kept is not None:
+            return info, np.frombuffer(kept, value.dtype).reshape(value.shape).copy()
+        if op == "Assign":
+            return info, value  # the value right after an assign is the value it wrote
+        raise Aborted(
+            f"{op} of variable '{name}' was applied already (version {version}); the value it produced "
+            "is no longer known: read the variable"
+        )
+
     # ---- catalog -------------------------------------------------------------------------------
 
-    def create(self, name: str, dtype: DType, shape: Shape | None, value: Array | None = None) -> Info:
-        validate_name(name)
-        if value is not None:
-            if value.dtype != dtype.numpy:
-                raise InvalidArgument(
-                    f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
-                )
-            if shape is not None and tuple(shape) != value.shape:
-                raise InvalidArgument(
-                    f"variable '{name}' is declared with shape {format_shape(shape)} but its initial value "
-                    f"has shape {format_shape(value.shape)}"
-                )
-            shape = value.shape
-        if shape is not None:
-            self.check_size(name, shape, dtype)
-        # A variable with zero elements has nothing left to initialize (as in TF).
-        initialized = shape is not None and 0 in shape
-        with self._locked(name):
-            if self.store.find(name) is not None:
+    def create(
+        self,
+        name: str,
+        dtype: DType,
+        shape: Shape | None,
+        value: Array | None = None,
+        *,
+        request: bytes | None = None,
+    ) -> Info:
+        initial = created_descriptor(name, dtype, shape, value)._replace(request=request or NO_REQUEST)
+        if initial.shape is not None:
+            self.check_size(name, initial.shape, dtype)
+        with self.hold(self.locks.stripe(name), name=name):
+            slot = self.store.find(name)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                if slot is not None and done[1]:
+                    return _info(name, self.store.active(slot))
+                return _info(name, initial._replace(initialized=initial.initialized or value is not None))
+            if slot is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
-                slot = self.store.insert(name, Descriptor(dtype.code, initialized, shape, 0, 0))
+                slot = self.store.insert(name, initial)
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
             if value is None:
                 return _info(name, self.store.active(slot))
             try:
-                assert shape is not None
-                buffer, publish = self._write_spare(name, slot, dtype, shape, 1)
+                buffer, publish = self._write_spare(
+                    name, slot, dtype, value.shape, version=1, request=initial.request
+                )
             except BaseException:
                 self.store.delete_slot(slot)
                 raise
@@ -211,12 +332,19 @@ class Ops:
             info: Info = publish()
             return info
 
-    def delete(self, name: str) -> None:
-        with self._locked(name):
-            self.store.delete_slot(self._slot(name))
+    def delete(self, name: str, *, request: bytes | None = None) -> None:
+        with self.hold(self.locks.stripe(name), name=name):
+            slot = self.store.find(name)
+            if slot is None and self.applied(name, None, request) is not None:
+                return
+            slot = self._slot(name)
+            self.retire(name, slot)
+            if request is not None:
+                self.store.requests.record(self.locks.stripe(name), request, 0, None)
+            self.store.delete_slot(slot)
 
     def info(self, name: str) -> Info:
-        with self._locked(name, exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False, name=name):
             return _info(name, self.store.active(self._slot(name)))
 
     def list(self, prefix: str = "") -> list[Info]:
@@ -230,11 +358,10 @@ class Ops:
 
     def read(self, name: str, consume: Callable[[Info, Array], T]) -> T:
         """Calls consume(info, view) under a shared lock; the view is valid only during the call."""
-        with self._locked(name, exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False, name=name):
             slot = self._slot(name)
             d = self.store.active(slot)
-            if not d.initialized:
-                raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
+            check_readable(name, d)
             return consume(_info(name, d), self._view(slot, d))
 
     def assign(
@@ -245,6 +372,7 @@ class Ops:
         validate_shape: bool = True,
         use_locking: bool = True,
         read_value: bool = True,
+        request: bytes | None = None,
     ) -> tuple[Info, Array | None]:
         """TF's Assign. Returns the info after the write and, with read_value, the variable's value.
 
@@ -252,26 +380,30 @@ class Ops:
         is exactly the value written.
         """
         dtype = dtype_of(value.dtype)
+        check_values(value, name=name)
         shape: Shape = value.shape
-        stripe = self._lock(name)
+        stripe = self.locks.stripe(name)
+        self.acquire(stripe, exclusive=True, name=name)
         try:
-            slot = self._slot(name)
+            slot = self._lookup(name, request)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                return self.replayed_write(name, slot, done, value, op="Assign", read_value=read_value)
             current = self.store.active(slot)
-            self._check_dtype(name, "Assign", current, dtype)
-            if validate_shape and current.shape is not None and current.shape != shape:
-                raise InvalidArgument(
-                    f"Assign requires shapes of both tensors to match. lhs shape= "
-                    f"{format_shape(current.shape)} rhs shape= {format_shape(shape)} (variable '{name}')"
-                )
+            check_assign(name, current, dtype, shape, validate_shape)
             self.check_size(name, shape, dtype)
             if use_locking or not current.initialized or current.shape != shape:
                 # A fresh buffer (TF allocates one to reshape) is filled before anyone sees it.
-                buffer, publish = self._write_spare(name, slot, dtype, shape, current.version + 1)
+                version = current.version + 1
+                buffer, publish = self._write_spare(
+                    name, slot, dtype, shape, version=version, request=request or NO_REQUEST
+                )
                 np.copyto(buffer, value)
                 info: Info = publish()
                 return info, (value if read_value else None)
             # Same shape, unlocked: TF copies outside the lock, so concurrent writers may interleave.
-            version = self.store.bump_version(slot)
+            self.retire(name, slot)
+            version = self.store.bump_version(slot, request or NO_REQUEST)
             target = self._view(slot, current)
         finally:
             self.locks.release(stripe)
@@ -287,33 +419,34 @@ class Ops:
         use_locking: bool = False,
         read_value: bool = True,
         subtract: bool = False,
+        request: bytes | None = None,
     ) -> tuple[Info, Array | None]:
         """TF's AssignAdd (or AssignSub with subtract=True); integer overflow wraps as in numpy."""
         op_name = "AssignSub" if subtract else "AssignAdd"
         ufunc = np.subtract if subtract else np.add
         dtype = dtype_of(delta.dtype)
-        if dtype.name == "bool":
-            raise InvalidArgument(f"{op_name} of variable '{name}': dtype bool is not numeric")
-        stripe = self._lock(name)
+        check_values(delta, name=name)
+        stripe = self.locks.stripe(name)
+        self.acquire(stripe, exclusive=True, name=name)
         try:
-            slot = self._slot(name)
+            slot = self._lookup(name, request)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                return self.replayed_write(name, slot, done, delta, op=op_name, read_value=read_value)
             current = self.store.active(slot)
-            self._check_dtype(name, op_name, current, dtype)
-            if not current.initialized:
-                raise FailedPrecondition(f"Attempting to use uninitialized value {name}")
-            if current.shape != delta.shape:
-                raise InvalidArgument(
-                    f"Parameters and update must be the same size. lhs shape= {format_shape(current.shape)} "
-                    f"rhs shape= {format_shape(delta.shape)} (variable '{name}')"
-                )
+            check_update(name, op_name, current, dtype, delta.shape)
             source = self._view(slot, current)
             if use_locking:
-                buffer, publish = self._write_spare(name, slot, dtype, delta.shape, current.version + 1)
+                version = current.version + 1
+                buffer, publish = self._write_spare(
+                    name, slot, dtype, delta.shape, version=version, request=request or NO_REQUEST
+                )
                 with np.errstate(all="ignore"):
                     ufunc(source, delta, out=buffer)
                 info: Info = publish()
                 return info, (buffer.copy() if read_value else None)
-            version = self.store.bump_version(slot)
+            self.retire(name, slot)
+            version = self.store.bump_version(slot, request or NO_REQUEST)
         finally:
             self.locks.release(stripe)
         with np.errstate(all="ignore"):

@@ -36,9 +36,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
+from tensorps.server import commits, requests
 from tensorps.server.locks import StripedLocks, create_lock_file
+from tensorps.server.mapping import map_file
+from tensorps.server.requests import RequestTable
 
-MAGIC = b"TPSSTOR2"
+MAGIC = b"TPSSTOR3"
 PAGE = mmap.PAGESIZE
 
 # Header: magic, stripes, capacity, slot size, next segment id, used bytes, variable count,
@@ -49,12 +52,16 @@ _OFF_NEXT_SEG = 24
 _OFF_USED = 32
 _OFF_COUNT = 40
 _OFF_FREED = 64  # how many segments were ever freed: a cheap "mappings may be stale" signal
+# One byte per stripe: set while an atomic batch holding the stripe publishes (commits.py).
+_OFF_IN_COMMIT = 1024
+MAX_STRIPES = _HEADER_SIZE - _OFF_IN_COMMIT
 
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 # Slot: sequence counter, state, active descriptor index, name length, name.
 _SLOT_HEAD = struct.Struct(f"<IBBH{MAX_NAME_LENGTH + 1}s")
-# Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity.
-_DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ")
+# Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity,
+# the request id of the write that produced it (requests.py).
+_DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ16s")
 _DIMS = struct.Struct(f"<{MAX_RANK}q")
 _DIMS_OF_RANK = [struct.Struct(f"<{rank}q") for rank in range(MAX_RANK + 1)]
 _DESC_SIZE = _DESC_HEAD.size + _DIMS.size
@@ -62,6 +69,7 @@ SLOT_SIZE = -(-(_SLOT_HEAD.size + 2 * _DESC_SIZE) // 64) * 64
 _OFF_STATE = 4
 _OFF_SELECTOR = 5
 _OFF_VERSION = 8
+_OFF_REQUEST = 40
 
 
 class StoreError(Exception):
@@ -82,6 +90,7 @@ class Descriptor(NamedTuple):
     nbytes: int
     segment: int = 0
     capacity: int = 0
+    request: bytes = bytes(16)  # the id of the write that made this descriptor (all zero: none)
 
 
 @dataclass(frozen=True)
@@ -130,9 +139,10 @@ class Store:
         self._slots_offset = _slots_offset(capacity)
         self._meta = mmap.mmap(self._meta_fd, self._slots_offset + capacity * SLOT_SIZE)
         self.locks = StripedLocks(os.path.join(path, "locks"), stripes)
+        self.requests = RequestTable(path, stripes)
         self._slot_cache: dict[str, int] = {}
         # segment id -> (mapping, slot that used it when mapped)
-        self._segments: dict[int, tuple[mmap.mmap, int]] = {}
+        self._segments: dict[int, tuple[Any, int]] = {}
         self._segments_lock = threading.Lock()
         self._seen_freed = 0
 
@@ -148,25 +158,38 @@ class Store:
         except FileExistsError:
             return cls.attach(path)
         try:
-            capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
-            create_lock_file(os.path.join(path, "locks"), stripes)
-            tmp = os.path.join(path, "meta.init")
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                # Reserve the whole table now, as segments are: a tmpfs allocates a page when it is first
-                # touched, and a full one answers with SIGBUS, which would kill whichever process inserts
-                # a variable. The table is outside the byte budget; the default budget is taken from the
-                # space left after it.
-                size = _slots_offset(capacity) + capacity * SLOT_SIZE
+            if not 1 <= stripes <= MAX_STRIPES:
+                raise StoreError(f"a store has 1 to {MAX_STRIPES} lock stripes, not {stripes}")
+
+            def reserve(fd: int, size: int, what: str, knob: str) -> None:
+                # Reserve a shared file's pages now, as segments are: a tmpfs allocates a page when it is
+                # first touched, and a full one answers with SIGBUS, which would kill whichever process
+                # touched it (inserting a variable, recording a write's request id).
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                         raise StoreFullError(
-                            f"the store's filesystem has no room for its variable table of {size} bytes "
-                            f"(max_variables {max_variables}): enlarge it or lower max_variables"
+                            f"the store's filesystem has no room for its {what} of {size} bytes: "
+                            f"give it more room or lower {knob}"
                         ) from None
                     raise
+
+            capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
+            create_lock_file(os.path.join(path, "locks"), stripes)
+            requests.create_file(path, stripes)
+            fd = os.open(os.path.join(path, requests.FILE), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                reserve(fd, os.fstat(fd).st_size, f"request table ({stripes} stripes)", "the stripes")
+            finally:
+                os.close(fd)
+            tmp = os.path.join(path, "meta.init")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                size = _slots_offset(capacity) + capacity * SLOT_SIZE
+                reserve(fd, size, f"variable table ({max_variables} variables)", "max_variables")
+                # Both tables are outside the byte budget; the default is taken from the space left after
+                # them.
                 budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
                 header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
                 os.pwrite(fd, header, 0)
@@ -193,6 +216,7 @@ class Store:
         with self._segments_lock:
             self._segments.clear()  # mappings unmap once no array views them any more
         self.locks.close()
+        self.requests.close()
         with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
             self._meta.close()
         os.close(self._meta_fd)
@@ -318,21 +342,25 @@ class Store:
     def delete_slot(self, slot: int) -> None:
         """Delete the variable in `slot` and free its segments. The caller holds its stripe lock."""
         with self.locks.hold(self.locks.catalog):
-            _seq, _state, name = self._read_slot_head(slot)
-            for which in (0, 1):
-                d = self.descriptor(slot, which)
-                # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
-                # keeping no segment id also tells other processes their mappings are stale.
-                self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
-                self._free_segment(d)
-            self._begin_change(slot)
-            self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
-            self._end_change(slot)
-            # The last index entry takes the deleted one's place, keeping the index dense.
-            last = self.variable_count - 1
-            self._set_index(self._position(slot), self._indexed(last))
-            self._set_header_u64(_OFF_COUNT, last)
-            self._reclaim_tombstones(slot)
+            self._delete_slot(slot)
+
+    def _delete_slot(self, slot: int) -> None:
+        """delete_slot for a caller that holds the catalog lock."""
+        _seq, _state, name = self._read_slot_head(slot)
+        for which in (0, 1):
+            d = self.descriptor(slot, which)
+            # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
+            # keeping no segment id also tells other processes their mappings are stale.
+            self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
+            self._free_segment(d)
+        self._begin_change(slot)
+        self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
+        self._end_change(slot)
+        # The last index entry takes the deleted one's place, keeping the index dense.
+        last = self.variable_count - 1
+        self._set_index(self._position(slot), self._indexed(last))
+        self._set_header_u64(_OFF_COUNT, last)
+        self._reclaim_tombstones(slot)
         self._slot_cache.pop(name, None)
 
     def _reclaim_tombstones(self, slot: int) -> None:
@@ -385,9 +413,11 @@ class Store:
 
     def descriptor(self, slot: int, which: int) -> Descriptor:
         off = self._descriptor_offset(slot, which)
-        dtype, initialized, rank, version, nbytes, segment, capacity = _DESC_HEAD.unpack_from(self._meta, off)
+        dtype, initialized, rank, version, nbytes, segment, capacity, request = _DESC_HEAD.unpack_from(
+            self._meta, off
+        )
         shape = None if rank < 0 else _DIMS_OF_RANK[rank].unpack_from(self._meta, off + _DESC_HEAD.size)
-        return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity)
+        return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity, request)
 
     def active(self, slot: int) -> Descriptor:
         return self.descriptor(slot, self.selector(slot))
@@ -396,23 +426,72 @@ class Store:
         off = self._descriptor_offset(slot, which)
         rank = -1 if d.shape is None else len(d.shape)
         _DESC_HEAD.pack_into(
-            self._meta, off, d.dtype, d.initialized, rank, d.version, d.nbytes, d.segment, d.capacity
+            self._meta,
+            off,
+            d.dtype,
+            d.initialized,
+            rank,
+            d.version,
+            d.nbytes,
+            d.segment,
+            d.capacity,
+            d.request,
         )
         if d.shape:  # dims past the rank are never read
             _DIMS_OF_RANK[rank].pack_into(self._meta, off + _DESC_HEAD.size, *d.shape)
 
     def publish(self, slot: int, descriptor: Descriptor) -> None:
         """Make `descriptor` (whose segment must be the inactive one's) active, crash-atomically."""
+        self.flip(slot, self.prepare(slot, descriptor))
+
+    def prepare(self, slot: int, descriptor: Descriptor) -> int:
+        """Write `descriptor` as the slot's inactive one; returns the selector that will publish it."""
         inactive = 1 - self.selector(slot)
         self._write_descriptor(slot, inactive, descriptor)
-        # The single byte store that commits the write: before it, readers and a crash see the old value.
-        self._meta[self._slot_offset(slot) + _OFF_SELECTOR] = inactive
+        return inactive
 
-    def bump_version(self, slot: int) -> int:
-        """Count an in-place (unlocked) write in the active descriptor; returns the new version."""
-        off = self._descriptor_offset(slot, self.selector(slot)) + _OFF_VERSION
-        version: int = struct.unpack_from("<Q", self._meta, off)[0] + 1
-        struct.pack_into("<Q", self._meta, off, version)
+    def flip(self, slot: int, selector: int) -> None:
+        # The single byte store that commits a write: before it, readers and a crash see the old value.
+        self._meta[self._slot_offset(slot) + _OFF_SELECTOR] = selector
+
+    # ---- atomic batches (commits.py) -----------------------------------------------------------
+
+    def in_commit(self, stripe: int) -> bool:
+        """Whether an atomic batch that held `stripe` died while publishing (the caller now holds it)."""
+        return self._meta[_OFF_IN_COMMIT + stripe] != 0
+
+    def mark_in_commit(self, stripes: list[int], marked: bool) -> None:
+        for stripe in stripes:
+            self._meta[_OFF_IN_COMMIT + stripe] = 1 if marked else 0
+
+    def recover(self) -> int:
+        """Finish or undo every atomic batch whose process died while publishing; returns how many."""
+        done = 0
+        with self.locks.hold(self.locks.catalog):
+            for path, state, entries in commits.orphans(self.path):
+                for entry in entries:
+                    slot = self._probe(entry.name, locked=True) if entry.name else None
+                    if state == commits.COMMITTED and entry.kind == commits.FLIP:
+                        self.flip(entry.slot, entry.selector)
+                    elif state == commits.COMMITTED and entry.kind == commits.DELETE:
+                        if slot == entry.slot:
+                            self._delete_slot(entry.slot)
+                    elif state != commits.COMMITTED and entry.kind == commits.CREATED:
+                        if isinstance(slot, int):
+                            self._delete_slot(slot)
+                    elif entry.kind == commits.STRIPE:
+                        self.mark_in_commit([entry.slot], False)
+                os.unlink(path)
+                done += 1
+        return done
+
+    def bump_version(self, slot: int, request: bytes) -> int:
+        """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""
+        off = self._descriptor_offset(slot, self.selector(slot))
+        version: int = struct.unpack_from("<Q", self._meta, off + _OFF_VERSION)[0] + 1
+        # The id first: a crash in between leaves the write remembered but not counted, never counted twice.
+        struct.pack_into("16s", self._meta, off + _OFF_REQUEST, request)
+        struct.pack_into("<Q", self._meta, off + _OFF_VERSION, version)
         return version
 
     # ---- segments ------------------------------------------------------------------------------
@@ -483,12 +562,13 @@ class Store:
         with self._segments_lock:
             entry = self._segments.get(segment)
             if entry is None:
-                fd = os.open(self._segment_path(segment), os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    entry = (mmap.mmap(fd, capacity), slot)
-                finally:
-                    os.close(fd)
-                self._evict_stale()
+                # Mappings of segments freed elsewhere are dropped only when something was freed since the
+                # last look: scanning them all on every new mapping made creating N variables O(N²).
+                freed = self._header_u64(_OFF_FREED)
+                if freed != self._seen_freed:
+                    self._seen_freed = freed
+                    self._evict_stale()
+                entry = (map_file(self._segment_path(segment), capacity), slot)
                 self._segments[segment] = entry
         return np.frombuffer(entry[0], np.uint8, nbytes)
 

@@ -44,13 +44,17 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int = 0,
         wait: bool = True,
+        open_files: int | None = None,
         session: bool = False,
         wrapper: Sequence[str] = (),
     ) -> None:
+        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`); `session`
+        gives it a session and process group of its own; `wrapper` is a command that runs it (a mount
+        namespace of its own, say)."""
         self.store = store or fresh_store_path()
         self.host = host
         command = [
-            *wrapper,  # a command that runs the server, e.g. in a mount namespace of its own
+            *wrapper,
             sys.executable,
             "-m",
             "tensorps.server",
@@ -66,6 +70,8 @@ class ServerProcess:
             "5",
             *args,
         ]
+        if open_files is not None:
+            command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(open_files), *command]
         self.proc = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,

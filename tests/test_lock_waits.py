@@ -17,6 +17,7 @@ import pytest
 
 from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, DeadlineExceededError, TensorPSError
+from tensorps.server.commits import orphans
 from tensorps.server.locks import LockTimeout, stripe_of
 from tensorps.server.store import Store
 
@@ -115,18 +116,20 @@ def test_a_stopped_holder_costs_callers_their_deadline_not_a_thread(one_worker: 
 
 
 def test_a_forked_child_does_not_keep_a_dead_holders_stripe(one_worker: ServerProcess) -> None:
-    """A same-host process forks (a data loader, say) while holding a stripe, dies: the stripe is free."""
+    """A same-host process forks (a data loader, say) while holding locks, then dies: they are all free."""
     server = one_worker
     with Client(server.address, timeout=10) as ps:
         ps.create("x", value=np.zeros(4, np.float32))
     holder, words = _hold(server.store, "x", mode="fork")
-    child = int(words[0])
+    child, record = int(words[0]), words[1]
     try:
         holder.kill()
         holder.communicate()
         with Client(server.address, timeout=5) as ps:
             np.testing.assert_array_equal(ps.assign("x", np.ones(4, np.float32)), np.ones(4))
-        assert Path(f"/proc/{child}").exists(), "the child should still run: it must not hold the stripe"
+        # The dead holder's commit record is an orphan (lockable) for whoever recovers it.
+        assert record in [path for path, _state, _entries in orphans(server.store)]
+        assert Path(f"/proc/{child}").exists(), "the child should still run: it must hold no lock"
     finally:
         if holder.poll() is None:
             _end(holder)

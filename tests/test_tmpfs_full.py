@@ -37,7 +37,8 @@ def small_tmpfs(tmp_path: Path) -> Iterator[list[str]]:
 
 def test_a_table_that_does_not_fit_refuses_to_start(small_tmpfs: list[str], tmp_path: Path) -> None:
     """The default table (65536 variables, ~113 MiB) on a 16 MiB tmpfs: a clear startup error, exit 1."""
-    server = ServerProcess(store=str(tmp_path / "shm" / "store"), wrapper=small_tmpfs, wait=False)
+    store = str(tmp_path / "shm" / "store")
+    server = ServerProcess("--stripes", "8", store=store, wrapper=small_tmpfs, wait=False)
     code = server.proc.wait(30)
     server.stop()
     log = "\n".join(server.log)
@@ -48,7 +49,8 @@ def test_a_table_that_does_not_fit_refuses_to_start(small_tmpfs: list[str], tmp_
 def test_creates_on_a_full_tmpfs_never_kill_a_worker(small_tmpfs: list[str], tmp_path: Path) -> None:
     """With segments filling the tmpfs, creates that touch new pages of the reserved table still work."""
     store = str(tmp_path / "shm" / "store")
-    flags = ["--max-variables", "4096", "--max-total-bytes", "64M"]  # a ~7 MiB table; budget > tmpfs
+    # Tables of ~7 MiB (variables) and ~3 MiB (request ids of 8 stripes); a budget beyond the tmpfs.
+    flags = ["--max-variables", "4096", "--stripes", "8", "--max-total-bytes", "64M"]
     server = ServerProcess(*flags, store=store, wrapper=small_tmpfs, workers=1)
     with server, Client(server.address, timeout=10) as ps:
         filled = 0

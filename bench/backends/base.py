@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +21,15 @@ class Target:
 
 
 class Endpoint(Protocol):
-    """The operations every system offers, in the words of tensorps's client."""
+    """The operations every system offers, in the words of tensorps's client.
+
+    `pull` and `push` move a whole model in as few calls as the system allows; `calls` counts the requests
+    they send (pull and push add theirs), `batching` says how they travel and `note` is appended to the
+    system's label in the model-step table ("" when there is nothing to say).
+    """
+
+    calls: int
+    note: str
 
     def put(self, name: str, value: Array) -> None:
         """Create the variable with `value`, or overwrite it if it exists (untimed setup)."""
@@ -29,6 +38,15 @@ class Endpoint(Protocol):
         """Overwrite the variable; with read_value, return its value after the write."""
 
     def read(self, name: str) -> Array: ...
+
+    def pull(self, names: Sequence[str]) -> dict[str, Array]:
+        """Every named variable's value."""
+
+    def push(self, values: Mapping[str, Array], *, add: bool) -> None:
+        """Assign every variable (add=False) or add a delta to each (add=True), without reading back."""
+
+    def batching(self, *, add: bool) -> str:
+        """How a pull and a push of this kind travel, for the report."""
 
     def close(self) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -23,12 +24,20 @@ def start() -> Server:
 
 
 class NaiveEndpoint:
+    """One call per variable, also for a model step: the service has no batch call."""
+
+    note = ""
+
     def __init__(self, address: str) -> None:
+        self.calls = 0
         self.channel = grpc.insecure_channel(address, options=OPTIONS)
-        self._assign = self.channel.unary_unary(
-            f"/{SERVICE}/Assign",
-            request_serializer=pb.AssignRequest.SerializeToString,
-            response_deserializer=pb.AssignResponse.FromString,
+        self._assign, self._assign_add = (
+            self.channel.unary_unary(
+                f"/{SERVICE}/{method}",
+                request_serializer=pb.AssignRequest.SerializeToString,
+                response_deserializer=pb.AssignResponse.FromString,
+            )
+            for method in ("Assign", "AssignAdd")
         )
         self._read = self.channel.unary_unary(
             f"/{SERVICE}/Read",
@@ -47,6 +56,19 @@ class NaiveEndpoint:
     def read(self, name: str) -> Array:
         response: pb.ReadResponse = self._read(pb.ReadRequest(name=name), timeout=300)
         return from_proto(response.value)
+
+    def pull(self, names: Sequence[str]) -> dict[str, Array]:
+        self.calls += len(names)
+        return {name: self.read(name) for name in names}
+
+    def push(self, values: Mapping[str, Array], *, add: bool) -> None:
+        self.calls += len(values)
+        call = self._assign_add if add else self._assign
+        for name, value in values.items():
+            call(pb.AssignRequest(name=name, read_value=False, value=to_proto(value)), timeout=300)
+
+    def batching(self, *, add: bool) -> str:
+        return "Read + " + ("AssignAdd" if add else "Assign") + " per variable"
 
     def close(self) -> None:
         self.channel.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -45,7 +46,15 @@ def _bytes(value: Array) -> memoryview:
 
 
 class RedisEndpoint:
+    """GET/SET per tensor; a model step pulls with one MGET and assigns with one MSET. Redis cannot add two
+    tensors, so assign_add is a read-modify-write in the client: MGET, numpy add, MSET (two round trips,
+    and not atomic: a concurrent writer's update between them would be lost).
+    """
+
+    note = ""
+
     def __init__(self, address: str) -> None:
+        self.calls = 0
         host, port = address.rsplit(":", 1)
         self.client = redis.Redis(host=host, port=int(port))
         self.layout: dict[str, tuple[np.dtype[np.generic], tuple[int, ...]]] = {}
@@ -73,6 +82,23 @@ class RedisEndpoint:
 
     def read(self, name: str) -> Array:
         return self._array(name, self.client.get(name))
+
+    def pull(self, names: Sequence[str]) -> dict[str, Array]:
+        self.calls += 1
+        raws = self.client.mget(names)
+        return {name: self._array(name, raw) for name, raw in zip(names, raws, strict=True)}
+
+    def push(self, values: Mapping[str, Array], *, add: bool) -> None:
+        if add:
+            current = self.pull(list(values))
+            values = {name: current[name] + delta for name, delta in values.items()}
+        for name, value in values.items():
+            self.layout[name] = (value.dtype, value.shape)
+        self.calls += 1
+        self.client.mset({name: _bytes(value) for name, value in values.items()})
+
+    def batching(self, *, add: bool) -> str:
+        return "MGET + " + ("MGET, add in the client, MSET (not atomic)" if add else "MSET")
 
     def close(self) -> None:
         self.client.close()

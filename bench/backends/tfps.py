@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,16 +36,24 @@ def start() -> Server | Skipped:
 class _Ops:
     placeholder: Any
     assign: Any  # the ref that Assign returns: fetching it reads the value after the write
+    add: Any  # AssignAdd of the same placeholder (TF's default use_locking=False, as Assign's True)
     variable: Any
     layout: tuple[Any, tuple[int, ...]]
 
 
 class TFEndpoint:
+    """A model step is one session.run each way: fetch every variable, then feed every placeholder and
+    run their Assign (or AssignAdd) ops, as a between-graph worker does."""
+
+    note = ""
+
     def __init__(self, address: str) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's startup notes would bury the progress lines
         self.tf: Any = importlib.import_module("tensorflow")
         self.graph = self.tf.Graph()
         self.session = self.tf.compat.v1.Session(f"grpc://{address}", graph=self.graph)
         self.ops: dict[str, _Ops] = {}
+        self.calls = 0
 
     def _ops(self, name: str, value: Array) -> _Ops:
         layout = (value.dtype, value.shape)
@@ -62,7 +72,8 @@ class TFEndpoint:
                 use_resource=False,
             )
             assign = tf.compat.v1.assign(variable, placeholder)
-        self.ops[name] = found = _Ops(placeholder, assign, variable, layout)
+            add = tf.compat.v1.assign_add(variable, placeholder)
+        self.ops[name] = found = _Ops(placeholder, assign, add, variable, layout)
         return found
 
     def put(self, name: str, value: Array) -> None:
@@ -76,6 +87,22 @@ class TFEndpoint:
 
     def read(self, name: str) -> Array:
         return self.session.run(self.ops[name].variable)  # type: ignore[no-any-return]
+
+    def pull(self, names: Sequence[str]) -> dict[str, Array]:
+        self.calls += 1
+        values = self.session.run([self.ops[name].variable for name in names])
+        return dict(zip(names, values, strict=True))
+
+    def push(self, values: Mapping[str, Array], *, add: bool) -> None:
+        ops = [self._ops(name, value) for name, value in values.items()]
+        targets = [o.add.op if add else o.assign.op for o in ops]
+        self.calls += 1
+        self.session.run(
+            targets, feed_dict={o.placeholder: v for o, v in zip(ops, values.values(), strict=True)}
+        )
+
+    def batching(self, *, add: bool) -> str:
+        return "one session.run each way (" + ("AssignAdd" if add else "Assign") + " ops)"
 
     def close(self) -> None:
         self.session.close()

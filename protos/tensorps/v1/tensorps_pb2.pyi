@@ -33,6 +33,18 @@ class WriteOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRITE_OP_ASSIGN_ADD: _ClassVar[WriteOp]
     WRITE_OP_ASSIGN_SUB: _ClassVar[WriteOp]
     WRITE_OP_CREATE: _ClassVar[WriteOp]
+
+class BatchOpKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCH_OP_UNSPECIFIED: _ClassVar[BatchOpKind]
+    BATCH_OP_CREATE: _ClassVar[BatchOpKind]
+    BATCH_OP_ASSIGN: _ClassVar[BatchOpKind]
+    BATCH_OP_ASSIGN_ADD: _ClassVar[BatchOpKind]
+    BATCH_OP_ASSIGN_SUB: _ClassVar[BatchOpKind]
+    BATCH_OP_READ: _ClassVar[BatchOpKind]
+    BATCH_OP_INFO: _ClassVar[BatchOpKind]
+    BATCH_OP_DELETE: _ClassVar[BatchOpKind]
+    BATCH_OP_READ_PREFIX: _ClassVar[BatchOpKind]
 DT_INVALID: DataType
 DT_FLOAT: DataType
 DT_DOUBLE: DataType
@@ -54,6 +66,15 @@ WRITE_OP_ASSIGN: WriteOp
 WRITE_OP_ASSIGN_ADD: WriteOp
 WRITE_OP_ASSIGN_SUB: WriteOp
 WRITE_OP_CREATE: WriteOp
+BATCH_OP_UNSPECIFIED: BatchOpKind
+BATCH_OP_CREATE: BatchOpKind
+BATCH_OP_ASSIGN: BatchOpKind
+BATCH_OP_ASSIGN_ADD: BatchOpKind
+BATCH_OP_ASSIGN_SUB: BatchOpKind
+BATCH_OP_READ: BatchOpKind
+BATCH_OP_INFO: BatchOpKind
+BATCH_OP_DELETE: BatchOpKind
+BATCH_OP_READ_PREFIX: BatchOpKind
 
 class TensorShapeProto(_message.Message):
     __slots__ = ("dim", "unknown_rank")
@@ -243,3 +264,65 @@ class ServerInfo(_message.Message):
     max_total_bytes: int
     version: str
     def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class BatchChunk(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: BatchHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BatchHeader(_message.Message):
+    __slots__ = ("atomic", "ops")
+    ATOMIC_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    atomic: bool
+    ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
+    def __init__(self, atomic: _Optional[bool] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ...) -> None: ...
+
+class BatchOp(_message.Message):
+    __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    USE_LOCKING_FIELD_NUMBER: _ClassVar[int]
+    READ_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: BatchOpKind
+    name: str
+    validate_shape: bool
+    use_locking: bool
+    read_value: bool
+    dtype: DataType
+    shape: TensorShapeProto
+    value: TensorProto
+    def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("op", "code", "message", "info", "value")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    op: int
+    code: int
+    message: str
+    info: VariableInfo
+    value: TensorProto
+    def __init__(self, op: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+
+class BatchReply(_message.Message):
+    __slots__ = ("results", "offset", "data")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchResult]
+    offset: int
+    data: bytes
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

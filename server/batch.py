@@ -1,0 +1,503 @@
+"""Batches: many operations in one call, run in order (each with its own outcome) or atomically.
+
+In order, a batch is exactly a sequence of single calls (Ops methods): same checks, locks and errors.
+
+Atomically, it is all or nothing:
+- plan: every stripe the batch names is taken once, in sorted order (OFD locks are not reentrant; a
+  global order means concurrent batches never deadlock); then every operation is checked against the state
+  the earlier ones leave, with the very checks the single calls use (ops.check_*). Nothing is changed yet:
+  writes are kept as pending arrays (the request's own bytes, or a fresh array for an update).
+- commit: a commit record (commits.py) lists the variables the batch creates; their slots are inserted,
+  every written variable's inactive buffer is filled and its descriptor prepared; the record's COMMITTED
+  byte is the commit point; then the selectors flip and deleted variables go. A process killed before the
+  commit point leaves nothing (its creations are undone), after it everything (the flips are redone).
+Reads in an atomic batch see the batch's own earlier writes; readers elsewhere see none or all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tensorps.client.codec import (
+    CodecError,
+    DType,
+    Shape,
+    check_values,
+    dtype_from_code,
+    dtype_of,
+    validate_name,
+)
+from tensorps.server import commits
+from tensorps.server.ops import (
+    NO_REQUEST,
+    AlreadyExists,
+    Info,
+    InvalidArgument,
+    NotFound,
+    OpError,
+    Ops,
+    ResourceExhausted,
+    check_assign,
+    check_readable,
+    check_update,
+    created_descriptor,
+)
+from tensorps.server.requests import INLINE, Applied
+from tensorps.server.store import Descriptor, StoreFullError
+from tensorps.v1 import tensorps_pb2 as pb
+
+Array = np.ndarray[Any, Any]
+# consume(info, value) turns a value the batch returns (a read, or a write with read_value) into what the
+# caller keeps; it runs under the variable's lock, so that it may copy or frame the value in place.
+Consume = Callable[[Info, Array], Any]
+
+CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB = (
+    pb.BATCH_OP_CREATE,
+    pb.BATCH_OP_ASSIGN,
+    pb.BATCH_OP_ASSIGN_ADD,
+    pb.BATCH_OP_ASSIGN_SUB,
+)
+READ, INFO, DELETE, READ_PREFIX = (
+    pb.BATCH_OP_READ,
+    pb.BATCH_OP_INFO,
+    pb.BATCH_OP_DELETE,
+    pb.BATCH_OP_READ_PREFIX,
+)
+WRITES = frozenset((CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB, DELETE))
+OP_NAMES: dict[int, str] = {
+    CREATE: "CreateVariable",
+    ASSIGN: "Assign",
+    ASSIGN_ADD: "AssignAdd",
+    ASSIGN_SUB: "AssignSub",
+    READ: "Read",
+    INFO: "GetVariable",
+    DELETE: "DeleteVariable",
+    READ_PREFIX: "Read prefix",
+}
+
+
+class BatchOp(NamedTuple):
+    """One operation of a batch, decoded; flags already hold TF's defaults where the sender left them."""
+
+    kind: int
+    name: str
+    value: Array | None = None
+    dtype: DType | None = None  # CreateVariable's declared dtype
+    shape: Shape | None = None  # CreateVariable's declared shape (None: unknown)
+    validate_shape: bool = True
+    use_locking: bool = True
+    read_value: bool = True
+    request: bytes | None = None  # this operation's request id (exactly-once retries), if any
+
+
+class Result(NamedTuple):
+    """One operation's outcome: its info, what consume made of its value, or its error."""
+
+    op: int
+    info: Info | None = None
+    value: Any = None
+    error: OpError | None = None
+
+
+class BatchFailed(OpError):
+    """An atomic batch refused: names the failing operation; nothing was applied."""
+
+    def __init__(self, index: int, op: BatchOp, error: OpError) -> None:
+        what = OP_NAMES.get(op.kind, f"operation kind {op.kind}")
+        super().__init__(f"operation {index} ({what} of '{op.name}'): {error}; nothing was applied")
+        self.code = error.code
+        self.index = index
+        self.error = error
+
+
+def run_batch(
+    ops: Ops, batch: Sequence[BatchOp], *, atomic: bool, consume: Consume, request: bytes | None = None
+) -> list[Result]:
+    """Run `batch` over `ops`; results in order (a READ_PREFIX op gives one per variable it read).
+
+    With a request id, each operation gets its own (derived from the batch's and its index), so that a
+    retried batch applies no operation twice: each one that happened answers with its first outcome.
+    """
+    if request is not None:
+        batch = [op._replace(request=op_request(request, index)) for index, op in enumerate(batch)]
+    if atomic:
+        return _Atomic(ops, batch, consume).run()
+    results: list[Result] = []
+    for index, op in enumerate(batch):
+        try:
+            results.extend(_run_one(ops, index, op, consume))
+        except OpError as error:
+            results.append(Result(index, error=error))
+    return results
+
+
+def op_request(request: bytes, index: int) -> bytes:
+    """The request id of a batch's operation `index`."""
+    return hashlib.blake2b(request + index.to_bytes(4, "little"), digest_size=16).digest()
+
+
+def _checked_name(name: str) -> str:
+    try:
+        validate_name(name)
+    except CodecError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return name
+
+
+def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result]:
+    """One operation as its single call."""
+    kind = op.kind
+    if kind == READ_PREFIX:
+        found = []
+        for info in ops.list(op.name):
+            if info.initialized:
+                try:
+                    found.append(Result(index, *ops.read(info.name, lambda i, v: (i, consume(i, v)))))
+                except OpError:
+                    continue  # deleted or reset since the listing
+        return found
+    name = _checked_name(op.name)
+    if kind == CREATE:
+        assert op.dtype is not None
+        return [Result(index, ops.create(name, op.dtype, op.shape, op.value, request=op.request))]
+    if kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB):
+        assert op.value is not None
+        if kind == ASSIGN:
+            info, value = ops.assign(
+                name,
+                op.value,
+                validate_shape=op.validate_shape,
+                use_locking=op.use_locking,
+                read_value=op.read_value,
+                request=op.request,
+            )
+        else:
+            info, value = ops.assign_add(
+                name,
+                op.value,
+                use_locking=op.use_locking,
+                read_value=op.read_value,
+                subtract=kind == ASSIGN_SUB,
+                request=op.request,
+            )
+        return [Result(index, info, None if value is None else consume(info, value))]
+    if kind == READ:
+        return [Result(index, *ops.read(name, lambda i, v: (i, consume(i, v))))]
+    if kind == INFO:
+        return [Result(index, ops.info(name))]
+    if kind == DELETE:
+        ops.delete(name, request=op.request)
+        return [Result(index)]
+    raise InvalidArgument(f"unknown batch operation kind {kind}")
+
+
+@dataclass
+class _Var:
+    """A variable as the batch leaves it so far."""
+
+    slot: int | None  # its slot before the batch; None if it did not exist
+    d: Descriptor | None  # its descriptor now; None while it does not exist
+    value: Array | None = None  # bytes the batch wrote; None: the store's (or none)
+    created: bool = False  # the variable now is one the batch created
+    drop_slot: bool = False  # the variable that existed before the batch is deleted
+
+
+def _info(name: str, d: Descriptor) -> Info:
+    return Info(name, dtype_from_code(d.dtype), d.shape, d.initialized, d.version)
+
+
+class _Atomic:
+    def __init__(self, ops: Ops, batch: Sequence[BatchOp], consume: Consume) -> None:
+        self.ops = ops
+        self.store = ops.store
+        self.batch = batch
+        self.consume = consume
+        self.vars: dict[str, _Var] = {}
+        self.results: list[Result] = []
+        # Request ids of writes a later write of the same variable in this batch supersedes, with the
+        # versions they made: remembered once the batch is published.
+        self.superseded: list[tuple[str, bytes, int, bytes | None]] = []
+
+    def run(self) -> list[Result]:
+        for index, op in enumerate(self.batch):
+            if op.kind != READ_PREFIX:
+                try:
+                    _checked_name(op.name)
+                except OpError as error:
+                    raise BatchFailed(index, op, error) from None
+        listed = {op.name: self.store.names(op.name) for op in self.batch if op.kind == READ_PREFIX}
+        names = {op.name for op in self.batch if op.kind != READ_PREFIX}
+        names.update(name for found in listed.values() for name in found)
+        locks = self.ops.locks
+        stripes = sorted({locks.stripe(name) for name in names})
+        writes = any(op.kind in WRITES for op in self.batch)
+        taken: list[int] = []
+        try:
+            for stripe in stripes:
+                self.ops.acquire(stripe, exclusive=writes)
+                taken.append(stripe)
+            if writes and self._applied_before():
+                self._replay(listed)
+                return self.results
+            last_write = self._plan(listed)
+            if writes:
+                self._commit(stripes, last_write)
+        finally:
+            for stripe in reversed(taken):
+                locks.release(stripe)
+        return self.results
+
+    # ---- a retried batch that happened already -------------------------------------------------
+
+    def _applied_before(self) -> bool:
+        """Whether a write of this batch happened already (an atomic batch happens whole or not at all)."""
+        return any(
+            op.kind in WRITES
+            and op.request is not None
+            and self.ops.applied(op.name, self.store.find(op.name), op.request) is not None
+            for op in self.batch
+        )
+
+    def _replay(self, listed: dict[str, list[str]]) -> None:
+        """The results of a batch that happened already: its writes' first outcomes (as far as they are still
+        known), and reads and infos of the variables as they are now."""
+        for index, op in enumerate(self.batch):
+            name = op.name
+            slot = self.store.find(name) if op.kind != READ_PREFIX else None
+            current = None if slot is None else self.store.active(slot)
+            if op.kind == READ_PREFIX:
+                self._read_prefix(index, name, listed[name])
+            elif op.kind == DELETE:
+                self.results.append(Result(index))
+            elif op.kind in (CREATE, INFO):
+                if current is None:
+                    if op.kind == INFO:
+                        raise BatchFailed(index, op, NotFound(f"variable '{name}' does not exist"))
+                    assert op.dtype is not None
+                    current = created_descriptor(name, op.dtype, op.shape, op.value)
+                self.results.append(Result(index, _info(name, current)))
+            elif op.kind == READ:
+                var, d = self._existing(name)
+                self.results.append(
+                    Result(index, _info(name, d), self.consume(_info(name, d), self._value(var, d)))
+                )
+            else:
+                assert op.value is not None and slot is not None
+                done = self.ops.applied(name, slot, op.request) or (
+                    Applied(current.version if current else 0, None),
+                    False,
+                )
+                try:
+                    info, value = self.ops.replayed_write(
+                        name, slot, done, op.value, op=OP_NAMES[op.kind], read_value=op.read_value
+                    )
+                except OpError as error:
+                    raise BatchFailed(index, op, error) from None
+                self.results.append(Result(index, info, None if value is None else self.consume(info, value)))
+
+    # ---- plan ----------------------------------------------------------------------------------
+
+    def _var(self, name: str) -> _Var:
+        var = self.vars.get(name)
+        if var is None:
+            slot = self.store.find(name)
+            var = _Var(slot, None if slot is None else self.store.active(slot))
+            self.vars[name] = var
+        return var
+
+    def _existing(self, name: str) -> tuple[_Var, Descriptor]:
+        var = self._var(name)
+        if var.d is None:
+            raise NotFound(f"variable '{name}' does not exist")
+        return var, var.d
+
+    def _value(self, var: _Var, d: Descriptor) -> Array:
+        if var.value is not None:
+            return var.value
+        assert var.slot is not None
+        return self.ops._view(var.slot, d)
+
+    def _plan(self, listed: dict[str, list[str]]) -> dict[str, int]:
+        """Every operation's checks and results against the state the earlier ones leave; changes nothing.
+
+        Returns, per variable the batch writes, the index of its last write (to name it on failure).
+        """
+        last_write: dict[str, int] = {}
+        count = self.store.variable_count
+        for index, op in enumerate(self.batch):
+            try:
+                if op.kind == READ_PREFIX:
+                    self._read_prefix(index, op.name, listed[op.name])
+                    continue
+                self._plan_one(index, op)
+                if op.kind in WRITES:
+                    last_write[op.name] = index
+                if op.kind == CREATE:
+                    count += 1
+                    if count > self.store.limits.max_variables:
+                        raise ResourceExhausted(
+                            f"cannot create variable '{op.name}': the store's limit is "
+                            f"{self.store.limits.max_variables} variables"
+                        )
+                elif op.kind == DELETE:
+                    count -= 1
+            except CodecError as exc:
+                raise BatchFailed(index, op, InvalidArgument(str(exc))) from None
+            except BatchFailed:
+                raise
+            except OpError as error:
+                raise BatchFailed(index, op, error) from None
+        return last_write
+
+    def _plan_one(self, index: int, op: BatchOp) -> None:
+        name, kind = op.name, op.kind
+        if kind == CREATE:
+            var = self._var(name)
+            if var.d is not None:
+                raise AlreadyExists(f"variable '{name}' already exists")
+            assert op.dtype is not None
+            d = created_descriptor(name, op.dtype, op.shape, op.value)
+            if d.shape is not None:
+                self.ops.check_size(name, d.shape, op.dtype)
+            if op.value is not None:
+                d = d._replace(initialized=True, version=1, nbytes=op.value.nbytes)
+            self._supersede(name, var)
+            var.d, var.value, var.created = d._replace(request=op.request or NO_REQUEST), op.value, True
+            self.results.append(Result(index, _info(name, d)))
+        elif kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB):
+            value = op.value
+            assert value is not None
+            var, current = self._existing(name)
+            check_values(value, name=name)
+            dtype = dtype_of(value.dtype)
+            if kind == ASSIGN:
+                check_assign(name, current, dtype, value.shape, op.validate_shape)
+                self.ops.check_size(name, value.shape, dtype)
+                new = value
+            else:
+                check_update(name, OP_NAMES[kind], current, dtype, value.shape)
+                new = np.empty_like(value)
+                with np.errstate(all="ignore"):
+                    (np.subtract if kind == ASSIGN_SUB else np.add)(self._value(var, current), value, out=new)
+            var.value = new
+            self._supersede(name, var)
+            request = op.request or NO_REQUEST
+            var.d = Descriptor(
+                dtype.code, True, value.shape, current.version + 1, value.nbytes, request=request
+            )
+            info = _info(name, var.d)
+            self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
+        elif kind == READ:
+            var, current = self._existing(name)
+            check_readable(name, current)
+            info = _info(name, current)
+            self.results.append(Result(index, info, self.consume(info, self._value(var, current))))
+        elif kind == INFO:
+            _var, current = self._existing(name)
+            self.results.append(Result(index, _info(name, current)))
+        elif kind == DELETE:
+            var, _current = self._existing(name)
+            if var.slot is not None and not var.created:
+                var.drop_slot = True
+            self._supersede(name, var)
+            if op.request is not None:
+                self.superseded.append((name, op.request, 0, None))
+            var.d, var.value, var.created = None, None, False
+            self.results.append(Result(index))
+        else:
+            raise InvalidArgument(f"unknown batch operation kind {kind}")
+
+    def _supersede(self, name: str, var: _Var) -> None:
+        """A write of this batch replaces the variable's state made by an earlier one of this batch."""
+        d = var.d
+        if (
+            d is not None
+            and d.request != NO_REQUEST
+            and name in self.vars
+            and (var.created or var.value is not None)
+        ):
+            kept = var.value.tobytes() if var.value is not None and var.value.nbytes <= INLINE else None
+            self.superseded.append((name, d.request, d.version, kept))
+
+    def _read_prefix(self, index: int, prefix: str, listed: list[str]) -> None:
+        names = set(listed)
+        names.update(name for name, var in self.vars.items() if name.startswith(prefix) and var.d is not None)
+        for name in sorted(names):
+            var = self._var(name)
+            if var.d is not None and var.d.initialized:
+                info = _info(name, var.d)
+                self.results.append(Result(index, info, self.consume(info, self._value(var, var.d))))
+
+    # ---- commit --------------------------------------------------------------------------------
+
+    def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
+        store = self.store
+        record = commits.CommitRecord(store.path)
+        for stripe in stripes:
+            record.add(commits.STRIPE, stripe)
+        store.mark_in_commit(stripes, True)
+        inserted: list[int] = []
+        committed = False
+        try:
+            flips: list[tuple[int, int]] = []
+            for name, var in self.vars.items():
+                d = var.d
+                if d is None or (not var.created and var.value is None and not var.drop_slot):
+                    continue  # gone, or only read
+                slot = var.slot
+                if var.created and (slot is None or not var.drop_slot):
+                    record.add(commits.CREATED, name=name)
+                    try:
+                        slot = store.insert(name, d._replace(initialized=d.initialized and d.nbytes == 0))
+                    except StoreFullError as exc:
+                        raise self._failed(
+                            name, last_write, f"cannot create variable '{name}': {exc}"
+                        ) from None
+                    inserted.append(slot)
+                    var.slot = slot
+                    if var.value is None:
+                        continue
+                elif var.created:
+                    var.drop_slot = False  # deleted and created again: the new variable takes over the slot
+                assert slot is not None
+                try:
+                    segment, capacity = store.spare_segment(slot, d.nbytes)
+                except StoreFullError as exc:
+                    raise self._failed(name, last_write, f"variable '{name}': {exc}") from None
+                d = d._replace(segment=segment, capacity=capacity)
+                if var.value is not None:
+                    np.copyto(self.ops._view(slot, d), var.value)
+                if var.slot is not None and slot not in inserted:
+                    self.ops.retire(name, slot)
+                flips.append((slot, store.prepare(slot, d)))
+            for slot, selector in flips:
+                record.add(commits.FLIP, slot, selector)
+            drops = [(name, var.slot) for name, var in self.vars.items() if var.drop_slot]
+            for name, slot in drops:
+                assert slot is not None
+                record.add(commits.DELETE, slot, name=name)
+            record.commit()
+            committed = True
+            for slot, selector in flips:
+                store.flip(slot, selector)
+            for name, slot in drops:
+                assert slot is not None
+                self.ops.retire(name, slot)
+                store.delete_slot(slot)
+            for name, request, version, value in self.superseded:
+                store.requests.record(self.ops.locks.stripe(name), request, version, value)
+        finally:
+            if not committed:
+                for slot in inserted:
+                    store.delete_slot(slot)
+            store.mark_in_commit(stripes, False)
+            record.finish()
+
+    def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
+        index = last_write[name]
+        return BatchFailed(index, self.batch[index], ResourceExhausted(message))

@@ -1,0 +1,103 @@
+"""Commit records: what makes an atomic batch's publish of many variables crash-atomic.
+
+An atomic batch fills every variable's inactive buffer and descriptor first, then flips the selectors one
+by one. A process killed between two flips would leave some variables new and some old, so the batch
+writes a record before it changes anything visible:
+
+    commit-<random>   state byte (PREPARING, then COMMITTED), then entries: variables it creates (by name),
+                      selectors to flip, variables to delete, and the stripes it marked
+
+The byte store of COMMITTED is the commit point. While the record exists its writer holds an OFD lock on
+the whole file, which the kernel drops when the writer dies; so a record that can be locked is an orphan.
+The writer also marks each of its stripes "in commit" in the store's header. Whoever takes a marked stripe
+next (only possible after the writer died: it holds the stripes until it clears the marks) replays every
+orphaned record first: a committed one is redone (flips and deletes are idempotent), a prepared one is
+undone (the variables it created are removed; nothing else was visible yet).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from tensorps.server.locks import FLOCK, OFD_SETLK
+
+PREFIX = "commit-"
+PREPARING, COMMITTED = 1, 2
+CREATED, FLIP, DELETE, STRIPE = 1, 2, 3, 4
+# Entry: kind, slot (or stripe), selector, name length; then the name.
+_ENTRY = struct.Struct("<BIBH")
+
+
+class Entry(NamedTuple):
+    kind: int
+    slot: int
+    selector: int
+    name: str
+
+
+class CommitRecord:
+    """The record of one atomic batch, written by the thread that applies it."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, PREFIX + secrets.token_hex(8))
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        os.pwrite(self._fd, bytes([PREPARING]), 0)
+        self._end = 1
+
+    def add(self, kind: int, slot: int = 0, selector: int = 0, name: str = "") -> None:
+        """Append an entry; it is in the file (and so survives this process) when this returns."""
+        raw = name.encode()
+        data = _ENTRY.pack(kind, slot, selector, len(raw)) + raw
+        os.pwrite(self._fd, data, self._end)
+        self._end += len(data)
+
+    def commit(self) -> None:
+        """The commit point: from here on a crash means redo, not undo."""
+        os.pwrite(self._fd, bytes([COMMITTED]), 0)
+
+    def finish(self) -> None:
+        os.unlink(self.path)
+        os.close(self._fd)
+
+
+def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
+    """(path, state, entries) of every record whose writer is dead; its file stays locked by the caller
+    until the generator moves on, so that two recovering processes never replay one record at once."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            except OSError:
+                continue  # its writer is alive
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            if not data:
+                continue  # created and killed before its first byte: it changed nothing
+            yield path, data[0], list(_entries(data))
+        finally:
+            os.close(fd)
+
+
+def _entries(data: bytes) -> Iterator[Entry]:
+    pos = 1
+    while pos + _ENTRY.size <= len(data):
+        kind, slot, selector, length = _ENTRY.unpack_from(data, pos)
+        pos += _ENTRY.size
+        if pos + length > len(data):
+            return  # killed while appending this entry: it had not happened yet
+        yield Entry(kind, slot, selector, data[pos : pos + length].decode())
+        pos += length
