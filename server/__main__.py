@@ -70,7 +70,13 @@ def parser() -> argparse.ArgumentParser:
         False,
         "leave the store in place at shutdown (by default the server that created it removes it)",
     )
-    flag("stripes", int, d.stripes, "lock stripes (a variable's stripe is a stable hash of its name)")
+    flag(
+        "stripes",
+        int,
+        d.stripes,
+        "lock stripes (a variable's stripe is a stable hash of its name); each reserves 384 KiB of the "
+        "request-id table on the tmpfs when the store is created",
+    )
     flag(
         "max-variables",
         int,
@@ -82,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
         "max-total-bytes",
         size,
         None,
-        "byte budget of the variables (default: 90%% of the tmpfs's free space left after the table)",
+        "byte budget of the variables (default: 90%% of the tmpfs's free space left after the tables)",
     )
     flag("max-variable-bytes", size, None, "largest variable in bytes (default: only the total applies)")
     flag("max-message-bytes", size, d.max_message_bytes, "largest unary message; the client streams larger")
