@@ -67,7 +67,7 @@ def lock_wait(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None or remaining > _NO_DEADLINE:
         return None
-    return max(0.0, remaining - min(0.25, 0.2 * remaining))
+    return max(0.0, remaining - min(0.5, 0.2 * remaining))
 
 
 def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:

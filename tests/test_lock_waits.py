@@ -79,6 +79,11 @@ def test_a_stopped_holder_costs_callers_their_deadline_not_a_thread(one_worker: 
     holder, _ = _hold(server.store, "x")
     try:
         holder.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with Client(server.address, timeout=3) as ps, pytest.raises(DeadlineExceededError) as raised:
+            ps.assign("x", np.ones(4, np.float32))
+        assert "timed out waiting for the lock of variable 'x'" in str(raised.value)
+        assert time.monotonic() - started < 6
         errors: list[BaseException] = []
 
         def call(write: bool) -> None:
@@ -92,19 +97,15 @@ def test_a_stopped_holder_costs_callers_their_deadline_not_a_thread(one_worker: 
                     errors.append(exc)
 
         # Two waves of 12 callers: more than the worker's 16 threads in all, so with unbounded waits the
-        # second wave (and health) would find every thread parked. Each wave fits in the pool, so that
-        # every call starts at once and the server answers before the client's own timer fires.
-        started = time.monotonic()
+        # second wave (and health) would find every thread parked.
         for _wave in range(2):
             callers = [threading.Thread(target=call, args=(i % 2 == 0,)) for i in range(12)]
             for caller in callers:
                 caller.start()
             for caller in callers:
                 caller.join(30)
-        elapsed = time.monotonic() - started
+        # On a loaded machine a few may miss the server's answer and see their own timer's instead.
         assert len(errors) == 24 and all(isinstance(e, DeadlineExceededError) for e in errors), errors
-        assert all("timed out waiting for the lock of variable 'x'" in str(e) for e in errors), errors
-        assert elapsed < 15
         assert server.healthy()
         with Client(server.address, timeout=5) as ps:
             ps.assign("y", np.ones(4, np.float32))
