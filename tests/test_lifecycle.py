@@ -47,7 +47,7 @@ def test_group_sigterm_stops_every_process_cleanly() -> None:
         log = "\n".join(server.log)
         assert code == 0, log
         # --grace 5: a hung worker would be killed only after 10 s.
-        assert elapsed < 5, f"the group took {elapsed:.1f} s to stop:\n{log}"
+        assert elapsed < 8, f"the group took {elapsed:.1f} s to stop:\n{log}"
         assert not any(alive(pid) for pid in workers)
         assert log.count("stopped") >= 3 and "Traceback" not in log, log
         assert not os.path.exists(server.store)
@@ -87,7 +87,7 @@ def test_second_signal_stops_the_workers_at_once() -> None:
             server.kill()
     log = "\n".join(server.log)
     assert code == 0 and "second signal: stopping workers at once" in log, log
-    assert elapsed < 3, f"{elapsed:.1f} s:\n{log}"
+    assert elapsed < 4, f"{elapsed:.1f} s:\n{log}"  # the graceful stop would take the 5 s grace
     assert not os.path.exists(server.store)
 
 
