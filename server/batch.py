@@ -102,6 +102,9 @@ class Result(NamedTuple):
     info: Info | None = None
     value: Any = None
     error: OpError | None = None
+    # The value after the write is exactly the one the operation sent (a locked Assign): not consumed,
+    # the sender has it.
+    echo: bool = False
 
 
 class BatchFailed(OpError):
@@ -185,6 +188,8 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                 subtract=kind == ASSIGN_SUB,
                 request=op.request,
             )
+        if value is op.value:
+            return [Result(index, info, echo=True)]
         return [Result(index, info, None if value is None else consume(info, value))]
     if kind == READ:
         return [Result(index, *ops.read(name, lambda i, v: (i, consume(i, v))))]
@@ -298,7 +303,12 @@ class _Atomic:
                     )
                 except OpError as error:
                     raise BatchFailed(index, op, error) from None
-                self.results.append(Result(index, info, None if value is None else self.consume(info, value)))
+                if value is op.value:
+                    self.results.append(Result(index, info, echo=True))
+                else:
+                    self.results.append(
+                        Result(index, info, None if value is None else self.consume(info, value))
+                    )
 
     # ---- plan ----------------------------------------------------------------------------------
 
@@ -391,7 +401,10 @@ class _Atomic:
                 dtype.code, True, value.shape, current.version + 1, value.nbytes, request=request
             )
             info = _info(name, var.d)
-            self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
+            if op.read_value and new is value:
+                self.results.append(Result(index, info, echo=True))
+            else:
+                self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
         elif kind == READ:
             var, current = self._existing(name)
             check_readable(name, current)
@@ -438,8 +451,6 @@ class _Atomic:
     def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
         store = self.store
         record = commits.CommitRecord(store.path)
-        for stripe in stripes:
-            record.add(commits.STRIPE, stripe)
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = False
@@ -495,8 +506,10 @@ class _Atomic:
             if not committed:
                 for slot in inserted:
                     store.delete_slot(slot)
-            store.mark_in_commit(stripes, False)
+            # The record goes before the marks: a kill in between leaves marks without a record (whoever
+            # takes such a stripe finds nothing to replay), never a finished batch's record to replay later.
             record.finish()
+            store.mark_in_commit(stripes, False)
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
         index = last_write[name]

@@ -185,7 +185,7 @@ class Ops:
             raise DeadlineExceeded(f"timed out waiting for the lock of {what}") from None
         if self.store.in_commit(stripe):
             try:
-                self.store.recover()
+                self.store.recover(stripe)
             except BaseException:
                 self.locks.release(stripe)
                 raise
