@@ -333,6 +333,11 @@ class Supervisor:
             return self._serve()
         finally:
             self._signals.close()
+            # Stopped: later signals (a second SIGTERM sent a moment too late) change nothing now. Ignored
+            # rather than left to Python, which restores the default handlers at exit and would turn
+            # exit code 0 into death by SIGTERM.
+            for signum in _SUPERVISOR_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
     def _serve(self) -> int:
         for slot in range(self.config.workers):
