@@ -326,9 +326,10 @@ class Supervisor:
                 os.close(fd)
             self._ready_fds.clear()
 
-    def run(self) -> int:
+    def run(self, signals: SignalPipe | None = None) -> int:
+        """Supervise the workers until told to stop; `signals` may hold signals that came before."""
         self._ready_fds: list[int] = []
-        self._signals = SignalPipe(_SUPERVISOR_SIGNALS)
+        self._signals = signals or SignalPipe(_SUPERVISOR_SIGNALS)
         try:
             return self._serve()
         finally:
@@ -340,6 +341,9 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_IGN)
 
     def _serve(self) -> int:
+        self._pause(0.0)  # a signal that came while the store was being made
+        if self.stopping:
+            return 0
         for slot in range(self.config.workers):
             self._spawn(slot)
         ready = self._wait_ready(30.0)
@@ -480,6 +484,9 @@ def serve(config: ServerConfig) -> int:
     check_process_limits(config)
     port = claim_port(config)
     config = replace(config, port=port)
+    # From here on SIGTERM and SIGINT are queued rather than fatal, so that one that comes while the store
+    # is being made still stops the server cleanly (and removes the store).
+    signals = SignalPipe(_SUPERVISOR_SIGNALS)
     try:
         store = Store.open(
             config.store_path,
@@ -508,7 +515,7 @@ def serve(config: ServerConfig) -> int:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.close()  # the workers map it themselves, after the fork
     try:
-        code = Supervisor(config, auth=_token_auth(config)).run()
+        code = Supervisor(config, auth=_token_auth(config)).run(signals)
     finally:
         if created and not config.keep_store:
             Store.remove_files(config.store_path)
