@@ -11,18 +11,24 @@ with exit code 0, it is 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import IO
 
 from tensorps.client import TensorPSError
 from tensorps.examples import basics
 from tensorps.examples.healthcheck import wait_until_serving
 
 EXIT_ERROR = 2
+# The server's ready line names the port it really listens on (--port 0 picks one).
+READY_LINE = re.compile(r"tensorps ready: serving on (\S+):(\d+) with")
 
 
 def _say(text: str) -> None:
@@ -52,7 +58,36 @@ def run_training(command: list[str]) -> int:
         raise
 
 
-def start_server(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+class ServerLog:
+    """Passes the server's log (its stderr) through to ours and catches the port in its ready line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.port: int | None = None
+        self._done = threading.Event()  # the ready line came, or the log ended
+        self._thread = threading.Thread(target=self._follow, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _follow(self, stream: IO[str]) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            match = READY_LINE.search(line)
+            if match and self.port is None:
+                self.port = int(match.group(2))
+                self._done.set()
+        self._done.set()
+
+    def wait_for_port(self, timeout: float) -> int | None:
+        """The port from the ready line, or None if the log ended or `timeout` passed without one."""
+        self._done.wait(timeout)
+        return self.port
+
+    def close(self) -> None:
+        """Wait for the rest of the log (the server has exited: its end of the pipe is closed)."""
+        self._thread.join(5)
+
+
+def start_server(args: argparse.Namespace) -> subprocess.Popen[str]:
     command = [
         sys.executable,
         "-m",
@@ -70,11 +105,12 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen[bytes]:
         command += ["--store", args.store]
     _say(f"starting the server: {' '.join(command[1:])}")
     # Its own session: a terminal's ^C reaches only the demo, which then stops the server with one SIGTERM
-    # (a second signal would make the server kill its workers at once).
-    return subprocess.Popen(command, start_new_session=True)
+    # (a second signal would make the server kill its workers at once). Its log comes through a pipe,
+    # so that the demo learns the port from the ready line.
+    return subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
 
 
-def stop_server(server: subprocess.Popen[bytes], grace: float) -> int:
+def stop_server(server: subprocess.Popen[str], grace: float) -> int:
     if server.poll() is None:
         _say(f"stopping the server (SIGTERM to pid {server.pid})")
         server.send_signal(signal.SIGTERM)
@@ -97,18 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stop it. Other flags are passed to `python -m tensorps.examples.train`.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the server listens on")
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument(
+        "--port", type=int, default=50051, help="server port; 0 picks a free one (named by its ready line)"
+    )
     parser.add_argument("--server-workers", type=int, default=2, help="server processes")
     parser.add_argument("--store", default=None, help="store directory (default /dev/shm/tensorps-PORT)")
     parser.add_argument("--grace", type=float, default=5.0, help="server's shutdown grace period, seconds")
     parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds for the server to start")
     args, train_args = parser.parse_known_args(argv)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    target = f"{host}:{args.port}"
 
     signal.signal(signal.SIGINT, _stop_once)
     signal.signal(signal.SIGTERM, _stop_once)
     server = start_server(args)
+    assert server.stderr is not None
+    server_log = ServerLog(server.stderr)
 
     def exited() -> str | None:
         status = server.poll()
@@ -117,7 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = EXIT_ERROR
     try:
         started = time.monotonic()
-        serving, description = wait_until_serving(target, args.ready_timeout, give_up=exited)
+        # Wait for the ready line rather than polling --port: with --port 0 only the line names the port,
+        # and a health check of a fixed port could be answered by another server that holds it.
+        port = server_log.wait_for_port(args.ready_timeout)
+        if port is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(5)  # the log ended: the server is exiting
+            reason = exited() or f"no ready line within {args.ready_timeout:g} s"
+            _say(f"the server did not become ready: {reason}")
+            return EXIT_ERROR
+        target = f"{host}:{port}"
+        left = max(1.0, args.ready_timeout - (time.monotonic() - started))
+        serving, description = wait_until_serving(target, left, give_up=exited)
         if not serving:
             _say(f"the server did not become ready: {description}")
             return EXIT_ERROR
@@ -138,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 130
     finally:
         server_code = stop_server(server, args.grace)
+        server_log.close()
     if code == 0 and server_code != 0:
         return 1
     return code

@@ -4,6 +4,10 @@
 
 Exit codes follow Docker's HEALTHCHECK convention: 0 healthy, 1 unhealthy. The check never waits for a
 connection: a dead port is an immediate failure, so a check costs at most --timeout seconds.
+
+TLS: --ca-file (TENSORPS_CA_FILE) trusts a CA; against a mutual-TLS server (--tls-client-ca) add a client
+certificate and its key, --client-cert and --client-key (TENSORPS_CLIENT_CERT, TENSORPS_CLIENT_KEY), which
+is how the Docker image's HEALTHCHECK gets them.
 """
 
 from __future__ import annotations
@@ -24,16 +28,36 @@ def default_target() -> str:
     return os.environ.get("TENSORPS_TARGET") or DEFAULT_TARGET
 
 
+def _channel(
+    target: str,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+) -> grpc.Channel:
+    if root_certificates is None and certificate_chain is None and private_key is None:
+        return grpc.insecure_channel(target)
+    if (certificate_chain is None) != (private_key is None):
+        # grpc aborts the whole process on a certificate without its key: refuse it here.
+        raise ValueError("a client certificate needs its private key, and a key its certificate")
+    credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return grpc.secure_channel(target, credentials)
+
+
 def check(
-    target: str, *, service: str = "", timeout: float = 3.0, root_certificates: bytes | None = None
+    target: str,
+    *,
+    service: str = "",
+    timeout: float = 3.0,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
 ) -> tuple[bool, str]:
-    """(serving, description) for one health check of `service` ("" is the whole server), over TLS when
-    `root_certificates` are given."""
-    if root_certificates is None:
-        channel = grpc.insecure_channel(target)
-    else:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
-    with channel:
+    """(serving, description) for one health check of `service` ("" is the whole server).
+
+    Over TLS when any of `root_certificates` (the CA to trust; None: the system's) or a client
+    `certificate_chain` and `private_key` (for a mutual-TLS server) are given.
+    """
+    with _channel(target, root_certificates, certificate_chain, private_key) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -73,6 +97,16 @@ def wait_until_serving(
         time.sleep(interval)
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tensorps.examples.healthcheck",
@@ -87,16 +121,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ca-file",
         default=os.environ.get("TENSORPS_CA_FILE"),
-        help="CA to trust: check over TLS (default: $TENSORPS_CA_FILE; plaintext if unset)",
+        help="CA to trust: check over TLS (default: $TENSORPS_CA_FILE; plaintext if no TLS option is set)",
+    )
+    parser.add_argument(
+        "--client-cert",
+        default=os.environ.get("TENSORPS_CLIENT_CERT"),
+        help="client certificate chain (PEM) for a mutual-TLS server; needs --client-key "
+        "(default: $TENSORPS_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--client-key",
+        default=os.environ.get("TENSORPS_CLIENT_KEY"),
+        help="private key (PEM) of --client-cert (default: $TENSORPS_CLIENT_KEY)",
     )
     args = parser.parse_args(argv)
-    trust = None
-    if args.ca_file:
-        with open(args.ca_file, "rb") as handle:
-            trust = handle.read()
-    serving, description = check(
-        args.target, service=args.service, timeout=args.timeout, root_certificates=trust
-    )
+    try:
+        trust, chain, key = (_read(path) for path in (args.ca_file, args.client_cert, args.client_key))
+        serving, description = check(
+            args.target,
+            service=args.service,
+            timeout=args.timeout,
+            root_certificates=trust,
+            certificate_chain=chain,
+            private_key=key,
+        )
+    except (OSError, ValueError) as exc:
+        serving, description = False, f"cannot check: {exc}"
     if not args.quiet:
         print(f"{args.target}: {description}", file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1

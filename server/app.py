@@ -18,10 +18,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +31,7 @@ from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
 from tensorps.server.ops import Ops
 from tensorps.server.service import SERVICE_NAME, ParameterServer
+from tensorps.server.signals import SignalPipe, blocked, die_with_parent
 from tensorps.server.store import Store, StoreError
 
 log = logging.getLogger("tensorps.server")
@@ -151,31 +152,40 @@ def _follow_health(status: mmap.mmap, servicer: health.HealthServicer, stop: thr
             last = current
 
 
-def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
-    """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0."""
-    stop = threading.Event()
+def run_worker(
+    config: ServerConfig, ready_fd: int, status: mmap.mmap, auth: TokenAuth | None, mask: Sequence[int]
+) -> int:
+    """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0.
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
+    Runs in a child forked with the handled signals blocked; `mask` is the signal mask to restore once this
+    process handles them itself. `auth` holds the supervisor's last good tokens (inherited through the
+    fork): a worker that restarts while the token file is missing or broken serves with them rather than
+    crash-looping, and agrees with the workers that kept running.
+    """
+    signals = SignalPipe((signal.SIGTERM, signal.SIGHUP))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal's ^C reaches all
-    auth = TokenAuth(config.token_file) if config.token_file else None
-    signal.signal(signal.SIGHUP, lambda signum, frame: auth.reload() if auth else None)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
     health_servicer = SupervisedHealth(status)
     server, _ = build_server(config, ops, reuseport=True, auth=auth, health_servicer=health_servicer)
     server.start()
     _set_health(health_servicer, NOT_SERVING)
+    stop = threading.Event()
     follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
     follower.start()
     log.info("worker %d serving on %s", os.getpid(), config.address)
     os.write(ready_fd, b"r")
     os.close(ready_fd)
-    while not stop.wait(0.5):
+    while True:
+        received, _ = signals.wait(0.5)
+        if signal.SIGHUP in received and auth is not None:
+            auth.reload()  # here, not in a handler: it logs and takes a lock
+        if signal.SIGTERM in received:
+            break
         # Let go of segments other workers freed, or their tmpfs pages would stay pinned here.
         store.release_unused()
+    stop.set()
     health_servicer.stopping = True
     follower.join()
     _set_health(health_servicer, NOT_SERVING)
@@ -214,9 +224,14 @@ class _Worker:
     failures: int = 0
 
 
+# The supervisor's signals: SIGTERM/SIGINT stop (a second one forces), SIGHUP reloads the tokens.
+_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 @dataclass
 class Supervisor:
     config: ServerConfig
+    auth: TokenAuth | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
     force: bool = False
@@ -225,26 +240,58 @@ class Supervisor:
 
     def _spawn(self, slot: int, failures: int = 0) -> None:
         ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(ready_r)
-                code = run_worker(self.config, ready_w, self.status)
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-            finally:
-                logging.shutdown()
-                os._exit(code)
+        parent = os.getpid()
+        with blocked(_SUPERVISOR_SIGNALS) as mask:
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(parent, ready_r, ready_w, mask)
         os.close(ready_w)
         self.workers[slot] = _Worker(pid, time.monotonic(), failures)
         self._ready_fds.append(ready_r)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _become_worker(self, parent: int, ready_r: int, ready_w: int, mask: Sequence[int]) -> NoReturn:
+        """The child's side of _spawn: serve as a worker, then exit without returning into the supervisor."""
+        code = 1
+        try:
+            os.close(ready_r)
+            self._signals.close()  # the supervisor's pipe: this process handles its own signals
+            # A worker must not outlive its supervisor (SIGKILLed, say): it would keep the port and the
+            # store, and a new server would refuse to start. The kernel sends SIGTERM when it dies.
+            if die_with_parent(parent):
+                code = run_worker(self.config, ready_w, self.status, self.auth, mask)
+            else:
+                log.warning("worker %d: the supervisor died before it started; exiting", os.getpid())
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _pause(self, timeout: float, fds: Sequence[int] = ()) -> list[int]:
+        """Wait up to `timeout` seconds, acting on any signal received; returns the readable `fds`."""
+        received, readable = self._signals.wait(max(0.0, timeout), fds)
+        for signum in received:
+            self._on_signal(signum)
+        return readable
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, acting on signals, until `seconds` pass or the server is stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            self._pause(left)
+
+    def _on_signal(self, signum: int) -> None:
+        """Act on a signal (from the main loop, never from a handler: this logs and signals workers)."""
+        if signum == signal.SIGHUP:
+            # Workers reload only if the file reads well; otherwise every process keeps the same tokens.
+            if self.auth is not None and self.auth.reload(announce=False):
+                self._signal_workers(signal.SIGHUP)
+            return
         if self.stopping:
-            self.force = True
-            log.warning("second signal: stopping workers at once")
-            self._signal_workers(signal.SIGKILL)
+            if not self.force:
+                self.force = True
+                log.warning("second signal: stopping workers at once")
+                self._signal_workers(signal.SIGKILL)
             return
         self.stopping = True
         self.status[0] = 0
@@ -265,31 +312,45 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         pending = list(self._ready_fds)
         try:
-            while pending and time.monotonic() < deadline:
-                for fd in list(pending):
-                    os.set_blocking(fd, False)
-                    try:
-                        data = os.read(fd, 1)
-                    except BlockingIOError:
-                        continue
-                    if not data:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                for fd in self._pause(left, pending):
+                    if not os.read(fd, 1):
                         return False  # the worker died before it was ready
                     pending.remove(fd)
-                time.sleep(0.01)
-            return not pending
+            return True
         finally:
             for fd in self._ready_fds:
                 os.close(fd)
             self._ready_fds.clear()
 
-    def run(self) -> int:
+    def run(self, signals: SignalPipe | None = None) -> int:
+        """Supervise the workers until told to stop; `signals` may hold signals that came before."""
         self._ready_fds: list[int] = []
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, lambda signum, frame: self._signal_workers(signal.SIGHUP))
+        self._signals = signals or SignalPipe(_SUPERVISOR_SIGNALS)
+        try:
+            return self._serve()
+        finally:
+            self._signals.close()
+            # Stopped: later signals (a second SIGTERM sent a moment too late) change nothing now. Ignored
+            # rather than left to Python, which restores the default handlers at exit and would turn
+            # exit code 0 into death by SIGTERM.
+            for signum in _SUPERVISOR_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+    def _serve(self) -> int:
+        self._pause(0.0)  # a signal that came while the store was being made
+        if self.stopping:
+            return 0
         for slot in range(self.config.workers):
             self._spawn(slot)
-        if not self._wait_ready(30.0):
+        ready = self._wait_ready(30.0)
+        if self.stopping:  # told to stop while the workers started
+            self._reap_all(self.config.grace + 5.0)
+            return 0
+        if not ready:
             log.error("workers failed to start")
             self._signal_workers(signal.SIGKILL)
             self._reap_all(5.0)
@@ -304,7 +365,7 @@ class Supervisor:
         )
         while not self.stopping:
             self._reap_and_restart()
-            time.sleep(0.05)
+            self._pause(0.05)
         self._reap_all(self.config.grace + 5.0)
         return 0
 
@@ -323,10 +384,10 @@ class Supervisor:
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
             self.status[0] = 0
             del self.workers[slot]
-            time.sleep(delay)
+            self._sleep(delay)
             if not self.stopping:
                 self._spawn(slot, failures)
-                if self._wait_ready(30.0):
+                if self._wait_ready(30.0) and not self.stopping:
                     log.info("worker %d replaced worker %d", self.workers[slot].pid, worker.pid)
                     self.status[0] = 1
 
@@ -345,7 +406,7 @@ class Supervisor:
                 log.warning("workers still running after the grace period: killing them")
                 self.force = True
                 self._signal_workers(signal.SIGKILL)
-            time.sleep(0.02)
+            self._pause(0.02)
 
 
 def _describe_exit(status: int) -> str:
@@ -407,12 +468,25 @@ def check_process_limits(config: ServerConfig) -> None:
         )
 
 
+def _token_auth(config: ServerConfig) -> TokenAuth | None:
+    """The token interceptor, loaded once here: workers inherit it and its last good tokens."""
+    if not config.token_file:
+        return None
+    try:
+        return TokenAuth(config.token_file)
+    except TokenFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
     check_security(config)
     check_process_limits(config)
     port = claim_port(config)
     config = replace(config, port=port)
+    # From here on SIGTERM and SIGINT are queued rather than fatal, so that one that comes while the store
+    # is being made still stops the server cleanly (and removes the store).
+    signals = SignalPipe(_SUPERVISOR_SIGNALS)
     try:
         store = Store.open(
             config.store_path,
@@ -441,7 +515,7 @@ def serve(config: ServerConfig) -> int:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.close()  # the workers map it themselves, after the fork
     try:
-        code = Supervisor(config).run()
+        code = Supervisor(config, auth=_token_auth(config)).run(signals)
     finally:
         if created and not config.keep_store:
             Store.remove_files(config.store_path)

@@ -85,16 +85,23 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._tokens = load_tokens(path)
         self._lock = threading.Lock()
 
-    def reload(self) -> None:
-        """Re-read the token file (on SIGHUP); a broken file keeps the previous tokens."""
+    def reload(self, *, announce: bool = True) -> bool:
+        """Re-read the token file (on SIGHUP); returns whether it read well.
+
+        A missing, unreadable or malformed file keeps the previous tokens, with one line in the log. The
+        supervisor reloads quietly (announce=False) and signals the workers only if the file reads well,
+        so that every process keeps the same tokens either way.
+        """
         try:
             tokens = load_tokens(self.path)
         except TokenFileError as exc:
             log.error("keeping the previous tokens: %s", exc)
-            return
+            return False
         with self._lock:
             self._tokens = tokens
-        log.info("reloaded %d token(s) from %s", len(tokens), self.path)
+        if announce:
+            log.info("reloaded %d token(s) from %s", len(tokens), self.path)
+        return True
 
     def _match(self, presented: bytes) -> Token | None:
         # Compare against every token, in constant time each, so timing reveals neither token nor position.

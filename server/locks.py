@@ -6,25 +6,48 @@ itself: two threads of one process then exclude each other exactly as two proces
 dies, the kernel closes its descriptors and releases its locks, so a crashed worker never leaves a
 stripe held (multiprocessing.Lock would stay locked forever). Classic POSIX locks (fcntl.lockf) would
 not do: they are per process, so threads would not exclude each other.
+
+Two consequences of "an OFD lock lives as long as its open file description":
+- A forked child shares its parent's descriptions, so it would keep the parent's locks alive after the
+  parent dies (a same-host trainer that forks data loaders could wedge a stripe for every server thread).
+  Every child therefore closes its inherited lock-file descriptors right after the fork.
+- A stopped (SIGSTOP) holder keeps its locks. acquire() therefore takes an optional timeout, and the
+  server bounds every wait by the call's deadline (LockTimeout -> DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import os
+import stat
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 # struct flock on Linux x86_64 and aarch64: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes.
+# pid_t l_pid (must be 0 for OFD locks), padded to 32 bytes. That is a claim about this layout only, not
+# about aarch64 support: the store's lock-free slot lookup (a per-slot sequence counter read before and
+# after a slot's name, with no barrier) assumes that loads are not reordered with loads nor stores with
+# stores, as on x86-64 (TSO); a weakly ordered CPU (aarch64) gives no such guarantee. What these locks
+# guard is ordered on every CPU: fcntl is a system call, a full barrier. See the README's "Platform".
 FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
 OFD_SETLK: int = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
+# A waiter with a deadline polls (the kernel offers no timed F_OFD_SETLKW), sleeping from _FIRST_PAUSE
+# doubling up to _LONGEST_PAUSE: a lock freed meanwhile costs a waiter at most that much extra latency.
+_FIRST_PAUSE = 50e-6
+_LONGEST_PAUSE = 2e-3
+
+
+class LockTimeout(Exception):
+    """A lock was not granted within the caller's timeout (its holder may be stopped or slow)."""
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -35,10 +58,48 @@ def stripe_of(name: str, stripes: int) -> int:
 
 
 _forks = [0]
+# (device, inode) of every lock file a StripedLocks of this process opened, and the directories (stores)
+# that hold them.
+_lock_files: set[tuple[int, int]] = set()
+_lock_dirs: set[str] = set()
 
 
 def _after_fork_in_child() -> None:
     _forks[0] += 1
+    _close_inherited_lock_descriptors()
+
+
+def _close_inherited_lock_descriptors() -> None:
+    """Close, in a forked child, the inherited descriptors that could keep the parent's locks alive.
+
+    Two kinds: every descriptor of a stripe lock file, holding a lock now or not (the parent may lock
+    through it later), found by identity; and every descriptor of another file in a store's directory
+    through which an OFD lock is held right now (an atomic batch's commit record), found in
+    /proc/self/fdinfo. Scanning /proc/self/fd rather than a list of ours also catches a descriptor that
+    another thread had just opened when the fork happened. Closing them here does not release the
+    parent's locks (its own descriptors still refer to the same descriptions); it only keeps them from
+    outliving the parent. The child opens descriptors of its own. Other files are left alone.
+    """
+    if not _lock_files:
+        return  # this process never opened a store: nothing of ours to close
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in _lock_files or (
+                    stat.S_ISREG(st.st_mode) and _in_a_store(fd) and _holds_ofd_lock(fd)
+                ):
+                    os.close(fd)
+
+
+def _in_a_store(fd: int) -> bool:
+    return os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) in _lock_dirs
+
+
+def _holds_ofd_lock(fd: int) -> bool:
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        return b" OFDLCK " in info.read()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -73,6 +134,9 @@ class StripedLocks:
         self.path = path
         self.stripes = stripes
         self.catalog = stripes
+        st = os.stat(path)
+        _lock_files.add((st.st_dev, st.st_ino))
+        _lock_dirs.add(os.path.dirname(os.path.realpath(path)))
         self._local = threading.local()
         # Every thread's descriptor, so that close() can close them all.
         self._handles: weakref.WeakSet[_Descriptor] = weakref.WeakSet()
@@ -91,8 +155,28 @@ class StripedLocks:
     def _fcntl(self, kind: int, index: int) -> None:
         fcntl.fcntl(self._fd(), _SETLKW, FLOCK.pack(kind, os.SEEK_SET, index, 1, 0))
 
-    def acquire(self, index: int, *, exclusive: bool) -> None:
-        self._fcntl(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, index)
+    def acquire(self, index: int, *, exclusive: bool, timeout: float | None = None) -> None:
+        """Take lock `index`, waiting as long as it takes, or at most `timeout` seconds (LockTimeout)."""
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        if timeout is None:
+            self._fcntl(kind, index)
+            return
+        fd = self._fd()
+        flock = FLOCK.pack(kind, os.SEEK_SET, index, 1, 0)
+        deadline = time.monotonic() + timeout
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                fcntl.fcntl(fd, OFD_SETLK, flock)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # both mean "held by another"
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"lock {index} was not granted within {timeout:.3g} s")
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, _LONGEST_PAUSE)
 
     def release(self, index: int) -> None:
         self._fcntl(fcntl.F_UNLCK, index)

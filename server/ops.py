@@ -7,11 +7,15 @@ Mirrors TF's ref-variable kernels (core/kernels/assign_op.h, dense_update_ops.cc
 - AssignAdd/AssignSub: initialized variable, identical shapes, no broadcasting; with use_locking the whole
   read-modify-write is locked, without it the update runs in place, as TF's does.
 - A failed call changes nothing: every check runs before the first byte is written.
+- Waiting for a variable's stripe is bounded by the call's deadline (Ops.deadline), so that a stopped
+  holder (a SIGSTOPped same-host client) costs callers their deadline, not a thread for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
@@ -27,6 +31,7 @@ from tensorps.client.codec import (
     nbytes_of,
     validate_name,
 )
+from tensorps.server.locks import LockTimeout
 from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
@@ -67,6 +72,10 @@ class PermissionDenied(OpError):
 
 class Aborted(OpError):
     code = "ABORTED"
+
+
+class DeadlineExceeded(OpError):
+    code = "DEADLINE_EXCEEDED"
 
 
 class Info(NamedTuple):
@@ -150,12 +159,30 @@ class Ops:
         self.store = store
         self.locks = store.locks
         self.max_variable_bytes = max_variable_bytes
+        self._call = threading.local()  # .deadline: this thread's current call's, time.monotonic()
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def acquire(self, stripe: int, *, exclusive: bool) -> None:
-        """Take a stripe, first finishing any atomic batch that a dead holder of it left half-published."""
-        self.locks.acquire(stripe, exclusive=exclusive)
+    @contextlib.contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Bound this thread's waits for a stripe to `seconds` from now (None: no bound)."""
+        previous = getattr(self._call, "deadline", None)
+        self._call.deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._call.deadline = previous
+
+    def acquire(self, stripe: int, *, exclusive: bool, name: str | None = None) -> None:
+        """Take a stripe within the call's deadline (DeadlineExceeded naming `name`), first finishing any
+        atomic batch that a dead holder of it left half-published."""
+        deadline: float | None = getattr(self._call, "deadline", None)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.locks.acquire(stripe, exclusive=exclusive, timeout=timeout)
+        except LockTimeout:
+            what = f"variable '{name}'" if name is not None else f"stripe {stripe}"
+            raise DeadlineExceeded(f"timed out waiting for the lock of {what}") from None
         if self.store.in_commit(stripe):
             try:
                 self.store.recover(stripe)
@@ -164,8 +191,8 @@ class Ops:
                 raise
 
     @contextlib.contextmanager
-    def hold(self, stripe: int, *, exclusive: bool = True) -> Iterator[None]:
-        self.acquire(stripe, exclusive=exclusive)
+    def hold(self, stripe: int, *, exclusive: bool = True, name: str | None = None) -> Iterator[None]:
+        self.acquire(stripe, exclusive=exclusive, name=name)
         try:
             yield
         finally:
@@ -293,7 +320,7 @@ class Ops:
             initial = initial._replace(request=request or NO_REQUEST)
         if initial.shape is not None:
             self.check_size(name, initial.shape, dtype)
-        with self.hold(self.locks.stripe(name)):
+        with self.hold(self.locks.stripe(name), name=name):
             slot = self.store.find(name)
             done = self.applied(name, slot, request)
             if done is not None:
@@ -321,7 +348,7 @@ class Ops:
             return info
 
     def delete(self, name: str, *, request: bytes | None = None) -> None:
-        with self.hold(self.locks.stripe(name)):
+        with self.hold(self.locks.stripe(name), name=name):
             # The id first: a retry must not delete a variable that someone created again since.
             if self.applied(name, None, request) is not None:
                 return
@@ -334,7 +361,7 @@ class Ops:
                 self.store.requests.record(self.locks.stripe(name), request, 0, None)
 
     def info(self, name: str) -> Info:
-        with self.hold(self.locks.stripe(name), exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False, name=name):
             return _info(name, self.store.active(self._slot(name)))
 
     def list(self, prefix: str = "") -> list[Info]:
@@ -348,7 +375,7 @@ class Ops:
 
     def read(self, name: str, consume: Callable[[Info, Array], T]) -> T:
         """Calls consume(info, view) under a shared lock; the view is valid only during the call."""
-        with self.hold(self.locks.stripe(name), exclusive=False):
+        with self.hold(self.locks.stripe(name), exclusive=False, name=name):
             slot = self._slot(name)
             d = self.store.active(slot)
             check_readable(name, d)
@@ -373,7 +400,7 @@ class Ops:
         check_values(value, name=name)
         shape: Shape = value.shape
         stripe = self.locks.stripe(name)
-        self.acquire(stripe, exclusive=True)
+        self.acquire(stripe, exclusive=True, name=name)
         try:
             slot = self._lookup(name, request)
             done = self.applied(name, slot, request)
@@ -418,7 +445,7 @@ class Ops:
         dtype = dtype_of(delta.dtype)
         check_values(delta, name=name)
         stripe = self.locks.stripe(name)
-        self.acquire(stripe, exclusive=True)
+        self.acquire(stripe, exclusive=True, name=name)
         try:
             slot = self._lookup(name, request)
             done = self.applied(name, slot, request)

@@ -57,11 +57,26 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+# grpc reports "no deadline" as a time remaining of about 2**63 nanoseconds.
+_NO_DEADLINE = 1e8
+
+
+def lock_wait(context: grpc.ServicerContext) -> float | None:
+    """How long a call may wait for a variable's lock: its deadline, less a margin so that the server's
+    DEADLINE_EXCEEDED, which names the variable, reaches the client before the client's own timer fires.
+    None: the call has no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE:
+        return None
+    return max(0.0, remaining - min(0.5, 0.2 * remaining))
+
+
 def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(handler)
     def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext, **options: Any) -> R:
         try:
-            return handler(self, request, context, **options)
+            with self.ops.deadline(lock_wait(context)):
+                return handler(self, request, context, **options)
         except Exception as exc:
             status = status_of(exc)
             if status is None:
@@ -77,7 +92,9 @@ def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[...,
         self: ParameterServer, request: Any, context: grpc.ServicerContext, **options: Any
     ) -> Iterator[R]:
         try:
-            yield from handler(self, request, context, **options)
+            # grpc runs a streaming handler in one thread from start to end: the thread-local holds.
+            with self.ops.deadline(lock_wait(context)):
+                yield from handler(self, request, context, **options)
         except Exception as exc:
             status = status_of(exc)
             if status is None:

@@ -160,14 +160,37 @@ class Store:
         try:
             if not 1 <= stripes <= MAX_STRIPES:
                 raise StoreError(f"a store has 1 to {MAX_STRIPES} lock stripes, not {stripes}")
+
+            def reserve(fd: int, size: int, what: str, knob: str) -> None:
+                # Reserve a shared file's pages now, as segments are: a tmpfs allocates a page when it is
+                # first touched, and a full one answers with SIGBUS, which would kill whichever process
+                # touched it (inserting a variable, recording a write's request id).
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                        raise StoreFullError(
+                            f"the store's filesystem has no room for its {what} of {size} bytes: "
+                            f"give it more room or lower {knob}"
+                        ) from None
+                    raise
+
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
             create_lock_file(os.path.join(path, "locks"), stripes)
-            requests.create_file(path, stripes)  # reserved first: the default budget is what is left
-            budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
+            requests.create_file(path, stripes)
+            fd = os.open(os.path.join(path, requests.FILE), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                reserve(fd, os.fstat(fd).st_size, f"request table ({stripes} stripes)", "the stripes")
+            finally:
+                os.close(fd)
             tmp = os.path.join(path, "meta.init")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.ftruncate(fd, _slots_offset(capacity) + capacity * SLOT_SIZE)
+                size = _slots_offset(capacity) + capacity * SLOT_SIZE
+                reserve(fd, size, f"variable table ({max_variables} variables)", "max_variables")
+                # Both tables are outside the byte budget; the default is taken from the space left after
+                # them.
+                budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
                 header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
                 os.pwrite(fd, header, 0)
             finally:

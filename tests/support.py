@@ -45,11 +45,16 @@ class ServerProcess:
         port: int = 0,
         wait: bool = True,
         open_files: int | None = None,
+        session: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
-        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`)."""
+        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`); `session`
+        gives it a session and process group of its own; `wrapper` is a command that runs it (a mount
+        namespace of its own, say)."""
         self.store = store or fresh_store_path()
         self.host = host
         command = [
+            *wrapper,
             sys.executable,
             "-m",
             "tensorps.server",
@@ -73,6 +78,8 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             text=True,
             env={**os.environ, **(env or {})},
+            # A session (and process group) of its own, for tests that signal the whole group.
+            start_new_session=session,
         )
         self.log: list[str] = []
         self.port = 0

@@ -184,6 +184,32 @@ def test_healthcheck_fails_once_the_server_stopped() -> None:
     assert run([*HEALTHCHECK, "--target", address], timeout=30).returncode == 1
 
 
+def test_healthcheck_presents_a_client_certificate_to_a_mutual_tls_server(pki: Pki) -> None:
+    """Against an mTLS server the health check needs a client certificate: by flags or TENSORPS_* values."""
+    ca = pki.write("hc-ca.pem", pki.ca.cert)
+    cert, key = pki.write("hc-client.pem", pki.client.cert), pki.write("hc-client.key", pki.client.key)
+    server_pem, server_key = pki.write("hc-s.pem", pki.server.cert), pki.write("hc-s.key", pki.server.key)
+    flags = ["--tls-cert", server_pem, "--tls-key", server_key, "--tls-client-ca", ca]
+    with ServerProcess(*flags, workers=1) as server:
+        target = ["--target", f"localhost:{server.port}"]
+        check = [*HEALTHCHECK, *target, "--ca-file", ca]
+        mutual = [*check, "--client-cert", cert, "--client-key", key]
+        assert wait_until(lambda: run(mutual, timeout=30).returncode == 0)
+        served = run(mutual, timeout=30)
+        assert served.returncode == 0 and "SERVING" in served.stdout, served.stdout + served.stderr
+        refused = run(check, timeout=30)  # no client certificate: the handshake fails
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        # The Docker image's HEALTHCHECK passes no TLS flags: the same through the environment.
+        env = {**os.environ, "TENSORPS_CA_FILE": ca, "TENSORPS_CLIENT_CERT": cert, "TENSORPS_CLIENT_KEY": key}
+        assert run([*HEALTHCHECK, *target], env=env, timeout=30).returncode == 0
+        # Half a key pair is refused with a message (grpc itself would abort the process).
+        half = run([*check, "--client-cert", cert], timeout=30)
+        assert half.returncode == 1 and "needs its private key" in half.stderr, half.stderr
+        missing = run([*check, "--client-cert", cert, "--client-key", "/nonexistent"], timeout=30)
+        assert missing.returncode == 1 and "cannot read /nonexistent" in missing.stderr, missing.stderr
+        assert "Traceback" not in half.stderr + missing.stderr
+
+
 def _demo(args: Sequence[str], store: str) -> subprocess.CompletedProcess[str]:
     try:
         return run([*DEMO, "--store", store, *args], timeout=180)
@@ -203,6 +229,20 @@ def test_demo_starts_trains_and_stops_the_server() -> None:
     assert _final(out)[2] == "converged"
     assert "== training exited with code 0" in out and "== server exited with code 0" in out
     assert "tensorps ready" in result.stderr  # the server's own log, passed through
+    assert not os.path.exists(store)
+
+
+def test_demo_with_port_0_uses_the_port_the_server_picked() -> None:
+    """`make run ARGS="--port 0"`: the demo reads the real port from the server's ready line and runs."""
+    store = fresh_store_path()
+    started = time.monotonic()
+    result = _demo(["--port", "0", "--steps", "200", "--threshold", "100"], store)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    match = re.search(r"== server healthy at 127\.0\.0\.1:(\d+) ", out)
+    assert match and int(match.group(1)) > 0, out
+    assert f"--target 127.0.0.1:{match.group(1)}" in out
+    assert time.monotonic() - started < 60
     assert not os.path.exists(store)
 
 
