@@ -335,7 +335,7 @@ class _Atomic:
 
     def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
         store = self.store
-        record = commits.CommitRecord(store.path)
+        record = store.commit_record()
         for stripe in stripes:
             record.add(commits.STRIPE, stripe)
         store.mark_in_commit(stripes, True)

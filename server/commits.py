@@ -41,11 +41,17 @@ class Entry(NamedTuple):
 
 
 class CommitRecord:
-    """The record of one atomic batch, written by the thread that applies it."""
+    """The record of one atomic batch, written by the thread that applies it.
 
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, PREFIX + secrets.token_hex(8))
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    `directory` is a descriptor of the store's directory: the record goes into the store its writer
+    attached, never into another one made at the same path since.
+    """
+
+    def __init__(self, directory: int) -> None:
+        self.name = PREFIX + secrets.token_hex(8)
+        self._directory = directory
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._fd = os.open(self.name, flags, 0o600, dir_fd=directory)
         fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
         os.pwrite(self._fd, bytes([PREPARING]), 0)
         self._end = 1
@@ -62,21 +68,18 @@ class CommitRecord:
         os.pwrite(self._fd, bytes([COMMITTED]), 0)
 
     def finish(self) -> None:
-        os.unlink(self.path)
+        os.unlink(self.name, dir_fd=self._directory)
         os.close(self._fd)
 
 
-def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
-    """(path, state, entries) of every record whose writer is dead; its file stays locked by the caller
-    until the generator moves on, so that two recovering processes never replay one record at once."""
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
-    except FileNotFoundError:
-        return
+def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
+    """(file name, state, entries) of every record in the directory (a descriptor) whose writer is dead;
+    its file stays locked by the caller until the generator moves on, so that two recovering processes
+    never replay one record at once."""
+    names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
     for name in names:
-        path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             continue
         try:
@@ -85,9 +88,8 @@ def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
             except OSError:
                 continue  # its writer is alive
             data = os.pread(fd, os.fstat(fd).st_size, 0)
-            if not data:
-                continue  # created and killed before its first byte: it changed nothing
-            yield path, data[0], list(_entries(data))
+            # Empty: created and killed before its first byte; it changed nothing, only the file remains.
+            yield name, data[0] if data else 0, list(_entries(data))
         finally:
             os.close(fd)
 

@@ -27,7 +27,7 @@ from tensorps.client.codec import CodecError
 from tensorps.server import batch_service
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops
-from tensorps.server.store import StoreError
+from tensorps.server.store import StoreError, StoreGoneError
 from tensorps.v1 import tensorps_pb2 as pb
 
 SERVICE_NAME = "tensorps.v1.ParameterServer"
@@ -48,6 +48,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return getattr(grpc.StatusCode, exc.code), str(exc)
     if isinstance(exc, CodecError | DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request"
+    if isinstance(exc, StoreGoneError):  # the store of a shm:// client (or a server) was removed
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, OSError) and exc.errno in _FULL:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is out of resources: {exc.strerror}"
     if isinstance(exc, StoreError | OSError):
