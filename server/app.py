@@ -91,7 +91,12 @@ def build_server(
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=grpc_options(config, reuseport=reuseport),
     )
-    servicer = ParameterServer(ops, workers=config.workers, stream_idle_timeout=config.stream_idle_timeout)
+    servicer = ParameterServer(
+        ops,
+        workers=config.workers,
+        stream_idle_timeout=config.stream_idle_timeout,
+        max_staging_bytes=config.max_staging_bytes,
+    )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -103,13 +103,28 @@ class BatchFailed(OpError):
         self.error = error
 
 
-def run_batch(ops: Ops, batch: Sequence[BatchOp], *, atomic: bool, consume: Consume) -> list[Result]:
-    """Run `batch` over `ops`; results in order (a READ_PREFIX op gives one per variable it read)."""
+def run_batch(
+    ops: Ops,
+    batch: Sequence[BatchOp],
+    *,
+    atomic: bool,
+    consume: Consume,
+    reserve: Callable[[int], None] | None = None,
+) -> list[Result]:
+    """Run `batch` over `ops`; results in order (a READ_PREFIX op gives one per variable it read).
+
+    `reserve(nbytes)`, if given, runs before a write whose value comes back (of that many bytes) is
+    applied, so that room for what consume keeps is refused before the write rather than after it (in an
+    atomic batch consume runs before anything is applied, so a refusal there is in time anyway).
+    """
     if atomic:
         return _Atomic(ops, batch, consume).run()
     results: list[Result] = []
     for index, op in enumerate(batch):
         try:
+            if reserve is not None and op.kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) and op.read_value:
+                assert op.value is not None
+                reserve(op.value.nbytes)  # a write's value comes back with its own shape and dtype
             results.extend(_run_one(ops, index, op, consume))
         except OpError as error:
             results.append(Result(index, error=error))

@@ -27,6 +27,7 @@ from tensorps.server.batch import (
 )
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
+from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -124,8 +125,11 @@ def decode_ops(header: pb.BatchHeader, layouts: list[_Layout | None], data: Any)
     return decoded
 
 
-def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream, and whether it is atomic."""
+def receive(
+    messages: Iterator[bytes], ops: Ops, *, read_only: bool, staging: Reservation
+) -> tuple[list[BatchOp], bool]:
+    """A batch's operations from its request stream, and whether it is atomic; its values' bytes are
+    reserved in `staging` before they are allocated."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
@@ -134,6 +138,7 @@ def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[li
         raise CodecError("the first message of a batch stream has no header")
     header = chunk.header
     layouts, total = plan_header(header, ops, read_only=read_only)
+    staging.grow(total)
     assembler = wire.Assembler(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
@@ -148,16 +153,27 @@ def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[li
     return decode_ops(header, layouts, assembler.buffer), header.atomic
 
 
-def execute(ops: Ops, batch: list[BatchOp], atomic: bool) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes."""
+def execute(ops: Ops, batch: list[BatchOp], atomic: bool, staging: Reservation) -> Iterator[bytes]:
+    """Run the batch; the reply stream: every result, then the values' bytes (reserved in `staging`: an
+    operation whose value finds no room fails with RESOURCE_EXHAUSTED, as its single call would)."""
     writer = wire.ChunkWriter(CHUNK_BYTES)
+    # Bytes reserved before a write (run_batch's reserve) that its consume has not taken yet.
+    prepaid = [0]
+
+    def reserve(nbytes: int) -> None:
+        staging.grow(nbytes)
+        prepaid[0] += nbytes
 
     def consume(info: Info, view: Any) -> pb.TensorProto:
+        if prepaid[0] >= view.nbytes:
+            prepaid[0] -= view.nbytes
+        else:
+            staging.grow(view.nbytes)
         writer.add(view)
         assert info.shape is not None
         return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
 
-    results = run_batch(ops, batch, atomic=atomic, consume=consume)
+    results = run_batch(ops, batch, atomic=atomic, consume=consume, reserve=reserve)
     reply = pb.BatchReply()
     for result in results:
         _result_to_proto(result, reply.results.add())
