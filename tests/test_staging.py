@@ -124,8 +124,8 @@ def test_batch_write_whose_returned_value_finds_no_room_is_not_applied(server: S
         assert [ps.info(name).version for name in names] == [2, 1, 1], "a refused write changes nothing"
 
 
-def test_reader_that_stops_reading_is_cancelled_and_its_staging_freed() -> None:
-    """A ReadStream whose client stops draining holds its copy only until the idle timeout (1 s here)."""
+def test_readers_that_stop_reading_are_cancelled_and_their_staging_freed() -> None:
+    """A ReadStream or Batch reply whose client stops draining holds its copy only until the idle timeout."""
     # Far more than gRPC's flow-control windows take in (a few MiB): the server cannot finish sending.
     value = np.arange(40 * MiB // 4, dtype=np.float32)
     with (
@@ -146,6 +146,19 @@ def test_reader_that_stops_reading_is_cancelled_and_its_staging_freed() -> None:
                 pass
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
         assert any("cancelling a reply stream whose client stopped reading" in line for line in server.log)
+
+        batch = channel.stream_stream(SERVICE + "Batch", None, None)
+        header = pb.BatchHeader(ops=[pb.BatchOp(kind=pb.BATCH_OP_READ, name="r")])
+        stalled = iter(batch(iter([pb.BatchChunk(header=header).SerializeToString()]), timeout=60))
+        assert pb.BatchReply.FromString(next(stalled)).results[0].code == 0
+        with pytest.raises(ResourceExhaustedError, match="staging budget"):
+            ps.read("r")
+        time.sleep(2.5)
+        np.testing.assert_array_equal(ps.read("r"), value)
+        with pytest.raises(grpc.RpcError) as cancelled:
+            for _message in stalled:
+                pass
+        assert cancelled.value.code() == grpc.StatusCode.CANCELLED
 
 
 def test_staging_limit_flag_environment_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
