@@ -3,28 +3,39 @@
 from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.errors import (
+    AbortedError,
     AlreadyExistsError,
+    CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
     PermissionDeniedError,
     ResourceExhaustedError,
     TensorPSError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
+    UnknownError,
+    UsageError,
 )
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
     "BatchError",
+    "CancelledError",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
+    "OutOfRangeError",
     "PermissionDeniedError",
     "Pipeline",
     "ResourceExhaustedError",
@@ -32,5 +43,8 @@ __all__ = [
     "TensorPSError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+    "UsageError",
     "VariableInfo",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 
 from tensorps.client import codec
 from tensorps.client.codec import DType, Shape
-from tensorps.client.errors import InvalidArgumentError, TensorPSError
+from tensorps.client.errors import InvalidArgumentError, TensorPSError, UsageError
 from tensorps.v1 import tensorps_pb2 as pb
 
 if TYPE_CHECKING:
@@ -118,9 +118,11 @@ class Pipeline:
         use_locking: bool = True,
         read_value: bool = True,
     ) -> Pipeline:
+        name = self._client._checked(name)
         array = self._client._as_array(name, value, self._created.get(name))
+        flags = (_flag(validate_shape, "validate_shape"), _flag(use_locking, "use_locking"))
         return self._queue(
-            QueuedOp(pb.BATCH_OP_ASSIGN, name, array, None, None, validate_shape, use_locking, read_value)
+            QueuedOp(pb.BATCH_OP_ASSIGN, name, array, None, None, *flags, _flag(read_value, "read_value"))
         )
 
     def assign_add(
@@ -140,17 +142,19 @@ class Pipeline:
         )
 
     def read(self, name: str) -> Pipeline:
-        return self._queue(QueuedOp(pb.BATCH_OP_READ, _str(name)))
+        return self._queue(QueuedOp(pb.BATCH_OP_READ, self._client._checked(name)))
 
     def info(self, name: str) -> Pipeline:
-        return self._queue(QueuedOp(pb.BATCH_OP_INFO, _str(name)))
+        return self._queue(QueuedOp(pb.BATCH_OP_INFO, self._client._checked(name)))
 
     def delete(self, name: str) -> Pipeline:
-        return self._queue(QueuedOp(pb.BATCH_OP_DELETE, _str(name)))
+        return self._queue(QueuedOp(pb.BATCH_OP_DELETE, self._client._checked(name)))
 
     def read_prefix(self, prefix: str = "") -> Pipeline:
         """Every initialized variable whose name starts with `prefix`: its result is a dict name -> array."""
-        return self._queue(QueuedOp(pb.BATCH_OP_READ_PREFIX, _str(prefix)))
+        if not isinstance(prefix, str):
+            raise UsageError(f"a prefix is a str, not {type(prefix).__name__}")
+        return self._queue(QueuedOp(pb.BATCH_OP_READ_PREFIX, prefix))
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -177,12 +181,6 @@ class Pipeline:
         return self._client._background().submit(self.execute)
 
 
-def _str(name: Any) -> str:
-    if not isinstance(name, str):
-        raise InvalidArgumentError(f"a variable name is a str, not {type(name).__name__}")
-    return name
-
-
 def _result(op: QueuedOp, found: list[Outcome]) -> Any:
     if op.kind == pb.BATCH_OP_READ_PREFIX:
         for outcome in found:
@@ -199,6 +197,12 @@ def _result(op: QueuedOp, found: list[Outcome]) -> Any:
     ):
         return outcome.value
     return outcome.info
+
+
+def _flag(value: object, what: str) -> bool:
+    from tensorps.client.client import _check_flag  # noqa: PLC0415 (client imports this module)
+
+    return _check_flag(value, what)
 
 
 class BatchCalls:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
+import re
+import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -22,6 +25,7 @@ from tensorps.client.errors import (
     ResourceExhaustedError,
     TensorPSError,
     UnavailableError,
+    UsageError,
     from_rpc_error,
     from_status,
 )
@@ -35,8 +39,13 @@ CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
+# Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
+REQUEST_ID_KEY = "tensorps-request-id"
 _READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX))
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# gRPC reconnects to a server that went away after 1 s, then 1.6x longer each time up to 120 s: after a
+# 15 s outage a client noticed the server was back 8 s late. Retry connecting within a second instead.
+_RECONNECT_BACKOFF_MS = (100, 1000)
 _WRITE_METHODS: dict[int, str] = {
     pb.WRITE_OP_ASSIGN: "Assign",
     pb.WRITE_OP_ASSIGN_ADD: "AssignAdd",
@@ -86,16 +95,123 @@ def _info(proto: pb.VariableInfo) -> VariableInfo:
     )
 
 
+# ---- the API boundary: arguments and options are checked here, once, for both transports -------------
+
+_TOKEN = re.compile(r"[\x20-\x7e]*")  # what gRPC accepts in a header value (else INTERNAL at every call)
+_PEM = {
+    "root_certificates": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*CERTIFICATE-----"),
+    "certificate_chain": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*CERTIFICATE-----"),
+    "private_key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+}
+
+
+def _check_name(name: object) -> str:
+    """A variable name: a str (else UsageError: nothing is sent), valid as the server checks names."""
+    if not isinstance(name, str):
+        raise UsageError(f"a variable name must be a str, not {type(name).__name__} ({name!r:.60})")
+    try:
+        codec.validate_name(name)
+    except CodecError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    return name
+
+
+def _check_flag(value: object, what: str) -> bool:
+    # A str such as "no" would otherwise be truthy on one transport and a protobuf TypeError on the other.
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise UsageError(f"{what} must be a bool, not {type(value).__name__} ({value!r:.60})")
+
+
+def _check_options(
+    *,
+    token: object,
+    root_certificates: object,
+    certificate_chain: object,
+    private_key: object,
+    timeout: object,
+    channels: object,
+    wait_for_ready: object,
+) -> None:
+    """Client options, checked before any reaches gRPC: grpcio aborts the whole Python process on a
+    certificate chain without its private key (and the other way round), and fails late on the rest."""
+    if token is not None and not (isinstance(token, str) and _TOKEN.fullmatch(token)):
+        raise UsageError("token must be a str of printable ASCII characters")
+    pems = {"root_certificates": root_certificates, "certificate_chain": certificate_chain}
+    pems["private_key"] = private_key
+    for what, pem in pems.items():
+        if pem is None:
+            continue
+        if not isinstance(pem, bytes):
+            raise UsageError(f"{what} must be PEM bytes (open(path, 'rb').read()), not {type(pem).__name__}")
+        if not _PEM[what].search(pem):
+            kind = "PRIVATE KEY" if what == "private_key" else "CERTIFICATE"
+            raise UsageError(f"{what} is not PEM: it has no '-----BEGIN ...{kind}-----' line")
+        if b"ENCRYPTED PRIVATE KEY" in pem or b"Proc-Type: 4,ENCRYPTED" in pem:
+            raise UsageError(f"{what} is encrypted; gRPC needs an unencrypted private key")
+    if (certificate_chain is None) != (private_key is None):
+        given, missing = ("private_key", "certificate_chain")
+        if private_key is None:
+            given, missing = missing, given
+        raise UsageError(f"{given} was given without {missing}: mutual TLS needs both")
+    if timeout is not None and not (
+        isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout < math.inf
+    ):
+        raise UsageError(f"timeout must be a positive number of seconds or None, not {timeout!r:.60}")
+    if not (isinstance(channels, int) and not isinstance(channels, bool) and channels >= 1):
+        raise UsageError(f"channels must be an int of at least 1, not {channels!r:.60}")
+    _check_flag(wait_for_ready, "wait_for_ready")
+
+
+class _CallDeadline:
+    """Per thread, the deadline of the API call in progress: its RPCs, retries and follow-up calls share
+    one Client.timeout (each attempt used to get the whole timeout again). Nested scopes join the
+    outermost one; a scope is cheap enough for every call (a class, not @contextmanager)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._local = threading.local()
+
+    def __enter__(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            timeout = self._client.timeout
+            local.deadline = None if timeout is None else time.monotonic() + timeout
+        local.depth = depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.depth -= 1
+
+    def left(self) -> float | None:
+        """Seconds left for the next RPC of the call in progress (None: no timeout)."""
+        if not getattr(self._local, "depth", 0):
+            return self._client.timeout  # outside any call's scope: the RPC is a call of its own
+        deadline: float | None = self._local.deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 class Client(BatchCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
-    same semantics; the connection options do not apply). `timeout` (seconds) bounds every call. Calls are
-    spread over `channels` connections, because servers with several worker processes balance per
-    connection.
+    same semantics; the connection options are checked but do not apply).
+
+    `timeout` (seconds) is one deadline per call: retries and follow-up RPCs of one call share it. The
+    default, None, waits for ever, also on a server that hangs: give long-running jobs a timeout.
+    `wait_for_ready=True` makes a call wait (up to its timeout) for an unreachable server to come up instead
+    of failing at once with UnavailableError: with a timeout, a worker can start before its server. gRPC
+    reconnects to a lost server within about a second. Calls are spread over `channels` connections,
+    because servers with several worker processes balance per connection.
+
+    `token` is sent as a bearer token; `root_certificates` (PEM bytes) turns on TLS; `certificate_chain`
+    and `private_key` (PEM bytes, both or neither) present a client certificate for mutual TLS. Options of
+    the wrong type, a chain without its key or bytes that are not PEM raise UsageError at once.
     """
 
     def __new__(cls, target: str, **options: Any) -> Client:
+        if not isinstance(target, str):
+            raise UsageError(f"target must be a str such as 'localhost:50051', not {target!r:.60}")
         # "shm://PATH" opens a store on this host directly: same API, no network (local.py).
         if cls is Client and target.startswith("shm://"):
             from tensorps.client.local import LocalClient  # noqa: PLC0415 (needs the server's store)
@@ -106,6 +222,8 @@ class Client(BatchCalls):
     @classmethod
     def local(cls, store: str) -> Client:
         """A client on the store directory `store` of a server on this host (see Client("shm://...")."""
+        if not isinstance(store, str):
+            raise UsageError(f"store must be a str path, not {store!r:.60}")
         return cls("shm://" + store)
 
     def __init__(
@@ -118,14 +236,27 @@ class Client(BatchCalls):
         private_key: bytes | None = None,
         timeout: float | None = None,
         channels: int = 2,
+        wait_for_ready: bool = False,
     ) -> None:
+        _check_options(
+            token=token,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            timeout=timeout,
+            channels=channels,
+            wait_for_ready=wait_for_ready,
+        )
         self.target = target
         self.timeout = timeout
+        self.wait_for_ready = bool(wait_for_ready)
+        self._closed = False
+        self._deadline = _CallDeadline(self)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         credentials = None
-        if root_certificates or certificate_chain or private_key:
+        if root_certificates is not None or certificate_chain is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-        self._channels = [self._open(credentials) for _ in range(max(1, channels))]
+        self._channels = [self._open(credentials) for _ in range(channels)]
         self._next = itertools.count()
         self._stubs: dict[tuple[int, str], grpc.UnaryUnaryMultiCallable] = {}  # type: ignore[type-arg]
         self._dtypes: dict[str, DType] = {}
@@ -140,6 +271,8 @@ class Client(BatchCalls):
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", _RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", _RECONNECT_BACKOFF_MS[1]),
         ]
         if credentials is not None:
             return grpc.secure_channel(self.target, credentials, options=options)
@@ -147,6 +280,7 @@ class Client(BatchCalls):
 
     def close(self) -> None:
         self._close_background()
+        self._closed = True
         for channel in self._channels:
             channel.close()
 
@@ -168,6 +302,15 @@ class Client(BatchCalls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _checked(self, name: object) -> str:
+        """The API boundary of every call that names a variable, for both transports."""
+        self._check_open()
+        return _check_name(name)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"the client of {self.target} is closed")
+
     # ---- transport -----------------------------------------------------------------------------
 
     def _channel(self) -> grpc.Channel:
@@ -184,19 +327,42 @@ class Client(BatchCalls):
             self._stubs[(index, method)] = stub
         return stub
 
-    def _unary(self, method: str, request: bytes, *, idempotent: bool) -> bytes:
-        for attempt in itertools.count():
-            stub = self._unary_stub(method)
-            try:
-                response: bytes = stub(request, timeout=self.timeout, metadata=self._metadata)
-                return response
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if not (idempotent and isinstance(error, UnavailableError) and attempt < _RETRIES):
-                    raise error from None
-                # A worker that died is replaced within about a second; the next channel may reach another.
-                time.sleep(_RETRY_BACKOFF * 4**attempt)
+    def _call_metadata(self, write: bool) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata; a write carries a fresh request id, which its retries repeat."""
+        if not write:
+            return self._metadata
+        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)))
+
+    def _unary(self, method: str, request: bytes, *, idempotent: bool = False, write: bool = False) -> bytes:
+        """One unary call, retried on UNAVAILABLE if idempotent or a write (made exactly-once by its id)."""
+        metadata = self._call_metadata(write)
+        with self._deadline:
+            for attempt in itertools.count():
+                stub = self._unary_stub(method)
+                try:
+                    response: bytes = stub(
+                        request,
+                        timeout=self._deadline.left(),
+                        metadata=metadata,
+                        wait_for_ready=self.wait_for_ready,
+                    )
+                    return response
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                    retry = (idempotent or write) and isinstance(error, UnavailableError)
+                    if not (retry and self._may_retry(attempt)):
+                        raise error from None
         raise AssertionError("unreachable")
+
+    def _may_retry(self, attempt: int) -> bool:
+        """Waits before retrying an UNAVAILABLE call, if retries and the call's deadline leave room."""
+        pause = _RETRY_BACKOFF * 4**attempt
+        left = self._deadline.left()
+        if attempt >= _RETRIES or (left is not None and left <= pause):
+            return False
+        # A worker that died is replaced within about a second; the next channel may reach another.
+        time.sleep(pause)
+        return True
 
     def _read_chunks(
         self, chunks: Iterator[bytes], *, expect_value: bool = True
@@ -241,15 +407,15 @@ class Client(BatchCalls):
     # ---- values --------------------------------------------------------------------------------
 
     def _as_array(self, name: str, value: Any, dtype: DType | None = None) -> Array:
-        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly."""
+        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly
+        (`dtype`, else the cached or fetched one). The name has been checked."""
         try:
-            codec.validate_name(name)
             if isinstance(value, np.ndarray | np.generic):
                 array = np.asarray(value)
                 codec.dtype_of(array.dtype)
                 return codec.as_wire_array(array)
             if dtype is None:
-                dtype = self._dtypes.get(name) or codec.dtype_of(self.info(name).dtype)
+                dtype = self._dtypes.get(name) or codec.dtype_of(self._remember(self._get_info(name)).dtype)
             return codec.from_python(value, dtype, name=name)
         except CodecError as exc:
             raise InvalidArgumentError(str(exc)) from None
@@ -272,8 +438,8 @@ class Client(BatchCalls):
         self, name: str, dtype: Any, shape: Any, value: Any
     ) -> tuple[DType, Shape | None, Array | None]:
         """create()'s arguments checked: the dtype, the declared shape and the initial value as an array."""
+        name = self._checked(name)
         try:
-            codec.validate_name(name)
             declared = codec.dtype_of(dtype) if dtype is not None else None
             dims = codec.validate_shape(shape) if shape is not None else None
         except CodecError as exc:
@@ -297,7 +463,7 @@ class Client(BatchCalls):
         if shape is not None:
             codec.shape_to_proto(shape, request.shape)
         if array is None:
-            response = self._unary("CreateVariable", request.SerializeToString(), idempotent=False)
+            response = self._unary("CreateVariable", request.SerializeToString(), write=True)
             return _info(pb.CreateVariableResponse.FromString(response).info)
         if array.nbytes > STREAM_THRESHOLD:
             # Streamed, and still atomic: the server creates the variable once the whole value is in.
@@ -316,29 +482,46 @@ class Client(BatchCalls):
             info: VariableInfo = self._write_stream(array, header)
             return info
         payload = wire.frame(request.SerializeToString(), 4, codec.tensor_head(dtype, array.shape), 4, array)
-        response = self._unary("CreateVariable", payload, idempotent=False)
+        response = self._unary("CreateVariable", payload, write=True)
         return _info(pb.CreateVariableResponse.FromString(response).info)
 
     def delete(self, name: str) -> None:
+        name = self._checked(name)
         self._forget(name)
+        self._delete(name)
+
+    def _delete(self, name: str) -> None:
         request = pb.DeleteVariableRequest(name=name).SerializeToString()
-        self._unary("DeleteVariable", request, idempotent=False)
+        self._unary("DeleteVariable", request, write=True)
 
     def info(self, name: str) -> VariableInfo:
+        return self._remember(self._get_info(self._checked(name)))
+
+    def _get_info(self, name: str) -> VariableInfo:
         request = pb.GetVariableRequest(name=name).SerializeToString()
         response = self._unary("GetVariable", request, idempotent=True)
-        return self._remember(_info(pb.GetVariableResponse.FromString(response).info))
+        return _info(pb.GetVariableResponse.FromString(response).info)
 
     def is_initialized(self, name: str) -> bool:
         return self.info(name).initialized
 
-    def list(self, prefix: str = "") -> list[VariableInfo]:
+    def _list(self, prefix: str) -> list[VariableInfo]:  # before list(), which hides the builtin
         request = pb.ListVariablesRequest(prefix=prefix).SerializeToString()
         response = pb.ListVariablesResponse.FromString(self._unary("ListVariables", request, idempotent=True))
         return [_info(v) for v in response.variables]
 
+    def list(self, prefix: str = "") -> list[VariableInfo]:
+        self._check_open()
+        if not isinstance(prefix, str):
+            raise UsageError(f"prefix must be a str, not {type(prefix).__name__} ({prefix!r:.60})")
+        return self._list(prefix)
+
     def server_info(self) -> ServerInfo:
         """The answering worker's pid, the worker count and the store's usage (one channel of the pool)."""
+        self._check_open()
+        return self._server_info()
+
+    def _server_info(self) -> ServerInfo:
         raw = self._unary("GetServerInfo", b"", idempotent=True)
         p = pb.ServerInfo.FromString(raw)
         return ServerInfo(p.pid, p.workers, p.store, p.variables, p.used_bytes, p.max_total_bytes, p.version)
@@ -347,6 +530,13 @@ class Client(BatchCalls):
 
     def read(self, name: str) -> Array:
         """The variable's value, as a read-only array (copy it to modify it)."""
+        return self._read(self._checked(name))
+
+    def _read(self, name: str) -> Array:
+        with self._deadline:  # one deadline for Read and its fallback to ReadStream
+            return self._read_unary_or_stream(name)
+
+    def _read_unary_or_stream(self, name: str) -> Array:
         size = self._sizes.get(name)
         if size is not None and size <= STREAM_THRESHOLD:
             request = pb.ReadRequest(name=name).SerializeToString()
@@ -361,21 +551,26 @@ class Client(BatchCalls):
 
     def _read_stream(self, name: str) -> Array:
         request = pb.ReadRequest(name=name).SerializeToString()
-        for attempt in itertools.count():
-            stream = self._channel().unary_stream(
-                _SERVICE + "ReadStream", request_serializer=None, response_deserializer=None
-            )
-            try:
-                responses = stream(request, timeout=self.timeout, metadata=self._metadata)
-                info, value = self._read_chunks(iter(responses))
-            except UnavailableError:
-                if attempt >= _RETRIES:
-                    raise
-                time.sleep(_RETRY_BACKOFF * 4**attempt)
-                continue
-            self._remember(info)
-            assert value is not None
-            return value
+        with self._deadline:
+            for attempt in itertools.count():
+                stream = self._channel().unary_stream(
+                    _SERVICE + "ReadStream", request_serializer=None, response_deserializer=None
+                )
+                try:
+                    responses = stream(
+                        request,
+                        timeout=self._deadline.left(),
+                        metadata=self._metadata,
+                        wait_for_ready=self.wait_for_ready,
+                    )
+                    info, value = self._read_chunks(iter(responses))
+                except UnavailableError:
+                    if not self._may_retry(attempt):
+                        raise
+                    continue
+                self._remember(info)
+                assert value is not None
+                return value
         raise AssertionError("unreachable")
 
     def assign(
@@ -388,28 +583,50 @@ class Client(BatchCalls):
         read_value: bool = True,
     ) -> Any:
         """TF's Assign: the variable's value after the write, or its VariableInfo without read_value."""
-        flags = WriteFlags(use_locking, read_value, validate_shape)
-        return self._write(name, value, pb.WRITE_OP_ASSIGN, flags, idempotent=True)
+        flags = WriteFlags(
+            _check_flag(use_locking, "use_locking"),
+            _check_flag(read_value, "read_value"),
+            _check_flag(validate_shape, "validate_shape"),
+        )
+        return self._write(name, value, pb.WRITE_OP_ASSIGN, flags)
 
     def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignAdd: same shape, no broadcasting; integer overflow wraps."""
-        return self._write(name, delta, pb.WRITE_OP_ASSIGN_ADD, WriteFlags(use_locking, read_value))
+        flags = WriteFlags(_check_flag(use_locking, "use_locking"), _check_flag(read_value, "read_value"))
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_ADD, flags)
 
     def assign_sub(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:
         """TF's AssignSub: same shape, no broadcasting; integer overflow wraps."""
-        return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, WriteFlags(use_locking, read_value))
+        flags = WriteFlags(_check_flag(use_locking, "use_locking"), _check_flag(read_value, "read_value"))
+        return self._write(name, delta, pb.WRITE_OP_ASSIGN_SUB, flags)
 
-    def _write(self, name: str, value: Any, op: int, flags: WriteFlags, *, idempotent: bool = False) -> Any:
+    def _write(self, name: str, value: Any, op: int, flags: WriteFlags) -> Any:
         """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
-        array = self._as_array(name, value)
-        try:
-            return self._send_write(name, array, op, flags, idempotent=idempotent)
-        except TensorPSError:
-            if not isinstance(value, np.ndarray | np.generic):
+        name = self._checked(name)
+        if isinstance(value, np.ndarray | np.generic):
+            return self._send_write(name, self._as_array(name, value), op, flags)
+        with self._deadline:  # one deadline, also for a retry with a refreshed dtype
+            cached = self._dtypes.get(name)
+            try:
+                try:
+                    array = self._as_array(name, value, cached)
+                    return self._send_write(name, array, op, flags)
+                except InvalidArgumentError:
+                    # The conversion used a cached dtype: another client may have recreated the variable
+                    # with another since (it then refuses the dtype, or the value does not convert). A
+                    # refused call changed nothing, so convert once more for the current dtype and resend.
+                    if cached is None:
+                        raise  # the dtype was fetched for this call: the refusal stands
+                    self._forget(name)
+                    fresh = self._as_array(name, value)
+                    if fresh.dtype == cached.numpy:
+                        raise
+                    return self._send_write(name, fresh, op, flags)
+            except TensorPSError:
                 self._forget(name)  # the dtype used for the conversion may be stale
-            raise
+                raise
 
-    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags) -> Any:
         dtype = codec.dtype_of(array.dtype)
         if array.nbytes > STREAM_THRESHOLD:
             header = pb.WriteHeader(
@@ -429,7 +646,7 @@ class Client(BatchCalls):
             validate_shape=flags.validate_shape,
         )
         payload = wire.frame(request.SerializeToString(), 8, codec.tensor_head(dtype, array.shape), 4, array)
-        raw = self._unary(_WRITE_METHODS[op], payload, idempotent=idempotent)
+        raw = self._unary(_WRITE_METHODS[op], payload, write=True)
         response, content = wire.parse(pb.AssignResponse, raw, (2, 4))
         info = self._remember(_info(response.info))
         if not flags.read_value:
@@ -441,83 +658,145 @@ class Client(BatchCalls):
             yield pb.WriteChunk(header=header).SerializeToString()
             yield from wire.data_chunks(array, CHUNK_BYTES)
 
-        stream = self._channel().stream_stream(
-            _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None
-        )
-        responses = stream(chunks(), timeout=self.timeout, metadata=self._metadata)
-        info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
-        self._remember(info)
-        return value if header.read_value else info
+        metadata = self._call_metadata(write=True)
+        with self._deadline:
+            for attempt in itertools.count():
+                stream = self._channel().stream_stream(
+                    _SERVICE + "WriteStream", request_serializer=None, response_deserializer=None
+                )
+                try:
+                    responses = stream(
+                        chunks(),
+                        timeout=self._deadline.left(),
+                        metadata=metadata,
+                        wait_for_ready=self.wait_for_ready,
+                    )
+                    info, value = self._read_chunks(iter(responses), expect_value=header.read_value)
+                except UnavailableError:
+                    if not self._may_retry(attempt):
+                        raise
+                    continue
+                self._remember(info)
+                return value if header.read_value else info
+        raise AssertionError("unreachable")
 
     # ---- batches (batch.py) --------------------------------------------------------------------
 
     def _run_batch(self, ops: Sequence[QueuedOp], *, atomic: bool) -> Outcomes:
-        """One Batch call: every operation's outcomes, in order. Batches of reads only are retried."""
+        """One Batch call: every operation's outcomes, in order; retried on UNAVAILABLE (writes by id).
+
+        A batch whose values and expected reply fit STREAM_THRESHOLD goes as one message each way (Batch:
+        a third of BatchStream's fixed cost); anything larger, or a reply of unknown size, streams.
+        """
         header, arrays = encode_header(ops, atomic)
-
-        def messages() -> Iterator[bytes]:
-            yield pb.BatchChunk(header=header).SerializeToString()
-            writer = wire.ChunkWriter(CHUNK_BYTES)
-            for array in arrays:
-                writer.add(array)
-                yield from writer.messages
-                writer.messages.clear()
-            yield from writer.finish()
-
-        idempotent = all(op.kind in _READ_KINDS for op in ops)
-        for attempt in itertools.count():
-            stream = self._channel().stream_stream(
-                _SERVICE + "Batch", request_serializer=None, response_deserializer=None
-            )
-            try:
-                replies = stream(messages(), timeout=self.timeout, metadata=self._metadata)
-                return self._batch_outcomes(iter(replies), ops)
-            except UnavailableError:
-                if not idempotent or attempt >= _RETRIES:
-                    raise
-                time.sleep(_RETRY_BACKOFF * 4**attempt)
+        unary = sum(a.nbytes for a in arrays) <= STREAM_THRESHOLD and self._small_reply(ops)
+        # Reads are idempotent; writes carry a request id (the server applies none of them twice).
+        metadata = self._call_metadata(write=not all(op.kind in _READ_KINDS for op in ops))
+        with self._deadline:
+            for attempt in itertools.count():
+                try:
+                    return self._send_batch(header, arrays, ops, unary=unary, metadata=metadata)
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                    if not (isinstance(error, UnavailableError) and self._may_retry(attempt)):
+                        raise error from None
+                except StopIteration:
+                    raise InternalError("the server's batch reply ended before its results") from None
+                except CodecError as exc:
+                    raise InternalError(f"the server's batch reply is malformed: {exc}") from None
         raise AssertionError("unreachable")
 
-    def _batch_outcomes(self, replies: Iterator[bytes], ops: Sequence[QueuedOp]) -> Outcomes:
-        try:
-            first = pb.BatchReply.FromString(next(replies))
-            layout: list[tuple[int, int, DType, Shape] | None] = []
-            total = 0
-            for result in first.results:
-                if result.HasField("value"):
-                    dtype, shape = codec.tensor_header_from_proto(result.value)
-                    nbytes = codec.nbytes_of(shape, dtype)
-                    layout.append((total, nbytes, dtype, shape))
-                    total += nbytes
-                else:
-                    layout.append(None)
-            received = wire.Assembler(total, "the server's batch reply")
-            for raw in replies:
-                chunk, data = wire.parse(pb.BatchReply, raw, (15,))
-                received.add(chunk.offset, data)
-            received.check_complete()
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        except StopIteration:
-            raise InternalError("the server's batch reply ended before its results") from None
-        except CodecError as exc:
-            raise InternalError(f"the server's batch reply is malformed: {exc}") from None
-        received.buffer.flags.writeable = False
+    def _send_batch(
+        self,
+        header: pb.BatchHeader,
+        arrays: Sequence[Array],
+        ops: Sequence[QueuedOp],
+        *,
+        unary: bool,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> Outcomes:
+        """One attempt of a batch: as one message each way, or as streams."""
+        options: dict[str, Any] = {
+            "timeout": self._deadline.left(),
+            "metadata": metadata,
+            "wait_for_ready": self.wait_for_ready,
+        }
+        if unary:
+            payload = wire.join_data(pb.BatchChunk(header=header).SerializeToString(), arrays)
+            reply, data = wire.parse(pb.BatchReply, self._unary_stub("Batch")(payload, **options), (15,))
+            if data.nbytes != _reply_bytes(reply):
+                raise CodecError(f"{data.nbytes} bytes of values, its results announce {_reply_bytes(reply)}")
+            return self._batch_outcomes(reply, lambda offset, nbytes: data[offset : offset + nbytes], ops)
+        stream = self._channel().stream_stream(
+            _SERVICE + "BatchStream", request_serializer=None, response_deserializer=None
+        )
+        replies = iter(stream(_batch_messages(header, arrays), **options))
+        reply = pb.BatchReply.FromString(next(replies))
+        received = wire.Received(_reply_bytes(reply), "the server's batch reply")
+        for raw in replies:
+            chunk, data = wire.parse(pb.BatchReply, raw, (15,))
+            received.add(chunk.offset, data)
+        received.check_complete()
+        return self._batch_outcomes(reply, received.view, ops)
+
+    def _small_reply(self, ops: Sequence[QueuedOp]) -> bool:
+        """Whether the reply's values are known to fit STREAM_THRESHOLD (sizes last seen of reads)."""
+        total = 0
+        for op in ops:
+            if op.kind == pb.BATCH_OP_READ:
+                size = self._sizes.get(op.name)
+                if size is None:
+                    return False
+                total += size
+            elif op.kind == pb.BATCH_OP_READ_PREFIX:
+                return False
+            elif op.array is not None and op.read_value:
+                total += op.array.nbytes
+        return total <= STREAM_THRESHOLD
+
+    def _batch_outcomes(
+        self, reply: pb.BatchReply, view: Callable[[int, int], Any], ops: Sequence[QueuedOp]
+    ) -> Outcomes:
+        """Every operation's outcomes from the reply's results and its values' bytes (`view`)."""
         outcomes: Outcomes = [[] for _ in ops]
-        for result, place in zip(first.results, layout, strict=True):
+        offset = 0
+        for result in reply.results:
             if result.code:
-                error = from_status(
-                    _STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN), result.message
-                )
-                outcomes[result.op].append(Outcome(error=error))
+                code = _STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)
+                outcomes[result.op].append(Outcome(error=from_status(code, result.message)))
                 continue
             info = self._remember(_info(result.info)) if result.HasField("info") else None
             value = None
-            if place is not None:
-                offset, nbytes, dtype, shape = place
-                value = codec.array_from_buffer(received.buffer[offset : offset + nbytes], dtype, shape)
+            if result.HasField("value"):
+                dtype, shape = codec.tensor_header_from_proto(result.value)
+                nbytes = codec.nbytes_of(shape, dtype)
+                value = codec.array_from_buffer(view(offset, nbytes), dtype, shape)
+                offset += nbytes
             outcomes[result.op].append(Outcome(info, value))
         for op in ops:
             if op.kind == pb.BATCH_OP_DELETE:
                 self._forget(op.name)
         return outcomes
+
+
+def _reply_bytes(reply: pb.BatchReply) -> int:
+    """The bytes of the values a batch reply announces."""
+    total = 0
+    for result in reply.results:
+        if result.HasField("value"):
+            dtype, shape = codec.tensor_header_from_proto(result.value)
+            total += codec.nbytes_of(shape, dtype)
+    return total
+
+
+def _batch_messages(header: pb.BatchHeader, arrays: Sequence[Array]) -> Iterator[bytes]:
+    """BatchStream's requests: the header, then the values' bytes in chunks, framed as they are sent."""
+    yield pb.BatchChunk(header=header).SerializeToString()
+    # A tensor goes whole up to STREAM_THRESHOLD (below every server's message limit), so that the server
+    # can use it in place.
+    writer = wire.ChunkWriter(CHUNK_BYTES, STREAM_THRESHOLD)
+    for array in arrays:
+        writer.add(array)
+        yield from writer.messages
+        writer.messages.clear()
+    yield from writer.finish()

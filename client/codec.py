@@ -10,7 +10,7 @@ import functools
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from tensorps.v1 import tensorps_pb2 as pb
 
 MAX_RANK = 32
 MAX_NAME_LENGTH = 255
+_MAX_DIM = 2**63 - 1
 
 Shape = tuple[int, ...]
 
@@ -126,6 +127,8 @@ def validate_shape(shape: Sequence[int]) -> Shape:
         raise CodecError(f"shape has rank {len(dims)}, the limit is {MAX_RANK}")
     if any(d < 0 for d in dims):
         raise CodecError(f"shape {format_shape(dims)} has a negative dimension")
+    if any(d > _MAX_DIM for d in dims):  # the wire's dims are int64
+        raise CodecError(f"shape {format_shape(dims)} has a dimension beyond {_MAX_DIM}")
     return dims
 
 
@@ -183,10 +186,33 @@ def array_from_buffer(data: Any, dtype: DType, shape: Shape) -> np.ndarray[Any, 
             f"tensor content has {actual} bytes, but shape {format_shape(shape)} of {dtype.name} "
             f"needs {expected}"
         )
-    array = np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
-    if dtype.code == pb.DT_BOOL and expected and array.view(np.uint8).max() > 1:
-        raise CodecError("bool tensor content holds bytes other than 0 and 1")
-    return array
+    # Only the length is checked here; whether the bytes are values of the dtype is check_values's job,
+    # which the server's ops run on every value, whichever transport brought it.
+    return np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
+
+
+def check_values(array: np.ndarray[Any, Any], *, name: str = "") -> None:
+    """Refuse a tensor the store cannot hold: a rank beyond MAX_RANK, or content that holds no value of its
+    dtype (a bool byte other than 0 or 1).
+
+    numpy makes arrays of up to 64 dims and stores any byte in a bool array (np.uint8(2).view(bool)); such a
+    byte would poison every later read of the variable. The server's ops call this on each value they are
+    asked to store, so the network and the same-host (shm://) clients pass through exactly the same check.
+    """
+    if array.ndim > MAX_RANK:
+        where = f" for variable '{name}'" if name else ""
+        raise CodecError(f"a value of rank {array.ndim}{where}: the limit is {MAX_RANK}")
+    if array.dtype != np.bool_ or not array.size:
+        return
+    raw = array.view(np.uint8)
+    if raw.max() <= 1:
+        return
+    first = int(np.flatnonzero(raw.reshape(-1) > 1)[0])
+    index = [int(i) for i in np.unravel_index(first, array.shape)]
+    where = f"variable '{name}': " if name else ""
+    raise CodecError(
+        f"{where}the bool value holds byte {int(raw.reshape(-1)[first])} at element {index}; a bool is 0 or 1"
+    )
 
 
 def tensor_header_from_proto(proto: pb.TensorProto) -> tuple[DType, Shape]:
@@ -205,36 +231,186 @@ def tensor_from_parts(proto: pb.TensorProto, content: Any) -> np.ndarray[Any, An
     return array_from_buffer(content, dtype, shape)
 
 
-def from_python(value: Any, dtype: DType, *, name: str = "") -> np.ndarray[Any, Any]:
-    """Python scalars and (nested) lists as an array of `dtype`, converted only losslessly, as TF does.
+# Which kinds of Python number become which kinds of dtype, as tf.constant allows it: bools only bool, no
+# float becomes an integer ([2.0] for int32 fails, as in TF), no complex a real (bfloat16's kind is "V").
+_ALLOWED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "V": "iuf", "c": "iufc"}
+_PYTHON_KINDS: dict[type, str] = {bool: "b", int: "i", float: "f", complex: "c"}
+# The Python containers a value may nest (numpy takes any sequence; these are the ones that hold numbers).
+_SEQUENCES = (list, tuple, range)
+_KIND_NAMES = {"b": "a bool", "i": "an int", "f": "a float", "c": "a complex number"}
 
-    Floats never become integers ([[2.5, 3]] for int32 fails, as tf.constant does); integers must fit the
-    target's range; bools only go to bool; finite floats must stay finite.
+
+def from_python(value: Any, dtype: DType, *, name: str = "") -> np.ndarray[Any, Any]:
+    """Python scalars and (nested) lists as an array of `dtype`, converted only losslessly.
+
+    - Kinds as tf.constant allows them: bools only become bool, floats never an integer dtype, complex
+      numbers never a real one.
+    - Every element must round-trip: converted back, it equals the original (NaN matches NaN, complex parts
+      each), so 16777217 is no float32, 0.1 no float32, 1e-10 no float16 and 2**40 no int32.
+    - A numpy scalar or array inside the list is numpy data, which is never cast (as when passed alone):
+      its dtype must be `dtype`.
+    Each refusal names the first offending element, by index and value.
     """
     where = f" for variable '{name}'" if name else ""
+    target = dtype.numpy
+    allowed = _ALLOWED_KINDS[target.kind]
+    types = _check_leaves(value, dtype, allowed, where)
     try:
         source = np.array(value)
-    except (ValueError, TypeError) as exc:
-        raise CodecError(f"cannot convert {value!r} to a tensor{where}: {exc}") from None
-    target = dtype.numpy
-    kind = source.dtype.kind
-    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf", "c": "iufc", "V": "iuf"}[target.kind]
-    if source.size and kind not in allowed:
+        if int in types and source.dtype.kind in "fc" and np.any(np.abs(source) >= 2**53):
+            # numpy made floats of the ints (mixed with floats, or int64 with uint64), rounding those of
+            # 2**53 and beyond before any check could see them: keep the Python ints instead.
+            source = np.array(value, dtype=object)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CodecError(f"cannot convert {_short(value)} to a tensor{where}: {exc}") from None
+    if source.dtype.kind == "O":
+        # Integers beyond int64 and uint64 (or a mix of both): numpy keeps them as Python objects.
+        converted, same = _convert_objects(source, target)
+    elif source.size and source.dtype.kind not in allowed:
+        # Every element was allowed, but numpy promoted their mix (uint64 with a negative int: float64).
         raise CodecError(f"cannot convert {_short(value)} to {dtype.name}{where} without loss")
-    if kind == "O" or kind not in "biufc":
-        raise CodecError(f"cannot convert {_short(value)} to {dtype.name}{where}")
-    with np.errstate(all="ignore"):
-        converted = source.astype(target)
-    if kind in "iu" and target.kind in "iu":
-        info = np.iinfo(target)
-        if source.size and (source.min() < info.min or source.max() > info.max):
-            raise CodecError(f"{_short(value)} does not fit in {dtype.name}{where}")
-    if kind in "iufc" and target.kind in "fcV":
-        widened = converted.astype(np.complex128 if target.kind == "c" else np.float64)
-        overflow = np.isinf(widened) & np.isfinite(source)
-        if np.any(overflow):
-            raise CodecError(f"{_short(value)} overflows {dtype.name}{where}")
+    else:
+        with np.errstate(all="ignore"):
+            converted = source.astype(target)
+        same = _round_trips(source, converted)
+    if not same.all():
+        first = int(np.flatnonzero(~same.reshape(-1))[0])
+        index = tuple(int(i) for i in np.unravel_index(first, source.shape))
+        original = source.reshape(-1)[first]
+        original = original if source.dtype.kind == "O" else original.item()
+        raise CodecError(
+            f"cannot convert {_short(value)} to {dtype.name}{where} without loss: {_element(index)}"
+            f"{original!r} {_why(original, converted.reshape(-1)[first], dtype)}"
+        )
     return converted
+
+
+def _check_leaves(value: Any, dtype: DType, allowed: str, where: str) -> set[type]:
+    """Refuse elements that are no number, of a kind that never becomes `dtype`, or numpy data of another
+    dtype; returns the elements' types. The usual case (lists of Python numbers) costs a set per list."""
+    types: set[type] = set()
+    _leaf_types(value, types)
+    fine = {t for t, kind in _PYTHON_KINDS.items() if kind in allowed} | {dtype.numpy.type}
+    if types <= fine:
+        return types
+    for index, leaf in _leaves(value, ()):
+        if isinstance(leaf, np.ndarray | np.generic):
+            if leaf.dtype != dtype.numpy:
+                raise CodecError(
+                    f"cannot convert {_short(value)} to {dtype.name}{where}: {_element(index)}is numpy "
+                    f"{leaf.dtype} data, which is never cast"
+                )
+            continue
+        kind = _PYTHON_KINDS.get(type(leaf))
+        if kind is None:
+            raise CodecError(
+                f"cannot convert {_short(value)} to {dtype.name}{where}: {_element(index)}{_short(leaf)} "
+                "is no bool, int, float or complex"
+            )
+        if kind not in allowed:
+            raise CodecError(
+                f"cannot convert {_short(value)} to {dtype.name}{where} without loss: {_element(index)}"
+                f"{leaf!r} is {_KIND_NAMES[kind]}, which never becomes {dtype.name} (as in TF)"
+            )
+    return types
+
+
+def _leaf_types(value: Any, types: set[type]) -> None:
+    if not isinstance(value, _SEQUENCES):
+        types.add(type(value))
+        return
+    kinds = set(map(type, value))
+    if any(issubclass(k, _SEQUENCES) for k in kinds):
+        for item in value:
+            _leaf_types(item, types)
+    else:
+        types |= kinds
+
+
+def _leaves(value: Any, index: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], Any]]:
+    """The elements of nested lists and tuples with their indices (a numpy array inside is one element)."""
+    if isinstance(value, _SEQUENCES):
+        for i, item in enumerate(value):
+            yield from _leaves(item, (*index, i))
+    else:
+        yield index, value
+
+
+def _same(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    same: np.ndarray[Any, Any] = (a == b) | (np.isnan(a) & np.isnan(b))
+    return same
+
+
+def _round_trips(source: np.ndarray[Any, Any], converted: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Per element: does `converted` hold exactly the value of `source`? Compared in types that hold both
+    exactly (never by converting back alone: int64 -> uint64 -> int64 wraps around to the same bits)."""
+    kind, target = source.dtype.kind, converted.dtype.kind
+    if kind == "b":
+        return np.ones(source.shape, np.bool_)
+    if kind in "iu" and target in "iu":
+        same: np.ndarray[Any, Any] = (converted.astype(source.dtype) == source) & (
+            (converted < 0) == (source < 0)
+        )
+        return same
+    wide = converted.astype(np.complex128 if target == "c" else np.float64)
+    if kind in "iu":
+        # The converted value is an integer (or inf): compare as integers, where it is one of the source's.
+        real = np.real(wide)
+        info = np.iinfo(source.dtype)
+        inside = np.isfinite(real) & (real >= float(info.min)) & (real < float(info.max + 1))
+        same = inside & (np.where(inside, real, 0).astype(source.dtype) == source)
+        return same
+    same = _same(np.real(wide), np.real(source)) & _same(np.imag(wide), np.imag(source))
+    return same
+
+
+def _convert_objects(
+    source: np.ndarray[Any, Any], target: np.dtype[Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Element by element, for what numpy keeps as Python objects (integers beyond 64 bits)."""
+    flat = source.reshape(-1)
+    converted = np.zeros(flat.size, target)
+    same = np.zeros(flat.size, np.bool_)
+    # float() and complex() first: bfloat16 takes no Python int, and a huge int overflows float().
+    as_python = {"i": int, "u": int, "f": float, "V": float, "c": complex}[target.kind]
+    with np.errstate(all="ignore"):
+        for i, element in enumerate(flat):
+            if isinstance(element, np.generic):
+                converted[i], same[i] = element, True  # its dtype is the target's (_check_leaves)
+                continue
+            try:
+                converted[i] = as_python(element)
+            except (OverflowError, TypeError, ValueError):
+                continue
+            same[i] = _same_number(as_python(converted[i]), element)
+    return converted.reshape(source.shape), same.reshape(source.shape)
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """Python compares an int with a float or complex exactly; here NaN also matches NaN, part by part."""
+    if a == b:
+        return True
+    if not (isinstance(a, float | complex) and isinstance(b, float | complex)):
+        return False
+    a, b = complex(a), complex(b)
+    pairs = ((a.real, b.real), (a.imag, b.imag))
+    return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in pairs)
+
+
+def _element(index: tuple[int, ...]) -> str:
+    return f"element {list(index)} " if index else ""
+
+
+def _why(original: Any, converted: Any, dtype: DType) -> str:
+    if dtype.numpy.kind in "iu":
+        info = np.iinfo(dtype.numpy)
+        return f"is outside the range of {dtype.name} [{info.min}, {info.max}]"
+    wide = complex(converted)
+    if not (math.isfinite(wide.real) and math.isfinite(wide.imag)):
+        return f"overflows {dtype.name}"
+    if wide == 0:
+        return f"underflows to 0 in {dtype.name}"
+    return f"is no {dtype.name} (the nearest is {converted})"
 
 
 def _short(value: Any) -> str:

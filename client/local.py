@@ -16,16 +16,18 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from tensorps.client import codec
 from tensorps.client.batch import Outcome, Outcomes, QueuedOp
-from tensorps.client.client import Array, Client, ServerInfo, VariableInfo, WriteFlags
-from tensorps.client.codec import CodecError, DType, Shape
-from tensorps.client.errors import (
-    InternalError,
-    InvalidArgumentError,
-    NotFoundError,
-    from_status,
+from tensorps.client.client import (
+    Array,
+    Client,
+    ServerInfo,
+    VariableInfo,
+    WriteFlags,
+    _CallDeadline,
+    _check_options,
 )
+from tensorps.client.codec import DType, Shape
+from tensorps.client.errors import InternalError, NotFoundError, from_status
 from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Info, Ops
 from tensorps.server.service import status_of
@@ -67,8 +69,33 @@ _CLIENT_ERRORS = _ClientErrors()
 class LocalClient(Client):
     """A Client on a store on this host (see the module docstring). Made by Client("shm://PATH")."""
 
-    def __init__(self, target: str, **_ignored: Any) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        timeout: float | None = None,
+        channels: int = 2,
+        wait_for_ready: bool = False,
+    ) -> None:
+        # The options do not apply on the same host, but a wrong one is the same UsageError as over gRPC.
+        _check_options(
+            token=token,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            timeout=timeout,
+            channels=channels,
+            wait_for_ready=wait_for_ready,
+        )
         self.target = target
+        self.timeout = timeout
+        self.wait_for_ready = bool(wait_for_ready)
+        self._closed = False
+        self._deadline = _CallDeadline(self)
         path = target.removeprefix(SCHEME)
         if not os.path.isfile(os.path.join(path, "meta")):
             raise NotFoundError(f"no tensorps store at {path}")
@@ -83,38 +110,34 @@ class LocalClient(Client):
         self._executor = None
 
     def close(self) -> None:
-        self._close_background()
-        self._ops.store.close()
+        if not self._closed:
+            self._closed = True
+            self._close_background()
+            self._ops.store.close()
 
-    def _errors(self, name: str | None = None) -> _ClientErrors:
-        """The server's errors as the remote client raises them; checks `name` first, as the server does."""
-        if name is not None:
-            try:
-                codec.validate_name(name)
-            except CodecError as exc:
-                raise InvalidArgumentError(str(exc)) from None
+    def _errors(self) -> _ClientErrors:
+        """The server's errors as the remote client raises them (names were checked at the API boundary)."""
         return _CLIENT_ERRORS
 
     # ---- the primitives the remote client sends over gRPC ----------------------------------------
 
     def _create(self, name: str, dtype: DType, shape: Shape | None, array: Array | None) -> VariableInfo:
-        with self._errors(name):
+        with self._errors():
             return _variable_info(self._ops.create(name, dtype, shape, array))
 
-    def delete(self, name: str) -> None:
-        self._forget(name)
-        with self._errors(name):
+    def _delete(self, name: str) -> None:
+        with self._errors():
             self._ops.delete(name)
 
-    def info(self, name: str) -> VariableInfo:
-        with self._errors(name):
-            return self._remember(_variable_info(self._ops.info(name)))
+    def _get_info(self, name: str) -> VariableInfo:
+        with self._errors():
+            return _variable_info(self._ops.info(name))
 
-    def list(self, prefix: str = "") -> list[VariableInfo]:
+    def _list(self, prefix: str) -> list[VariableInfo]:
         with self._errors():
             return [_variable_info(info) for info in self._ops.list(prefix)]
 
-    def server_info(self) -> ServerInfo:
+    def _server_info(self) -> ServerInfo:
         store = self._ops.store
         return ServerInfo(
             pid=os.getpid(),
@@ -126,23 +149,23 @@ class LocalClient(Client):
             version=metadata.version("tensorps"),
         )
 
-    def read(self, name: str) -> Array:
+    def _read(self, name: str) -> Array:
         self._ops.store.release_unused()
 
         def copy(info: Info, view: Array) -> Array:
             self._remember(_variable_info(info))
             return _read_only(view.copy())
 
-        with self._errors(name):
+        with self._errors():
             return self._ops.read(name, copy)
 
     def _read_stream(self, name: str) -> Array:
-        return self.read(name)
+        return self._read(name)
 
-    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags, *, idempotent: bool) -> Any:
+    def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags) -> Any:
         read_value = flags.read_value
         self._ops.store.release_unused()
-        with self._errors():  # the name was checked with the value
+        with self._errors():
             if op == pb.WRITE_OP_ASSIGN:
                 info, value = self._ops.assign(
                     name,

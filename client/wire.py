@@ -8,6 +8,7 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -200,16 +201,29 @@ def _flat_bytes(array: Any) -> memoryview:
     return memoryview(array).cast("B")
 
 
-class ChunkWriter:
-    """Many tensors' bytes, concatenated, as `offset = 2, data = 15` messages of about `chunk_bytes`.
+def join_data(prefix: bytes, arrays: Sequence[Any]) -> bytes:
+    """`prefix` followed by one `data = 15` field holding the arrays' bytes concatenated (one copy)."""
+    views = [_flat_bytes(array) for array in arrays]
+    total = sum(view.nbytes for view in views)
+    return b"".join((prefix, _tag(15, _LEN), encode_varint(total), *views))
 
-    `add` copies what it is given before it returns (a full chunk straight into its message, the pieces
-    of a partial one into the next message's parts), so that a caller may add a view of shared memory
-    under a lock and release the lock afterwards. Small tensors share messages.
+
+class ChunkWriter:
+    """Many tensors' bytes, concatenated, as `offset = 2, data = 15` messages.
+
+    Small tensors share messages of up to `chunk_bytes`, and none is split: one that does not fit the
+    message being filled starts the next. A tensor of `chunk_bytes` or more gets messages of its own, each
+    at most `max_bytes` (one, when the peer's message limit allows). So a receiver can view nearly every
+    tensor in place in the message that brought it (Received).
+
+    `add` copies what it is given before it returns (a large tensor straight into its messages, a small
+    one into the parts of the next), so that a caller may add a view of shared memory under a lock and
+    release the lock afterwards.
     """
 
-    def __init__(self, chunk_bytes: int) -> None:
+    def __init__(self, chunk_bytes: int, max_bytes: int | None = None) -> None:
         self.chunk_bytes = chunk_bytes
+        self.max_bytes = max(chunk_bytes, max_bytes or 0)
         self.messages: list[bytes] = []
         self.nbytes = 0  # bytes added so far
         self._pending: list[bytes] = []
@@ -217,19 +231,19 @@ class ChunkWriter:
 
     def add(self, array: Any) -> None:
         flat = _flat_bytes(array)
-        pos, size = 0, flat.nbytes
-        while pos < size:
-            room = self.chunk_bytes - self._pending_bytes
-            piece = flat[pos : pos + room]
-            if not self._pending and piece.nbytes == self.chunk_bytes:
+        size = flat.nbytes
+        if size >= self.chunk_bytes:
+            self.flush()
+            for pos in range(0, size, self.max_bytes):
+                piece = flat[pos : pos + self.max_bytes]
                 self.messages.append(_data_message(self.nbytes, (piece,), piece.nbytes))
                 self.nbytes += piece.nbytes
-            else:
-                self._pending.append(bytes(piece))
-                self._pending_bytes += piece.nbytes
-                if self._pending_bytes == self.chunk_bytes:
-                    self.flush()
-            pos += piece.nbytes
+            return
+        if self._pending_bytes + size > self.chunk_bytes:
+            self.flush()
+        if size:
+            self._pending.append(bytes(flat))
+            self._pending_bytes += size
 
     def flush(self) -> None:
         if self._pending:
@@ -242,23 +256,48 @@ class ChunkWriter:
         return self.messages
 
 
-class Assembler:
-    """Receives `offset`/`data` chunks of a known number of bytes into one buffer, in order, no gaps."""
+class Received:
+    """`offset`/`data` chunks of a known number of bytes, in order and without gaps, kept as they came.
+
+    A tensor that lies within one chunk is viewed in place (no copy: ChunkWriter sends nearly every tensor
+    so); one that spans chunks is joined, copied once.
+    """
 
     def __init__(self, nbytes: int, what: str) -> None:
-        self.buffer = np.empty(nbytes, np.uint8)
+        self.nbytes = nbytes
         self.filled = 0
         self.what = what
+        self._starts: list[int] = []
+        self._chunks: list[memoryview] = []
 
     def add(self, offset: int, data: Any) -> None:
-        size = memoryview(data).nbytes
+        view = memoryview(data).cast("B")
         if offset != self.filled:
             raise CodecError(f"{self.what}: chunk at offset {offset}, expected {self.filled}")
-        if self.filled + size > self.buffer.nbytes:
-            raise CodecError(f"{self.what}: more than the {self.buffer.nbytes} bytes its header announced")
-        self.buffer[self.filled : self.filled + size] = np.frombuffer(data, np.uint8)
-        self.filled += size
+        if self.filled + view.nbytes > self.nbytes:
+            raise CodecError(f"{self.what}: more than the {self.nbytes} bytes its header announced")
+        if view.nbytes:
+            self._starts.append(offset)
+            self._chunks.append(view)
+            self.filled += view.nbytes
 
     def check_complete(self) -> None:
-        if self.filled != self.buffer.nbytes:
-            raise CodecError(f"{self.what} ended after {self.filled} of {self.buffer.nbytes} bytes")
+        if self.filled != self.nbytes:
+            raise CodecError(f"{self.what} ended after {self.filled} of {self.nbytes} bytes")
+
+    def view(self, offset: int, nbytes: int) -> Any:
+        """The bytes [offset, offset + nbytes) of the received data (read-only)."""
+        if not nbytes:
+            return memoryview(b"")
+        index = bisect.bisect_right(self._starts, offset) - 1
+        within = offset - self._starts[index]
+        chunk = self._chunks[index]
+        if within + nbytes <= chunk.nbytes:
+            return chunk[within : within + nbytes]
+        parts = []
+        while nbytes:
+            piece = self._chunks[index][within : within + nbytes]
+            parts.append(piece)
+            nbytes -= piece.nbytes
+            index, within = index + 1, 0
+        return b"".join(parts)

@@ -5,9 +5,9 @@
     python -m tensorps.examples.train --role worker --worker-index auto --num-workers 2
 
 Every process derives the same dataset from --seed, so no data is shipped; worker i of K trains on rows
-i, i+K, i+2K, ... A step: claim a step number with a locked assign_add on the global step counter (so that
-exactly --steps updates happen however many workers run), read the weights, compute the gradient of the mean
-squared error on a minibatch with numpy, and apply it:
+i, i+K, i+2K, ... A step is two batched calls: the pull claims a step number with a locked assign_add on the
+global step counter (so that exactly --steps updates happen however many workers run) and reads the weights;
+the push applies the gradient of the mean squared error on a minibatch (numpy) to every variable:
 
     --update assign_sub   unlocked assign_sub of lr * gradient: Hogwild, concurrent updates may interleave
     --update assign       locked assign of w - lr * gradient: a stale read may overwrite another's update
@@ -195,24 +195,31 @@ def train_worker(args: argparse.Namespace, *, index: int | None, quiet: bool) ->
         deadline = start + args.timeout
         done = done_at_log = 0
         while True:
-            step = int(ps.assign_add(names.step, one, use_locking=True))
+            # The pull: claim a step and read the model in one batched call.
+            claimed, w, b_value = (
+                ps.pipeline()
+                .assign_add(names.step, one, use_locking=True)
+                .read(names.weights)
+                .read(names.bias)
+                .execute()
+            )
+            step, b = int(claimed), float(b_value)
             if step > args.steps:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{label}: stopped by --timeout {args.timeout:g} s at step {step}")
-            w = ps.read(names.weights)
-            b = float(ps.read(names.bias))
             rows = rng.integers(0, len(shard_y), args.batch_size)
             xb = shard_x[rows]
             err = xb @ w.astype(np.float64) + b - shard_y[rows]
             grad_w = (2.0 / args.batch_size) * (xb.T @ err)
             grad_b = 2.0 * float(np.mean(err))
+            # The push: the whole update in one batched call.
             if args.update == "assign_sub":
-                ps.assign_sub(names.weights, (args.lr * grad_w).astype(np.float32), read_value=False)
-                ps.assign_sub(names.bias, np.asarray(args.lr * grad_b, np.float32), read_value=False)
+                deltas = {names.weights: args.lr * grad_w, names.bias: np.asarray(args.lr * grad_b)}
+                ps.assign_sub_many({n: d.astype(np.float32) for n, d in deltas.items()})
             else:
-                ps.assign(names.weights, (w - args.lr * grad_w).astype(np.float32), read_value=False)
-                ps.assign(names.bias, np.asarray(b - args.lr * grad_b, np.float32), read_value=False)
+                updated = {names.weights: w - args.lr * grad_w, names.bias: np.asarray(b - args.lr * grad_b)}
+                ps.assign_many({n: v.astype(np.float32) for n, v in updated.items()})
             done += 1
             now = time.monotonic()
             if not quiet and now - last_log >= args.log_interval:
@@ -220,11 +227,11 @@ def train_worker(args: argparse.Namespace, *, index: int | None, quiet: bool) ->
                 shard_loss = problem.loss(w, b, slice(index, None, args.num_workers))
                 say(
                     f"{label}: step {step:>6}/{args.steps}  shard loss {shard_loss:10.6f}  "
-                    f"{rate:6.0f} updates/s here"
+                    f"{rate:6.0f} steps/s here"
                 )
                 last_log, done_at_log = now, done
         elapsed = time.monotonic() - start
-        say(f"{label}: {done} updates in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f}/s)")
+        say(f"{label}: {done} steps in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f} steps/s)")
         return done, elapsed
 
 
@@ -259,7 +266,7 @@ def report(ps: Client, args: argparse.Namespace, problem: Problem, updates: int,
     say(
         f"final loss {loss:.6f} (threshold {args.threshold:g}, noise floor {problem.noise_floor:.6f}, "
         f"|w - w*| {distance:.4f}) after {updates} updates in {elapsed:.1f} s, "
-        f"{updates / max(elapsed, 1e-9):.0f} updates/s: {'converged' if converged else 'did NOT converge'}"
+        f"{updates / max(elapsed, 1e-9):.0f} steps/s: {'converged' if converged else 'did NOT converge'}"
     )
     return EXIT_CONVERGED if converged else EXIT_NOT_CONVERGED
 
@@ -275,7 +282,7 @@ def monitor(
     start = last_log = time.monotonic()
     deadline = start + args.timeout
     last_step = 0
-    say(f"{'step':>14}  {'loss':>12}  updates/s")
+    say(f"{'step':>14}  {'loss':>12}  steps/s")
     while True:
         time.sleep(min(args.log_interval, 0.05))
         step = min(int(ps.read(names.step)), args.steps)

@@ -38,6 +38,7 @@ log = logging.getLogger("tensorps.server")
 # Room for the protobuf framing around a tensor of max_message_bytes.
 _FRAMING_SLACK = 64 * 1024
 _RESTART_BACKOFF_MAX = 10.0
+_MAX_SEND = 2**31 - 1
 MIN_MESSAGE_BYTES = 4 << 20
 
 
@@ -49,7 +50,9 @@ def grpc_options(config: ServerConfig, *, reuseport: bool) -> list[tuple[str, in
     limit = config.max_message_bytes + _FRAMING_SLACK
     return [
         ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        # Sending is not what the limit protects: a Batch reply larger than its client expected (a
+        # variable grew) must still go out in one message, after its writes were applied.
+        ("grpc.max_send_message_length", _MAX_SEND),
         ("grpc.so_reuseport", 1 if reuseport else 0),
     ]
 

@@ -28,7 +28,7 @@ _READ_ONLY_METHODS = frozenset(
 
 
 # Read-only tokens may call these, which then refuse any write they carry (PERMISSION_DENIED).
-_CONTENT_CHECKED_METHODS = frozenset({"/tensorps.v1.ParameterServer/Batch"})
+_CONTENT_CHECKED_METHODS = frozenset(f"/tensorps.v1.ParameterServer/{m}" for m in ("Batch", "BatchStream"))
 
 
 class TokenFileError(Exception):
@@ -122,9 +122,10 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if token is None:
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if token.read_only and method in _CONTENT_CHECKED_METHODS:
-            behaviour: Any = handler.stream_stream
+            kind = "unary_unary" if handler.unary_unary is not None else "stream_stream"
+            behaviour: Any = getattr(handler, kind)
             return handler._replace(  # type: ignore[attr-defined,no-any-return]
-                stream_stream=functools.partial(behaviour, read_only=True)
+                **{kind: functools.partial(behaviour, read_only=True)}
             )
         if token.read_only and method not in _READ_ONLY_METHODS:
             return _abort_handler(

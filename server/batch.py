@@ -16,15 +16,25 @@ Reads in an atomic batch see the batch's own earlier writes; readers elsewhere s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from tensorps.client.codec import CodecError, DType, Shape, dtype_from_code, dtype_of, validate_name
+from tensorps.client.codec import (
+    CodecError,
+    DType,
+    Shape,
+    check_values,
+    dtype_from_code,
+    dtype_of,
+    validate_name,
+)
 from tensorps.server import commits
 from tensorps.server.ops import (
+    NO_REQUEST,
     AlreadyExists,
     Info,
     InvalidArgument,
@@ -37,6 +47,7 @@ from tensorps.server.ops import (
     check_update,
     created_descriptor,
 )
+from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -81,6 +92,7 @@ class BatchOp(NamedTuple):
     validate_shape: bool = True
     use_locking: bool = True
     read_value: bool = True
+    request: bytes | None = None  # this operation's request id (exactly-once retries), if any
 
 
 class Result(NamedTuple):
@@ -109,14 +121,20 @@ def run_batch(
     *,
     atomic: bool,
     consume: Consume,
+    request: bytes | None = None,
     reserve: Callable[[int], None] | None = None,
 ) -> list[Result]:
     """Run `batch` over `ops`; results in order (a READ_PREFIX op gives one per variable it read).
+
+    With a request id, each operation gets its own (derived from the batch's and its index), so that a
+    retried batch applies no operation twice: each one that happened answers with its first outcome.
 
     `reserve(nbytes)`, if given, runs before a write whose value comes back (of that many bytes) is
     applied, so that room for what consume keeps is refused before the write rather than after it (in an
     atomic batch consume runs before anything is applied, so a refusal there is in time anyway).
     """
+    if request is not None:
+        batch = [op._replace(request=op_request(request, index)) for index, op in enumerate(batch)]
     if atomic:
         return _Atomic(ops, batch, consume).run()
     results: list[Result] = []
@@ -129,6 +147,11 @@ def run_batch(
         except OpError as error:
             results.append(Result(index, error=error))
     return results
+
+
+def op_request(request: bytes, index: int) -> bytes:
+    """The request id of a batch's operation `index`."""
+    return hashlib.blake2b(request + index.to_bytes(4, "little"), digest_size=16).digest()
 
 
 def _checked_name(name: str) -> str:
@@ -154,7 +177,7 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
     name = _checked_name(op.name)
     if kind == CREATE:
         assert op.dtype is not None
-        return [Result(index, ops.create(name, op.dtype, op.shape, op.value))]
+        return [Result(index, ops.create(name, op.dtype, op.shape, op.value, request=op.request))]
     if kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB):
         assert op.value is not None
         if kind == ASSIGN:
@@ -164,6 +187,7 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                 validate_shape=op.validate_shape,
                 use_locking=op.use_locking,
                 read_value=op.read_value,
+                request=op.request,
             )
         else:
             info, value = ops.assign_add(
@@ -172,6 +196,7 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                 use_locking=op.use_locking,
                 read_value=op.read_value,
                 subtract=kind == ASSIGN_SUB,
+                request=op.request,
             )
         return [Result(index, info, None if value is None else consume(info, value))]
     if kind == READ:
@@ -179,7 +204,7 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
     if kind == INFO:
         return [Result(index, ops.info(name))]
     if kind == DELETE:
-        ops.delete(name)
+        ops.delete(name, request=op.request)
         return [Result(index)]
     raise InvalidArgument(f"unknown batch operation kind {kind}")
 
@@ -207,6 +232,9 @@ class _Atomic:
         self.consume = consume
         self.vars: dict[str, _Var] = {}
         self.results: list[Result] = []
+        # Request ids of writes a later write of the same variable in this batch supersedes, with the
+        # versions they made: remembered once the batch is published.
+        self.superseded: list[tuple[str, bytes, int, bytes | None]] = []
 
     def run(self) -> list[Result]:
         for index, op in enumerate(self.batch):
@@ -226,6 +254,9 @@ class _Atomic:
             for stripe in stripes:
                 self.ops.acquire(stripe, exclusive=writes)
                 taken.append(stripe)
+            if writes and self._applied_before():
+                self._replay(listed)
+                return self.results
             last_write = self._plan(listed)
             if writes:
                 self._commit(stripes, last_write)
@@ -233,6 +264,54 @@ class _Atomic:
             for stripe in reversed(taken):
                 locks.release(stripe)
         return self.results
+
+    # ---- a retried batch that happened already -------------------------------------------------
+
+    def _applied_before(self) -> bool:
+        """Whether a write of this batch happened already (an atomic batch happens whole or not at all)."""
+        return any(
+            op.kind in WRITES
+            and op.request is not None
+            and self.ops.applied(op.name, self.store.find(op.name), op.request) is not None
+            for op in self.batch
+        )
+
+    def _replay(self, listed: dict[str, list[str]]) -> None:
+        """The results of a batch that happened already: its writes' first outcomes (as far as they are still
+        known), and reads and infos of the variables as they are now."""
+        for index, op in enumerate(self.batch):
+            name = op.name
+            slot = self.store.find(name) if op.kind != READ_PREFIX else None
+            current = None if slot is None else self.store.active(slot)
+            if op.kind == READ_PREFIX:
+                self._read_prefix(index, name, listed[name])
+            elif op.kind == DELETE:
+                self.results.append(Result(index))
+            elif op.kind in (CREATE, INFO):
+                if current is None:
+                    if op.kind == INFO:
+                        raise BatchFailed(index, op, NotFound(f"variable '{name}' does not exist"))
+                    assert op.dtype is not None
+                    current = created_descriptor(name, op.dtype, op.shape, op.value)
+                self.results.append(Result(index, _info(name, current)))
+            elif op.kind == READ:
+                var, d = self._existing(name)
+                self.results.append(
+                    Result(index, _info(name, d), self.consume(_info(name, d), self._value(var, d)))
+                )
+            else:
+                assert op.value is not None and slot is not None
+                done = self.ops.applied(name, slot, op.request) or (
+                    Applied(current.version if current else 0, None),
+                    False,
+                )
+                try:
+                    info, value = self.ops.replayed_write(
+                        name, slot, done, op.value, op=OP_NAMES[op.kind], read_value=op.read_value
+                    )
+                except OpError as error:
+                    raise BatchFailed(index, op, error) from None
+                self.results.append(Result(index, info, None if value is None else self.consume(info, value)))
 
     # ---- plan ----------------------------------------------------------------------------------
 
@@ -300,12 +379,14 @@ class _Atomic:
                 self.ops.check_size(name, d.shape, op.dtype)
             if op.value is not None:
                 d = d._replace(initialized=True, version=1, nbytes=op.value.nbytes)
-            var.d, var.value, var.created = d, op.value, True
+            self._supersede(name, var)
+            var.d, var.value, var.created = d._replace(request=op.request or NO_REQUEST), op.value, True
             self.results.append(Result(index, _info(name, d)))
         elif kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB):
             value = op.value
             assert value is not None
             var, current = self._existing(name)
+            check_values(value, name=name)
             dtype = dtype_of(value.dtype)
             if kind == ASSIGN:
                 check_assign(name, current, dtype, value.shape, op.validate_shape)
@@ -317,7 +398,11 @@ class _Atomic:
                 with np.errstate(all="ignore"):
                     (np.subtract if kind == ASSIGN_SUB else np.add)(self._value(var, current), value, out=new)
             var.value = new
-            var.d = Descriptor(dtype.code, True, value.shape, current.version + 1, value.nbytes)
+            self._supersede(name, var)
+            request = op.request or NO_REQUEST
+            var.d = Descriptor(
+                dtype.code, True, value.shape, current.version + 1, value.nbytes, request=request
+            )
             info = _info(name, var.d)
             self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
         elif kind == READ:
@@ -332,10 +417,25 @@ class _Atomic:
             var, _current = self._existing(name)
             if var.slot is not None and not var.created:
                 var.drop_slot = True
+            self._supersede(name, var)
+            if op.request is not None:
+                self.superseded.append((name, op.request, 0, None))
             var.d, var.value, var.created = None, None, False
             self.results.append(Result(index))
         else:
             raise InvalidArgument(f"unknown batch operation kind {kind}")
+
+    def _supersede(self, name: str, var: _Var) -> None:
+        """A write of this batch replaces the variable's state made by an earlier one of this batch."""
+        d = var.d
+        if (
+            d is not None
+            and d.request != NO_REQUEST
+            and name in self.vars
+            and (var.created or var.value is not None)
+        ):
+            kept = var.value.tobytes() if var.value is not None and var.value.nbytes <= INLINE else None
+            self.superseded.append((name, d.request, d.version, kept))
 
     def _read_prefix(self, index: int, prefix: str, listed: list[str]) -> None:
         names = set(listed)
@@ -385,6 +485,8 @@ class _Atomic:
                 d = d._replace(segment=segment, capacity=capacity)
                 if var.value is not None:
                     np.copyto(self.ops._view(slot, d), var.value)
+                if var.slot is not None and slot not in inserted:
+                    self.ops.retire(name, slot)
                 flips.append((slot, store.prepare(slot, d)))
             for slot, selector in flips:
                 record.add(commits.FLIP, slot, selector)
@@ -396,9 +498,12 @@ class _Atomic:
             committed = True
             for slot, selector in flips:
                 store.flip(slot, selector)
-            for _name, slot in drops:
+            for name, slot in drops:
                 assert slot is not None
+                self.ops.retire(name, slot)
                 store.delete_slot(slot)
+            for name, request, version, value in self.superseded:
+                store.requests.record(self.ops.locks.stripe(name), request, version, value)
         finally:
             if not committed:
                 for slot in inserted:

@@ -7,7 +7,7 @@ into the segment). Values coming back are framed by wire.ChunkWriter under the v
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
@@ -86,15 +86,18 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
     return layouts, total
 
 
-def decode_ops(header: pb.BatchHeader, layouts: list[_Layout | None], data: Any) -> list[BatchOp]:
+def decode_ops(
+    header: pb.BatchHeader, layouts: list[_Layout | None], view: Callable[[int, int], Any]
+) -> list[BatchOp]:
     """The operations with their values as typed views of the received data, TF's defaults filled in."""
     decoded = []
     for index, (op, layout) in enumerate(zip(header.ops, layouts, strict=True)):
         try:
             value = None
             if layout is not None:
-                piece = data[layout.offset : layout.offset + layout.nbytes]
-                value = codec.array_from_buffer(piece, layout.dtype, layout.shape)
+                value = codec.array_from_buffer(
+                    view(layout.offset, layout.nbytes), layout.dtype, layout.shape
+                )
             dtype = None
             if op.kind == CREATE:
                 if layout is not None:
@@ -125,38 +128,62 @@ def decode_ops(header: pb.BatchHeader, layouts: list[_Layout | None], data: Any)
     return decoded
 
 
+def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
+    """The first message's header, every operation checked and its value placed (no data taken yet)."""
+    chunk, _data = wire.parse(pb.BatchChunk, message, (15,))
+    if not chunk.HasField("header"):
+        raise CodecError("the first message of a batch has no header")
+    layouts, total = plan_header(chunk.header, ops, read_only=read_only)
+    return chunk.header, layouts, total
+
+
 def receive(
     messages: Iterator[bytes], ops: Ops, *, read_only: bool, staging: Reservation
 ) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream, and whether it is atomic; its values' bytes are
-    reserved in `staging` before they are allocated."""
+    """A batch's operations from its request stream (BatchStream), and whether it is atomic; its values'
+    bytes are reserved in `staging` before they are taken in."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
-    chunk, data = wire.parse(pb.BatchChunk, first, (15,))
-    if not chunk.HasField("header"):
-        raise CodecError("the first message of a batch stream has no header")
-    header = chunk.header
-    layouts, total = plan_header(header, ops, read_only=read_only)
+    header, layouts, total = _header(first, ops, read_only=read_only)
+    # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
+    # whole), until ops copy them into the store: memory in transit.
     staging.grow(total)
-    assembler = wire.Assembler(total, "the batch stream")
+    received = wire.Received(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
-        if message is not first:
-            chunk, data = wire.parse(pb.BatchChunk, message, (15,))
-            if chunk.HasField("header"):
-                raise CodecError("the batch stream has a second header")
-        if data.nbytes:
-            assembler.add(chunk.offset, data)
+        chunk, data = wire.parse(pb.BatchChunk, message, (15,))
+        if message is not first and chunk.HasField("header"):
+            raise CodecError("the batch stream has a second header")
+        received.add(chunk.offset, data)
         message = next(messages, None)
-    assembler.check_complete()
-    return decode_ops(header, layouts, assembler.buffer), header.atomic
+    received.check_complete()
+    return decode_ops(header, layouts, received.view), header.atomic
 
 
-def execute(ops: Ops, batch: list[BatchOp], atomic: bool, staging: Reservation) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes (reserved in `staging`: an
-    operation whose value finds no room fails with RESOURCE_EXHAUSTED, as its single call would)."""
-    writer = wire.ChunkWriter(CHUNK_BYTES)
+def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
+    """A batch sent as one message (Batch): the header and every value's bytes at once."""
+    header, layouts, total = _header(raw, ops, read_only=read_only)
+    chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
+    if chunk.offset or data.nbytes != total:
+        raise CodecError(
+            f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
+            f"its header needs {total} at 0"
+        )
+    return decode_ops(header, layouts, lambda offset, nbytes: data[offset : offset + nbytes]), header.atomic
+
+
+def _run(
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    writer: wire.ChunkWriter,
+    request: bytes | None,
+    *,
+    staging: Reservation,
+) -> bytes:
+    """Run the batch, the values it returns going to `writer` (reserved in `staging`: an operation whose
+    value finds no room fails with RESOURCE_EXHAUSTED, before it is applied); the serialized results."""
     # Bytes reserved before a write (run_batch's reserve) that its consume has not taken yet.
     prepaid = [0]
 
@@ -173,12 +200,31 @@ def execute(ops: Ops, batch: list[BatchOp], atomic: bool, staging: Reservation) 
         assert info.shape is not None
         return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
 
-    results = run_batch(ops, batch, atomic=atomic, consume=consume, reserve=reserve)
+    results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request, reserve=reserve)
     reply = pb.BatchReply()
     for result in results:
         _result_to_proto(result, reply.results.add())
-    yield reply.SerializeToString()
+    return reply.SerializeToString()
+
+
+def execute(
+    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+) -> Iterator[bytes]:
+    """Run the batch; the reply stream: every result, then the values' bytes."""
+    # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
+    writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
+    yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
+
+
+def execute_one(
+    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+) -> bytes:
+    """Run the batch; the reply as one message: every result and the values' bytes."""
+    writer = wire.ChunkWriter(1 << 62)  # one data field: the client chose Batch for a small reply
+    results = _run(ops, batch, atomic, writer, request, staging=staging)
+    data = writer.finish()
+    return results + data[0] if data else results
 
 
 def _result_to_proto(result: Result, out: pb.BatchResult) -> None:

@@ -20,15 +20,18 @@ import numpy as np
 from tensorps.client.codec import (
     DType,
     Shape,
+    check_values,
     dtype_from_code,
     dtype_of,
     format_shape,
     nbytes_of,
     validate_name,
 )
+from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
 T = TypeVar("T")
+NO_REQUEST = bytes(16)
 Array = np.ndarray[Any, Any]
 
 
@@ -60,6 +63,10 @@ class ResourceExhausted(OpError):
 
 class PermissionDenied(OpError):
     code = "PERMISSION_DENIED"
+
+
+class Aborted(OpError):
+    code = "ABORTED"
 
 
 class Info(NamedTuple):
@@ -120,6 +127,7 @@ def created_descriptor(name: str, dtype: DType, shape: Shape | None, value: Arra
     """The descriptor CreateVariable starts from (uninitialized unless zero-sized), after its checks."""
     validate_name(name)
     if value is not None:
+        check_values(value, name=name)  # here, not in a transport: gRPC and shm:// pass the same check
         if value.dtype != dtype.numpy:
             raise InvalidArgument(
                 f"variable '{name}' is declared {dtype.name} but its initial value is {value.dtype}"
@@ -163,6 +171,15 @@ class Ops:
         finally:
             self.locks.release(stripe)
 
+    def _lookup(self, name: str, request: bytes | None) -> int:
+        """A write's slot; a retried write of a variable deleted since still finds its outcome (-1)."""
+        slot = self.store.find(name)
+        if slot is None:
+            if request is not None and self.store.requests.lookup(self.locks.stripe(name), request):
+                return -1
+            raise NotFound(f"variable '{name}' does not exist")
+        return slot
+
     def _slot(self, name: str) -> int:
         slot = self.store.find(name)
         if slot is None:
@@ -189,7 +206,7 @@ class Ops:
         return raw.view(dtype_from_code(d.dtype).numpy).reshape(d.shape)
 
     def _write_spare(
-        self, name: str, slot: int, dtype: DType, shape: Shape, version: int
+        self, name: str, slot: int, dtype: DType, shape: Shape, *, version: int, request: bytes
     ) -> tuple[Array, Any]:
         """Prepare the inactive buffer for `shape`; returns it and a function that publishes it."""
         nbytes = nbytes_of(shape, dtype)
@@ -197,22 +214,79 @@ class Ops:
             segment, capacity = self.store.spare_segment(slot, nbytes)
         except StoreFullError as exc:
             raise ResourceExhausted(f"variable '{name}': {exc}") from None
-        d = Descriptor(dtype.code, True, shape, version, nbytes, segment, capacity)
+        d = Descriptor(dtype.code, True, shape, version, nbytes, segment, capacity, request)
 
         def publish() -> Info:
+            self.retire(name, slot)
             self.store.publish(slot, d)
             return _info(name, d)
 
         return self._view(slot, d), publish
 
+    # ---- exactly-once writes (requests.py) -----------------------------------------------------
+
+    def retire(self, name: str, slot: int) -> None:
+        """Remember the write that made the slot's active descriptor, which is about to be replaced."""
+        current = self.store.active(slot)
+        if current.request != NO_REQUEST:
+            value = None
+            if current.initialized and current.shape is not None and current.nbytes <= INLINE:
+                value = self._view(slot, current).tobytes()
+            self.store.requests.record(self.locks.stripe(name), current.request, current.version, value)
+
+    def applied(self, name: str, slot: int | None, request: bytes | None) -> tuple[Applied, bool] | None:
+        """If the write `request` happened already: its outcome, and whether it made the current value."""
+        if request is None:
+            return None
+        if slot is not None and slot >= 0:
+            current = self.store.active(slot)
+            if current.request == request:
+                return Applied(current.version, None), True
+        found = self.store.requests.lookup(self.locks.stripe(name), request)
+        return None if found is None else (found, False)
+
+    def replayed_write(
+        self, name: str, slot: int, applied: tuple[Applied, bool], value: Array, *, op: str, read_value: bool
+    ) -> tuple[Info, Array | None]:
+        """A retried write's first outcome: its info, and its value when it can still be known."""
+        (version, kept), current = applied
+        info = Info(name, dtype_of(value.dtype), value.shape, True, version)
+        if not read_value:
+            return info, None
+        if current:
+            d = self.store.active(slot)
+            return info, self._view(slot, d).copy()
+        if kept is not None:
+            return info, np.frombuffer(kept, value.dtype).reshape(value.shape).copy()
+        if op == "Assign":
+            return info, value  # the value right after an assign is the value it wrote
+        raise Aborted(
+            f"{op} of variable '{name}' was applied already (version {version}); the value it produced "
+            "is no longer known: read the variable"
+        )
+
     # ---- catalog -------------------------------------------------------------------------------
 
-    def create(self, name: str, dtype: DType, shape: Shape | None, value: Array | None = None) -> Info:
-        initial = created_descriptor(name, dtype, shape, value)
+    def create(
+        self,
+        name: str,
+        dtype: DType,
+        shape: Shape | None,
+        value: Array | None = None,
+        *,
+        request: bytes | None = None,
+    ) -> Info:
+        initial = created_descriptor(name, dtype, shape, value)._replace(request=request or NO_REQUEST)
         if initial.shape is not None:
             self.check_size(name, initial.shape, dtype)
         with self.hold(self.locks.stripe(name)):
-            if self.store.find(name) is not None:
+            slot = self.store.find(name)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                if slot is not None and done[1]:
+                    return _info(name, self.store.active(slot))
+                return _info(name, initial._replace(initialized=initial.initialized or value is not None))
+            if slot is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
                 if value is None:
@@ -229,9 +303,16 @@ class Ops:
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, request: bytes | None = None) -> None:
         with self.hold(self.locks.stripe(name)):
-            self.store.delete_slot(self._slot(name))
+            slot = self.store.find(name)
+            if slot is None and self.applied(name, None, request) is not None:
+                return
+            slot = self._slot(name)
+            self.retire(name, slot)
+            if request is not None:
+                self.store.requests.record(self.locks.stripe(name), request, 0, None)
+            self.store.delete_slot(slot)
 
     def info(self, name: str) -> Info:
         with self.hold(self.locks.stripe(name), exclusive=False):
@@ -262,6 +343,7 @@ class Ops:
         validate_shape: bool = True,
         use_locking: bool = True,
         read_value: bool = True,
+        request: bytes | None = None,
     ) -> tuple[Info, Array | None]:
         """TF's Assign. Returns the info after the write and, with read_value, the variable's value.
 
@@ -269,22 +351,30 @@ class Ops:
         is exactly the value written.
         """
         dtype = dtype_of(value.dtype)
+        check_values(value, name=name)
         shape: Shape = value.shape
         stripe = self.locks.stripe(name)
         self.acquire(stripe, exclusive=True)
         try:
-            slot = self._slot(name)
+            slot = self._lookup(name, request)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                return self.replayed_write(name, slot, done, value, op="Assign", read_value=read_value)
             current = self.store.active(slot)
             check_assign(name, current, dtype, shape, validate_shape)
             self.check_size(name, shape, dtype)
             if use_locking or not current.initialized or current.shape != shape:
                 # A fresh buffer (TF allocates one to reshape) is filled before anyone sees it.
-                buffer, publish = self._write_spare(name, slot, dtype, shape, current.version + 1)
+                version = current.version + 1
+                buffer, publish = self._write_spare(
+                    name, slot, dtype, shape, version=version, request=request or NO_REQUEST
+                )
                 np.copyto(buffer, value)
                 info: Info = publish()
                 return info, (value if read_value else None)
             # Same shape, unlocked: TF copies outside the lock, so concurrent writers may interleave.
-            version = self.store.bump_version(slot)
+            self.retire(name, slot)
+            version = self.store.bump_version(slot, request or NO_REQUEST)
             target = self._view(slot, current)
         finally:
             self.locks.release(stripe)
@@ -300,25 +390,34 @@ class Ops:
         use_locking: bool = False,
         read_value: bool = True,
         subtract: bool = False,
+        request: bytes | None = None,
     ) -> tuple[Info, Array | None]:
         """TF's AssignAdd (or AssignSub with subtract=True); integer overflow wraps as in numpy."""
         op_name = "AssignSub" if subtract else "AssignAdd"
         ufunc = np.subtract if subtract else np.add
         dtype = dtype_of(delta.dtype)
+        check_values(delta, name=name)
         stripe = self.locks.stripe(name)
         self.acquire(stripe, exclusive=True)
         try:
-            slot = self._slot(name)
+            slot = self._lookup(name, request)
+            done = self.applied(name, slot, request)
+            if done is not None:
+                return self.replayed_write(name, slot, done, delta, op=op_name, read_value=read_value)
             current = self.store.active(slot)
             check_update(name, op_name, current, dtype, delta.shape)
             source = self._view(slot, current)
             if use_locking:
-                buffer, publish = self._write_spare(name, slot, dtype, delta.shape, current.version + 1)
+                version = current.version + 1
+                buffer, publish = self._write_spare(
+                    name, slot, dtype, delta.shape, version=version, request=request or NO_REQUEST
+                )
                 with np.errstate(all="ignore"):
                     ufunc(source, delta, out=buffer)
                 info: Info = publish()
                 return info, (buffer.copy() if read_value else None)
-            version = self.store.bump_version(slot)
+            self.retire(name, slot)
+            version = self.store.bump_version(slot, request or NO_REQUEST)
         finally:
             self.locks.release(stripe)
         with np.errstate(all="ignore"):

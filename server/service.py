@@ -61,9 +61,9 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
 
 def _abort_on_error(handler: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(handler)
-    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext) -> R:
+    def wrapper(self: ParameterServer, request: Any, context: grpc.ServicerContext, **options: Any) -> R:
         try:
-            return handler(self, request, context)
+            return handler(self, request, context, **options)
         except Exception as exc:
             status = status_of(exc)
             if status is None:
@@ -87,6 +87,21 @@ def _abort_on_error_stream(handler: Callable[..., Iterator[R]]) -> Callable[...,
             context.abort(*status)
 
     return wrapper
+
+
+REQUEST_ID_KEY = "tensorps-request-id"
+
+
+def request_id(context: grpc.ServicerContext) -> bytes | None:
+    """The call's request id (metadata `tensorps-request-id`, 32 hex digits): a retried write answers with
+    its first outcome instead of applying twice. Absent or malformed: the write is not deduplicated."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) == 32:
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _flag(message: Any, field: str, default: bool) -> bool:
@@ -227,13 +242,13 @@ class ParameterServer:
             raise CodecError(f"variable '{name}' needs a dtype or an initial value")
         else:
             dtype = codec.dtype_from_code(request.dtype)
-        info = self.ops.create(name, dtype, shape, value)
+        info = self.ops.create(name, dtype, shape, value, request=request_id(context))
         return pb.CreateVariableResponse(info=info_to_proto(info)).SerializeToString()
 
     @_abort_on_error
     def delete_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = pb.DeleteVariableRequest.FromString(raw)
-        self.ops.delete(_name(request.name))
+        self.ops.delete(_name(request.name), request=request_id(context))
         return b""
 
     @_abort_on_error
@@ -252,7 +267,7 @@ class ParameterServer:
 
     # ---- writes --------------------------------------------------------------------------------
 
-    def _write(self, op: int, raw: bytes) -> bytes:
+    def _write(self, op: int, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request, content = wire.parse(pb.AssignRequest, raw, (8, 4))
         name = _name(request.name)
         if not request.HasField("value"):
@@ -260,14 +275,16 @@ class ParameterServer:
         dtype, shape = codec.tensor_header_from_proto(request.value)
         self.ops.check_size(name, shape, dtype)
         value = codec.array_from_buffer(content, dtype, shape)
-        info, result = self._apply(op, name, value, request)
+        info, result = self._apply(op, name, value, request, request_id(context))
         prefix = pb.AssignResponse(info=info_to_proto(info)).SerializeToString()
         if result is None:
             return prefix
         source = content if result is value else codec.as_wire_array(result)
         return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, source)
 
-    def _apply(self, op: int, name: str, value: Array, flags: Any) -> tuple[Info, Array | None]:
+    def _apply(
+        self, op: int, name: str, value: Array, flags: Any, request: bytes | None
+    ) -> tuple[Info, Array | None]:
         read_value = _flag(flags, "read_value", True)
         if op == pb.WRITE_OP_ASSIGN:
             return self.ops.assign(
@@ -276,6 +293,7 @@ class ParameterServer:
                 validate_shape=_flag(flags, "validate_shape", True),
                 use_locking=_flag(flags, "use_locking", True),
                 read_value=read_value,
+                request=request,
             )
         if op in (pb.WRITE_OP_ASSIGN_ADD, pb.WRITE_OP_ASSIGN_SUB):
             return self.ops.assign_add(
@@ -284,20 +302,21 @@ class ParameterServer:
                 use_locking=_flag(flags, "use_locking", False),
                 read_value=read_value,
                 subtract=op == pb.WRITE_OP_ASSIGN_SUB,
+                request=request,
             )
         raise CodecError(f"unknown write op {op}")
 
     @_abort_on_error
     def assign(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN, raw)
+        return self._write(pb.WRITE_OP_ASSIGN, raw, context)
 
     @_abort_on_error
     def assign_add(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN_ADD, raw)
+        return self._write(pb.WRITE_OP_ASSIGN_ADD, raw, context)
 
     @_abort_on_error
     def assign_sub(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._write(pb.WRITE_OP_ASSIGN_SUB, raw)
+        return self._write(pb.WRITE_OP_ASSIGN_SUB, raw, context)
 
     @_abort_on_error_stream
     def write_stream(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -310,11 +329,13 @@ class ParameterServer:
             finally:
                 watched.close()
             if header.op == pb.WRITE_OP_CREATE:
-                info, result = self.ops.create(name, codec.dtype_of(value.dtype), value.shape, value), None
+                dtype = codec.dtype_of(value.dtype)
+                info = self.ops.create(name, dtype, value.shape, value, request=request_id(context))
+                result = None
             else:
                 if _replies_with_a_copy(header.op, header):
                     staging.grow(value.nbytes)  # before the write: a refusal must change nothing
-                info, result = self._apply(header.op, name, value, header)
+                info, result = self._apply(header.op, name, value, header, request_id(context))
             if result is None:
                 yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
             else:
@@ -365,11 +386,18 @@ class ParameterServer:
             raise CodecError(f"write stream for variable '{name}' ended after {filled} of {nbytes} bytes")
         return header, name, codec.array_from_buffer(buffer, dtype, shape)
 
+    @_abort_on_error
+    def batch(self, raw: bytes, context: grpc.ServicerContext, *, read_only: bool = False) -> bytes:
+        """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
+        batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only)
+        with self.staging.reservation("a batch") as staging:
+            return batch_service.execute_one(self.ops, batch, atomic, request_id(context), staging)
+
     @_abort_on_error_stream
-    def batch(
+    def batch_stream(
         self, messages: Iterator[bytes], context: grpc.ServicerContext, *, read_only: bool = False
     ) -> Iterator[bytes]:
-        """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
+        """BatchStream: `read_only` as for batch."""
         with self.staging.reservation("a batch") as staging:
             watched = self._idle.watch(messages, context)
             try:
@@ -378,9 +406,8 @@ class ParameterServer:
                 return
             finally:
                 watched.close()
-            yield from self._idle.watch_reply(
-                batch_service.execute(self.ops, batch, atomic, staging), context
-            )
+            replies = batch_service.execute(self.ops, batch, atomic, request_id(context), staging)
+            yield from self._idle.watch_reply(replies, context)
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -440,6 +467,7 @@ class ParameterServer:
             "WriteStream": grpc.stream_stream_rpc_method_handler(self.write_stream),
             "ReadStream": grpc.unary_stream_rpc_method_handler(self.read_stream),
             "GetServerInfo": unary(self.get_server_info),
-            "Batch": grpc.stream_stream_rpc_method_handler(self.batch),
+            "Batch": unary(self.batch),
+            "BatchStream": grpc.stream_stream_rpc_method_handler(self.batch_stream),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

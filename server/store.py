@@ -48,13 +48,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
-from tensorps.server import commits
+from tensorps.server import commits, requests
 from tensorps.server.locks import StripedLocks, create_lock_file
 from tensorps.server.mapping import map_fd, map_file
+from tensorps.server.requests import RequestTable
 
 log = logging.getLogger("tensorps.server")
 
-MAGIC = b"TPSSTOR2"
+MAGIC = b"TPSSTOR3"
 PAGE = mmap.PAGESIZE
 
 # Header: magic, stripes, capacity, slot size, next segment id, used bytes, variable count,
@@ -77,8 +78,9 @@ MAX_STRIPES = _HEADER_SIZE - _OFF_IN_COMMIT
 EMPTY, USED, TOMBSTONE = 0, 1, 2
 # Slot: sequence counter, state, active descriptor index, name length, name.
 _SLOT_HEAD = struct.Struct(f"<IBBH{MAX_NAME_LENGTH + 1}s")
-# Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity.
-_DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ")
+# Descriptor: dtype code, initialized, rank (-1: unknown shape), version, nbytes, segment id, capacity,
+# the request id of the write that produced it (requests.py).
+_DESC_HEAD = struct.Struct("<BBbxxxxxQQQQ16s")
 _DIMS = struct.Struct(f"<{MAX_RANK}q")
 _DIMS_OF_RANK = [struct.Struct(f"<{rank}q") for rank in range(MAX_RANK + 1)]
 _DESC_SIZE = _DESC_HEAD.size + _DIMS.size
@@ -86,6 +88,7 @@ SLOT_SIZE = -(-(_SLOT_HEAD.size + 2 * _DESC_SIZE) // 64) * 64
 _OFF_STATE = 4
 _OFF_SELECTOR = 5
 _OFF_VERSION = 8
+_OFF_REQUEST = 40
 
 
 class StoreError(Exception):
@@ -110,6 +113,7 @@ class Descriptor(NamedTuple):
     nbytes: int
     segment: int = 0
     capacity: int = 0
+    request: bytes = bytes(16)  # the id of the write that made this descriptor (all zero: none)
 
 
 class Swept(NamedTuple):
@@ -179,6 +183,7 @@ class Store:
         self.incarnation = self._header_u64(_OFF_INCARNATION)
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self.locks = StripedLocks(os.path.join(path, "locks"), stripes, opener=self._open_locks)
+        self.requests = RequestTable(self._dir_fd, stripes)
         self._slot_cache: dict[str, int] = {}
         # segment id -> (mapping, slot that used it when mapped)
         self._segments: dict[int, tuple[Any, int]] = {}
@@ -202,6 +207,7 @@ class Store:
             budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
             capacity = 1 << max(4, (2 * max_variables - 1).bit_length())
             create_lock_file(os.path.join(path, "locks"), stripes)
+            requests.create_file(path, stripes)
             tmp = os.path.join(path, "meta.init")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -232,6 +238,7 @@ class Store:
         with self._segments_lock:
             self._segments.clear()  # mappings unmap once no array views them any more
         self.locks.close()
+        self.requests.close()
         with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
             self._meta.close()
         os.close(self._meta_fd)
@@ -492,9 +499,11 @@ class Store:
 
     def descriptor(self, slot: int, which: int) -> Descriptor:
         off = self._descriptor_offset(slot, which)
-        dtype, initialized, rank, version, nbytes, segment, capacity = _DESC_HEAD.unpack_from(self._meta, off)
+        dtype, initialized, rank, version, nbytes, segment, capacity, request = _DESC_HEAD.unpack_from(
+            self._meta, off
+        )
         shape = None if rank < 0 else _DIMS_OF_RANK[rank].unpack_from(self._meta, off + _DESC_HEAD.size)
-        return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity)
+        return Descriptor(dtype, bool(initialized), shape, version, nbytes, segment, capacity, request)
 
     def active(self, slot: int) -> Descriptor:
         return self.descriptor(slot, self.selector(slot))
@@ -503,7 +512,16 @@ class Store:
         off = self._descriptor_offset(slot, which)
         rank = -1 if d.shape is None else len(d.shape)
         _DESC_HEAD.pack_into(
-            self._meta, off, d.dtype, d.initialized, rank, d.version, d.nbytes, d.segment, d.capacity
+            self._meta,
+            off,
+            d.dtype,
+            d.initialized,
+            rank,
+            d.version,
+            d.nbytes,
+            d.segment,
+            d.capacity,
+            d.request,
         )
         if d.shape:  # dims past the rank are never read
             _DIMS_OF_RANK[rank].pack_into(self._meta, off + _DESC_HEAD.size, *d.shape)
@@ -640,11 +658,13 @@ class Store:
         except FileNotFoundError:
             raise self._gone() from None
 
-    def bump_version(self, slot: int) -> int:
-        """Count an in-place (unlocked) write in the active descriptor; returns the new version."""
-        off = self._descriptor_offset(slot, self.selector(slot)) + _OFF_VERSION
-        version: int = struct.unpack_from("<Q", self._meta, off)[0] + 1
-        struct.pack_into("<Q", self._meta, off, version)
+    def bump_version(self, slot: int, request: bytes) -> int:
+        """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""
+        off = self._descriptor_offset(slot, self.selector(slot))
+        version: int = struct.unpack_from("<Q", self._meta, off + _OFF_VERSION)[0] + 1
+        # The id first: a crash in between leaves the write remembered but not counted, never counted twice.
+        struct.pack_into("16s", self._meta, off + _OFF_REQUEST, request)
+        struct.pack_into("<Q", self._meta, off + _OFF_VERSION, version)
         return version
 
     # ---- segments ------------------------------------------------------------------------------

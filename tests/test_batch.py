@@ -293,7 +293,7 @@ def test_batch_limits_apply_per_operation_and_as_a_whole() -> None:
 
 def _raw_batch(address: str, messages: list[bytes]) -> grpc.RpcError | list[bytes]:
     with grpc.insecure_channel(address) as channel:
-        call = channel.stream_stream("/tensorps.v1.ParameterServer/Batch", None, None)
+        call = channel.stream_stream("/tensorps.v1.ParameterServer/BatchStream", None, None)
         try:
             return list(call(iter(messages), timeout=30))
         except grpc.RpcError as error:
@@ -351,6 +351,33 @@ def test_malformed_batch_streams_are_refused_and_change_nothing(
     with Client(server.address, timeout=30) as ps:
         assert ps.info(v).version == 1
         np.testing.assert_array_equal(ps.read(v), np.zeros(1000, np.float32))
+
+
+@pytest.mark.parametrize("case", ["short", "long", "offset", "no_header", "garbage"])
+def test_malformed_unary_batches_are_refused_and_change_nothing(
+    server: ServerProcess, name: str, case: str
+) -> None:
+    """A one-message Batch whose data does not match its header, or is no batch at all, changes nothing."""
+    v = f"{name}/v"
+    with Client(server.address, timeout=30) as ps:
+        ps.create(v, value=np.zeros(10, np.float32))
+    header = _assign_header(v, 10)
+    data = np.ones(10, np.float32).tobytes()
+    chunk = {
+        "short": pb.BatchChunk(header=header.header, data=data[:-4]),
+        "long": pb.BatchChunk(header=header.header, data=data + data),
+        "offset": pb.BatchChunk(header=header.header, offset=4, data=data),
+        "no_header": pb.BatchChunk(data=data),
+        "garbage": None,
+    }[case]
+    raw = b"\xff\xff\xff" if chunk is None else chunk.SerializeToString()
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/tensorps.v1.ParameterServer/Batch", None, None)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(raw, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(server.address, timeout=30) as ps:
+        assert ps.info(v).version == 1
 
 
 # ---- differential: a batch against the same operations as single calls ------------------------------

@@ -126,7 +126,7 @@ def test_coordinator_role_resets_and_watches_external_workers(server: ServerProc
     assert worker.returncode == 0, worker.stdout + worker.stderr
     assert coordinator.returncode == 0, out + err
     assert "external workers" in header and _final(out)[2] == "converged"
-    assert re.search(r"worker 0/1 \(pid \d+\): 400 updates", worker.stdout), worker.stdout
+    assert re.search(r"worker 0/1 \(pid \d+\): 400 steps", worker.stdout), worker.stdout
 
 
 def test_unmet_threshold_exits_1(server: ServerProcess) -> None:

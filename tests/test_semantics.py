@@ -146,7 +146,7 @@ def test_dtype_mismatch_names_both_and_casts_nothing(ps: Client, name: str) -> N
 
 
 def test_python_values_take_the_variables_dtype_losslessly(ps: Client, name: str) -> None:
-    """Lists and scalars convert to the variable's dtype as in TF; lossy conversions fail."""
+    """Lists and scalars convert to the variable's dtype when every element round-trips; lossy ones fail."""
     ps.create(name, dtype="int32", shape=(1, 2))
     out = ps.assign(name, [[2, 3]])
     assert out.dtype == np.int32
@@ -159,7 +159,10 @@ def test_python_values_take_the_variables_dtype_losslessly(ps: Client, name: str
     floats = f"{name}.f"
     ps.create(floats, dtype="float32", shape=())
     assert ps.assign(floats, 3).dtype == np.float32
-    assert ps.assign(floats, 0.1) == np.float32(0.1)
+    assert ps.assign(floats, 0.375) == np.float32(0.375)
+    with pytest.raises(InvalidArgumentError, match=r"0\.1 is no float32"):
+        ps.assign(floats, 0.1)  # no float32 is 0.1: pass np.float32(0.1) to round it on purpose
+    assert ps.assign(floats, np.float32(0.1)) == np.float32(0.1)
     with pytest.raises(InvalidArgumentError):
         ps.assign(floats, 1e300)
 

@@ -83,7 +83,7 @@ def _stalled_batch(channel: grpc.Channel, name: str, go: threading.Event) -> Ite
         for offset in range(MiB, raw.nbytes, MiB):
             yield pb.BatchChunk(offset=offset, data=raw[offset : offset + MiB].tobytes()).SerializeToString()
 
-    stream = channel.stream_stream(SERVICE + "Batch", None, None)
+    stream = channel.stream_stream(SERVICE + "BatchStream", None, None)
     return iter(stream(messages(), timeout=60))
 
 
@@ -131,7 +131,7 @@ def test_readers_that_stop_reading_are_cancelled_and_their_staging_freed() -> No
     with (
         ServerProcess("--max-staging-bytes", "64M", "--stream-idle-timeout", "1", workers=1) as server,
         Client(server.address, timeout=60) as ps,
-        grpc.insecure_channel(server.address) as channel,
+        grpc.insecure_channel(server.address, [("grpc.max_receive_message_length", -1)]) as channel,
     ):
         ps.create("r", value=value)
         call = channel.unary_stream(SERVICE + "ReadStream", None, None)
@@ -147,7 +147,7 @@ def test_readers_that_stop_reading_are_cancelled_and_their_staging_freed() -> No
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
         assert any("cancelling a reply stream whose client stopped reading" in line for line in server.log)
 
-        batch = channel.stream_stream(SERVICE + "Batch", None, None)
+        batch = channel.stream_stream(SERVICE + "BatchStream", None, None)
         header = pb.BatchHeader(ops=[pb.BatchOp(kind=pb.BATCH_OP_READ, name="r")])
         stalled = iter(batch(iter([pb.BatchChunk(header=header).SerializeToString()]), timeout=60))
         assert pb.BatchReply.FromString(next(stalled)).results[0].code == 0

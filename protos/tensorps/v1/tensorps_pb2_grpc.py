@@ -26,7 +26,17 @@ if _version_not_supported:
 
 
 class ParameterServerStub:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -89,15 +99,30 @@ class ParameterServerStub:
                 request_serializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.FromString,
                 _registered_method=True)
-        self.Batch = channel.stream_stream(
+        self.Batch = channel.unary_unary(
                 '/tensorps.v1.ParameterServer/Batch',
+                request_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
+                response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
+                _registered_method=True)
+        self.BatchStream = channel.stream_stream(
+                '/tensorps.v1.ParameterServer/BatchStream',
                 request_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
                 response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
                 _registered_method=True)
 
 
 class ParameterServerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     def CreateVariable(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -167,9 +192,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Batch(self, request_iterator, context):
+    def Batch(self, request, context):
         """Any number of operations on any number of variables in one call (see BatchChunk). A read-only
         token may send a batch only if it holds no write (else PERMISSION_DENIED, nothing changes).
+        Batch: the whole batch in one message (header and all data, offset 0) and the whole reply in one;
+        for batches whose values and reply fit a message (the reference client: up to 4 MiB each way).
+        The reply is not bounded by --max-message-bytes (only by gRPC's 2 GiB), so a reply larger than
+        expected is still delivered; a client must accept large messages or use BatchStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchStream(self, request_iterator, context):
+        """BatchStream: any size; the data follows the header in chunks, the reply's data follows its results.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,8 +269,13 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.GetServerInfoRequest.FromString,
                     response_serializer=tensorps_dot_v1_dot_tensorps__pb2.ServerInfo.SerializeToString,
             ),
-            'Batch': grpc.stream_stream_rpc_method_handler(
+            'Batch': grpc.unary_unary_rpc_method_handler(
                     servicer.Batch,
+                    request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.FromString,
+                    response_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.SerializeToString,
+            ),
+            'BatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BatchStream,
                     request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.FromString,
                     response_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.SerializeToString,
             ),
@@ -247,7 +288,17 @@ def add_ParameterServerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ParameterServer:
-    """Missing associated documentation comment in .proto file."""
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
+    logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
+    store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
+    retried write answers with its first outcome instead of applying twice: the same version, and the
+    value for read_value when it is still known (locked Assign: the value it wrote; values of up to 8
+    bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
+    it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
+    NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    """
 
     @staticmethod
     def CreateVariable(request,
@@ -547,7 +598,34 @@ class ParameterServer:
             _registered_method=True)
 
     @staticmethod
-    def Batch(request_iterator,
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorps.v1.ParameterServer/Batch',
+            tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
+            tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -560,7 +638,7 @@ class ParameterServer:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/tensorps.v1.ParameterServer/Batch',
+            '/tensorps.v1.ParameterServer/BatchStream',
             tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
             tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
             options,
