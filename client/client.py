@@ -370,7 +370,7 @@ class Client(BatchCalls):
         try:
             first = pb.ReadChunk.FromString(next(chunks))
             info = _info(first.info)
-            if not expect_value or info.shape is None:
+            if not expect_value or info.shape is None or first.value_is_request:
                 for _ in chunks:
                     pass  # the end of the stream carries the call's status
                 return info, None
@@ -537,8 +537,10 @@ class Client(BatchCalls):
             return self._read_unary_or_stream(name)
 
     def _read_unary_or_stream(self, name: str) -> Array:
+        # A variable never seen (or last seen small) is read with one message; the server refuses, before it
+        # sends anything, one beyond its message limit, which is then read as a stream.
         size = self._sizes.get(name)
-        if size is not None and size <= STREAM_THRESHOLD:
+        if size is None or size <= STREAM_THRESHOLD:
             request = pb.ReadRequest(name=name).SerializeToString()
             try:
                 raw = self._unary("Read", request, idempotent=True)
@@ -651,6 +653,8 @@ class Client(BatchCalls):
         info = self._remember(_info(response.info))
         if not flags.read_value:
             return info
+        if response.value_is_request:
+            return _own(array)  # the value after the write is the one we sent: not echoed
         return codec.tensor_from_parts(response.value, content)
 
     def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
@@ -677,7 +681,9 @@ class Client(BatchCalls):
                         raise
                     continue
                 self._remember(info)
-                return value if header.read_value else info
+                if not header.read_value:
+                    return info
+                return value if value is not None else _own(array)  # the server did not echo our value
         raise AssertionError("unreachable")
 
     # ---- batches (batch.py) --------------------------------------------------------------------
@@ -767,7 +773,11 @@ class Client(BatchCalls):
                 continue
             info = self._remember(_info(result.info)) if result.HasField("info") else None
             value = None
-            if result.HasField("value"):
+            if result.value_is_request:
+                array = ops[result.op].array
+                assert array is not None
+                value = _own(array)
+            elif result.HasField("value"):
                 dtype, shape = codec.tensor_header_from_proto(result.value)
                 nbytes = codec.nbytes_of(shape, dtype)
                 value = codec.array_from_buffer(view(offset, nbytes), dtype, shape)
@@ -777,6 +787,14 @@ class Client(BatchCalls):
             if op.kind == pb.BATCH_OP_DELETE:
                 self._forget(op.name)
         return outcomes
+
+
+def _own(array: Array) -> Array:
+    """A write's result that is the value it sent: a read-only copy, like a received value (one that does
+    not change with the caller's array)."""
+    copy = array.copy()
+    copy.flags.writeable = False
+    return copy
 
 
 def _reply_bytes(reply: pb.BatchReply) -> int:

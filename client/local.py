@@ -215,7 +215,9 @@ class LocalClient(Client):
                 outcomes[result.op].append(Outcome(error=from_status(*status)))
             else:
                 info = None if result.info is None else self._remember(_variable_info(result.info))
-                outcomes[result.op].append(Outcome(info, result.value))
+                sent = ops[result.op].array
+                value = _read_only(sent.copy()) if result.echo and sent is not None else result.value
+                outcomes[result.op].append(Outcome(info, value))
         for op in ops:
             if op.kind == pb.BATCH_OP_DELETE:
                 self._forget(op.name)

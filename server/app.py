@@ -98,6 +98,7 @@ def build_server(
         ops,
         workers=config.workers,
         stream_idle_timeout=config.stream_idle_timeout,
+        max_message_bytes=config.max_message_bytes,
         max_staging_bytes=config.max_staging_bytes,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))

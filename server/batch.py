@@ -102,6 +102,9 @@ class Result(NamedTuple):
     info: Info | None = None
     value: Any = None
     error: OpError | None = None
+    # The value after the write is exactly the one the operation sent (a locked Assign): not consumed,
+    # the sender has it.
+    echo: bool = False
 
 
 class BatchFailed(OpError):
@@ -140,9 +143,12 @@ def run_batch(
     results: list[Result] = []
     for index, op in enumerate(batch):
         try:
-            if reserve is not None and op.kind in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) and op.read_value:
+            copies = op.kind in (ASSIGN_ADD, ASSIGN_SUB) or (op.kind == ASSIGN and not op.use_locking)
+            if reserve is not None and copies and op.read_value:
+                # The value after the write has the value's shape and dtype; a locked Assign's is the
+                # value itself, echoed without a copy.
                 assert op.value is not None
-                reserve(op.value.nbytes)  # a write's value comes back with its own shape and dtype
+                reserve(op.value.nbytes)
             results.extend(_run_one(ops, index, op, consume))
         except OpError as error:
             results.append(Result(index, error=error))
@@ -198,6 +204,8 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                 subtract=kind == ASSIGN_SUB,
                 request=op.request,
             )
+        if value is op.value:
+            return [Result(index, info, echo=True)]
         return [Result(index, info, None if value is None else consume(info, value))]
     if kind == READ:
         return [Result(index, *ops.read(name, lambda i, v: (i, consume(i, v))))]
@@ -311,7 +319,12 @@ class _Atomic:
                     )
                 except OpError as error:
                     raise BatchFailed(index, op, error) from None
-                self.results.append(Result(index, info, None if value is None else self.consume(info, value)))
+                if value is op.value:
+                    self.results.append(Result(index, info, echo=True))
+                else:
+                    self.results.append(
+                        Result(index, info, None if value is None else self.consume(info, value))
+                    )
 
     # ---- plan ----------------------------------------------------------------------------------
 
@@ -404,7 +417,10 @@ class _Atomic:
                 dtype.code, True, value.shape, current.version + 1, value.nbytes, request=request
             )
             info = _info(name, var.d)
-            self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
+            if op.read_value and new is value:
+                self.results.append(Result(index, info, echo=True))
+            else:
+                self.results.append(Result(index, info, self.consume(info, new) if op.read_value else None))
         elif kind == READ:
             var, current = self._existing(name)
             check_readable(name, current)
@@ -451,8 +467,6 @@ class _Atomic:
     def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
         store = self.store
         record = store.commit_record()
-        for stripe in stripes:
-            record.add(commits.STRIPE, stripe)
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = False
@@ -508,8 +522,10 @@ class _Atomic:
             if not committed:
                 for slot in inserted:
                     store.delete_slot(slot)
-            store.mark_in_commit(stripes, False)
+            # The record goes before the marks: a kill in between leaves marks without a record (whoever
+            # takes such a stripe finds nothing to replay), never a finished batch's record to replay later.
             record.finish()
+            store.mark_in_commit(stripes, False)
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
         index = last_write[name]

@@ -235,5 +235,6 @@ def _result_to_proto(result: Result, out: pb.BatchResult) -> None:
         return
     if result.info is not None:
         info_to_proto(result.info, out.info)
+    out.value_is_request = result.echo
     if result.value is not None:
         out.value.CopyFrom(result.value)

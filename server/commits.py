@@ -5,14 +5,16 @@ by one. A process killed between two flips would leave some variables new and so
 writes a record before it changes anything visible:
 
     commit-<random>   state byte (PREPARING, then COMMITTED), then entries: variables it creates (by name),
-                      selectors to flip, variables to delete, and the stripes it marked
+                      selectors to flip, variables to delete
 
 The byte store of COMMITTED is the commit point. While the record exists its writer holds an OFD lock on
 the whole file, which the kernel drops when the writer dies; so a record that can be locked is an orphan.
-The writer also marks each of its stripes "in commit" in the store's header. Whoever takes a marked stripe
-next (only possible after the writer died: it holds the stripes until it clears the marks) replays every
-orphaned record first: a committed one is redone (flips and deletes are idempotent), a prepared one is
-undone (the variables it created are removed; nothing else was visible yet).
+The writer also marks each of its stripes "in commit" in the store's header, and removes its record before
+it clears the marks: so an orphaned record always belongs to a batch whose stripes are still marked, and
+nobody has written its variables since (whoever takes a marked stripe recovers first). Recovery replays
+every orphaned record: a committed one is redone (its flips and deletes are then idempotent), a prepared one
+is undone (the variables it created are removed; nothing else was visible yet); and the recovering process
+clears the mark of the stripe it holds (marks of other stripes are cleared by whoever takes them next).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tensorps.server.locks import FLOCK, OFD_SETLK
 
 PREFIX = "commit-"
 PREPARING, COMMITTED = 1, 2
-CREATED, FLIP, DELETE, STRIPE = 1, 2, 3, 4
-# Entry: kind, slot (or stripe), selector, name length; then the name.
+CREATED, FLIP, DELETE = 1, 2, 3
+# Entry: kind, slot, selector, name length; then the name.
 _ENTRY = struct.Struct("<BIBH")
 
 
@@ -52,8 +54,12 @@ class CommitRecord:
         self._directory = directory
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd = os.open(self.name, flags, 0o600, dir_fd=directory)
-        fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        os.pwrite(self._fd, bytes([PREPARING]), 0)
+        try:
+            fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            os.pwrite(self._fd, bytes([PREPARING]), 0)  # ENOSPC on a full tmpfs: no record, no batch
+        except BaseException:
+            self.finish()
+            raise
         self._end = 1
 
     def add(self, kind: int, slot: int = 0, selector: int = 0, name: str = "") -> None:
@@ -88,8 +94,8 @@ def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
             except OSError:
                 continue  # its writer is alive
             data = os.pread(fd, os.fstat(fd).st_size, 0)
-            # Empty: created and killed before its first byte; it changed nothing, only the file remains.
-            yield name, data[0] if data else 0, list(_entries(data))
+            # Empty: created and killed before its first byte; it changed nothing (and is removed).
+            yield name, data[0] if data else PREPARING, list(_entries(data))
         finally:
             os.close(fd)
 

@@ -158,7 +158,7 @@ class Ops:
         self.locks.acquire(stripe, exclusive=exclusive)
         if self.store.in_commit(stripe):
             try:
-                self.store.recover()
+                self.store.recover(stripe)
             except BaseException:
                 self.locks.release(stripe)
                 raise

@@ -26,7 +26,7 @@ from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError
 from tensorps.server import batch_service
 from tensorps.server.messages import info_to_proto
-from tensorps.server.ops import Info, OpError, Ops
+from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
 from tensorps.server.staging import Reservation, Staging, default_staging_bytes
 from tensorps.server.store import StoreError, StoreGoneError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -212,10 +212,12 @@ class ParameterServer:
         *,
         workers: int = 1,
         stream_idle_timeout: float = 60.0,
+        max_message_bytes: int = 64 << 20,
         max_staging_bytes: int | None = None,
     ) -> None:
         self.ops = ops
         self.workers = workers
+        self.max_message_bytes = max_message_bytes
         self._idle = IdleWatch(stream_idle_timeout)
         limit = max_staging_bytes or default_staging_bytes(ops.store.limits.max_total_bytes)
         self.staging = Staging(limit)
@@ -276,11 +278,11 @@ class ParameterServer:
         self.ops.check_size(name, shape, dtype)
         value = codec.array_from_buffer(content, dtype, shape)
         info, result = self._apply(op, name, value, request, request_id(context))
-        prefix = pb.AssignResponse(info=info_to_proto(info)).SerializeToString()
-        if result is None:
-            return prefix
-        source = content if result is value else codec.as_wire_array(result)
-        return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, source)
+        response = pb.AssignResponse(info=info_to_proto(info), value_is_request=result is value)
+        prefix = response.SerializeToString()
+        if result is None or result is value:
+            return prefix  # no value asked for, or the client holds it: it sent it
+        return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, codec.as_wire_array(result))
 
     def _apply(
         self, op: int, name: str, value: Array, flags: Any, request: bytes | None
@@ -336,8 +338,9 @@ class ParameterServer:
                 if _replies_with_a_copy(header.op, header):
                     staging.grow(value.nbytes)  # before the write: a refusal must change nothing
                 info, result = self._apply(header.op, name, value, header, request_id(context))
-            if result is None:
-                yield pb.ReadChunk(info=info_to_proto(info)).SerializeToString()
+            if result is None or result is value:
+                echo = result is not None
+                yield pb.ReadChunk(info=info_to_proto(info), value_is_request=echo).SerializeToString()
             else:
                 yield from self._idle.watch_reply(_chunks(info, result), context)
 
@@ -416,6 +419,12 @@ class ParameterServer:
         name = _name(pb.ReadRequest.FromString(raw).name)
 
         def encode(info: Info, view: Array) -> bytes:
+            if view.nbytes > self.max_message_bytes:
+                # Refused before a byte is sent: a client that did not know the size reads it as a stream.
+                raise ResourceExhausted(
+                    f"variable '{name}' has {view.nbytes} bytes, more than one message of the server's "
+                    f"--max-message-bytes {self.max_message_bytes}: read it with ReadStream"
+                )
             prefix = pb.ReadResponse(info=info_to_proto(info)).SerializeToString()
             assert info.shape is not None
             return wire.frame(prefix, 2, codec.tensor_head(info.dtype, info.shape), 4, view)

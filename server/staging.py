@@ -11,12 +11,14 @@ it changes anything. The limit is per worker process: the buffers live in its he
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import TracebackType
 
 from tensorps.server.ops import ResourceExhausted
 
 GiB = 1 << 30
+log = logging.getLogger("tensorps.server")
 
 
 def default_staging_bytes(max_total_bytes: int) -> int:
@@ -52,6 +54,7 @@ class Staging:
                     "transit; retry later"
                 )
             self.used += nbytes
+            log.debug("staging: %d bytes taken for %s, %d of %d in use", nbytes, what, self.used, self.limit)
 
     def _give_back(self, nbytes: int) -> None:
         with self._lock:

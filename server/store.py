@@ -550,8 +550,9 @@ class Store:
         for stripe in stripes:
             self._meta[_OFF_IN_COMMIT + stripe] = 1 if marked else 0
 
-    def recover(self) -> int:
-        """Finish or undo every atomic batch whose process died while publishing; returns how many."""
+    def recover(self, stripe: int | None = None) -> int:
+        """Finish or undo every atomic batch whose process died while publishing, and clear the mark of
+        `stripe` (which the caller holds: its marker is dead; a sweep names none); returns how many."""
         done = 0
         with self.locks.hold(self.locks.catalog):
             for record, state, entries in commits.orphans(self._dir_fd):
@@ -562,13 +563,14 @@ class Store:
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:
                         if slot == entry.slot:
                             self._delete_slot(entry.slot)
-                    elif state != commits.COMMITTED and entry.kind == commits.CREATED:
-                        if isinstance(slot, int):
-                            self._delete_slot(slot)
-                    elif entry.kind == commits.STRIPE:
-                        self.mark_in_commit([entry.slot], False)
+                    elif (
+                        state != commits.COMMITTED and entry.kind == commits.CREATED and isinstance(slot, int)
+                    ):
+                        self._delete_slot(slot)
                 os.unlink(record, dir_fd=self._dir_fd)
                 done += 1
+            if stripe is not None:
+                self.mark_in_commit([stripe], False)
         return done
 
     def sweep(self) -> Swept:

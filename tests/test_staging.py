@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from support import ServerProcess
+from support import ServerProcess, wait_until
 from tensorps.client import Client, ResourceExhaustedError
 from tensorps.client.codec import shape_to_proto
 from tensorps.v1 import tensorps_pb2 as pb
@@ -24,9 +24,22 @@ WRITE = np.arange(6 * MiB // 4, dtype=np.float32)  # 6 MiB: streamed (above 4 Mi
 def server() -> Iterator[ServerProcess]:
     """One worker (staging is per worker) with an 8 MiB staging budget and a 1 s idle timeout."""
     with ServerProcess(
-        "--max-staging-bytes", "8M", "--max-total-bytes", "256M", "--stream-idle-timeout", "1", workers=1
+        "--max-staging-bytes",
+        "8M",
+        "--max-total-bytes",
+        "256M",
+        "--stream-idle-timeout",
+        "1",
+        "--log-level",
+        "DEBUG",  # the staging lines tell when a stalled stream holds its bytes
+        workers=1,
     ) as proc:
         yield proc
+
+
+def _wait_for_staging(server: ServerProcess, since: int, text: str) -> None:
+    """Until the server logged (after line `since`) that it took staging bytes: `text` names the call."""
+    assert wait_until(lambda: any(text in line for line in server.log[since:]), 30), "\n".join(server.log)
 
 
 def _stalled_write(channel: grpc.Channel, name: str, go: threading.Event) -> Iterator[bytes]:
@@ -56,9 +69,10 @@ def test_streamed_writes_beyond_the_staging_budget_are_refused(server: ServerPro
         for name in ("s1", "s2"):
             ps.create(name, value=np.zeros_like(WRITE))
         go = threading.Event()
+        since = len(server.log)
         first = _stalled_write(channel, "s1", go)
         try:
-            time.sleep(0.5)  # the server has taken the first message, and reserved the tensor's bytes
+            _wait_for_staging(server, since, "for a streamed write, 6291456 of")
             with pytest.raises(ResourceExhaustedError, match="staging budget"):
                 ps.assign("s2", WRITE, read_value=False)
             assert ps.info("s2").version == 1, "a refused write changes nothing"
@@ -93,9 +107,10 @@ def test_batches_beyond_the_staging_budget_are_refused(server: ServerProcess) ->
         for name in ("b1", "b2"):
             ps.create(name, value=np.zeros_like(WRITE))
         go = threading.Event()
+        since = len(server.log)
         first = _stalled_batch(channel, "b1", go)
         try:
-            time.sleep(0.5)
+            _wait_for_staging(server, since, "for a batch, 6291456 of")
             with pytest.raises(ResourceExhaustedError, match="staging budget"):
                 ps.assign_many({"b2": WRITE})
             assert ps.info("b2").version == 1
@@ -116,7 +131,7 @@ def test_batch_write_whose_returned_value_finds_no_room_is_not_applied(server: S
             ps.create(name, value=np.zeros_like(value))
         pipe = ps.pipeline(raise_on_error=False)
         for name in names:
-            pipe.assign(name, value, read_value=True)
+            pipe.assign_add(name, value, read_value=True)  # its reply is a copy (a locked assign's is not)
         results = pipe.execute()
         np.testing.assert_array_equal(results[0], value)
         for result in results[1:]:

@@ -184,12 +184,14 @@ class AssignRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
-    __slots__ = ("info", "value")
+    __slots__ = ("info", "value", "value_is_request")
     INFO_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_IS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     info: VariableInfo
     value: TensorProto
-    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    value_is_request: bool
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ..., value_is_request: _Optional[bool] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("name",)
@@ -234,14 +236,16 @@ class WriteChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[WriteHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReadChunk(_message.Message):
-    __slots__ = ("info", "offset", "data")
+    __slots__ = ("info", "offset", "value_is_request", "data")
     INFO_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VALUE_IS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     info: VariableInfo
     offset: int
+    value_is_request: bool
     data: bytes
-    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, info: _Optional[_Union[VariableInfo, _Mapping]] = ..., offset: _Optional[int] = ..., value_is_request: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -304,18 +308,20 @@ class BatchOp(_message.Message):
     def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("op", "code", "message", "info", "value")
+    __slots__ = ("op", "code", "message", "info", "value", "value_is_request")
     OP_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_IS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     op: int
     code: int
     message: str
     info: VariableInfo
     value: TensorProto
-    def __init__(self, op: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    value_is_request: bool
+    def __init__(self, op: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ..., value_is_request: _Optional[bool] = ...) -> None: ...
 
 class BatchReply(_message.Message):
     __slots__ = ("results", "offset", "data")

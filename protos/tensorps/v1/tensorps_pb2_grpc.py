@@ -167,7 +167,9 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Read(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A variable larger than the server's --max-message-bytes is refused with RESOURCE_EXHAUSTED before
+        anything is sent: read it with ReadStream.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
