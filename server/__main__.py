@@ -99,7 +99,21 @@ def parser() -> argparse.ArgumentParser:
         d.max_concurrent_rpcs,
         "calls in flight per worker before RESOURCE_EXHAUSTED",
     )
-    flag("stream-idle-timeout", float, d.stream_idle_timeout, "seconds a streamed write may stall")
+    flag(
+        "stream-idle-timeout",
+        float,
+        d.stream_idle_timeout,
+        "seconds a streamed write may stall, or a streamed reply wait for its client to read, before the "
+        "call is cancelled",
+    )
+    flag(
+        "max-staging-bytes",
+        size,
+        None,
+        "per worker: bytes of tensors in transit through its memory (streamed writes, batches, streamed "
+        "replies); beyond it RESOURCE_EXHAUSTED (default: 25%% of --max-total-bytes, at least 1G or all "
+        "of it)",
+    )
     flag("grace", float, d.grace, "seconds in-flight calls get to finish at shutdown (a second signal: none)")
     flag("tls-cert", str, None, "TLS certificate chain (PEM); with --tls-key, serve TLS only")
     flag("tls-key", str, None, "TLS private key (PEM)")
@@ -123,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Settings that must be at least this (exclusive minimum for the float ones marked so).
 _MINIMUM = {"port": 0, "workers": 1, "stripes": 1, "max_variables": 1, "threads": 1, "max_concurrent_rpcs": 1}
-_POSITIVE = ("stream_idle_timeout", "max_total_bytes", "max_variable_bytes")
+_POSITIVE = ("stream_idle_timeout", "max_total_bytes", "max_variable_bytes", "max_staging_bytes")
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:

@@ -100,6 +100,7 @@ def build_server(
         workers=config.workers,
         stream_idle_timeout=config.stream_idle_timeout,
         max_message_bytes=config.max_message_bytes,
+        max_staging_bytes=config.max_staging_bytes,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
@@ -382,6 +383,7 @@ class Supervisor:
             failures = worker.failures + 1 if lived < 5.0 else 0
             delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2**failures) if failures else 0.0
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
+            Store.sweep_path(self.config.store_path)  # it may have died amid a create or a delete
             self.status[0] = 0
             del self.workers[slot]
             self._sleep(delay)
@@ -513,6 +515,7 @@ def serve(config: ServerConfig) -> int:
         for key, value in wanted.items():
             if value != actual[key]:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
+    store.sweep()  # what processes that died amid a change left behind (logged)
     store.close()  # the workers map it themselves, after the fork
     try:
         code = Supervisor(config, auth=_token_auth(config)).run(signals)

@@ -121,12 +121,22 @@ class BatchFailed(OpError):
 
 
 def run_batch(
-    ops: Ops, batch: Sequence[BatchOp], *, atomic: bool, consume: Consume, request: bytes | None = None
+    ops: Ops,
+    batch: Sequence[BatchOp],
+    *,
+    atomic: bool,
+    consume: Consume,
+    request: bytes | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> list[Result]:
     """Run `batch` over `ops`; results in order (a READ_PREFIX op gives one per variable it read).
 
     With a request id, each operation gets its own (derived from the batch's and its index), so that a
     retried batch applies no operation twice: each one that happened answers with its first outcome.
+
+    `reserve(nbytes)`, if given, runs before a write whose value comes back (of that many bytes) is
+    applied, so that room for what consume keeps is refused before the write rather than after it (in an
+    atomic batch consume runs before anything is applied, so a refusal there is in time anyway).
     """
     if request is not None:
         batch = [op._replace(request=op_request(request, index)) for index, op in enumerate(batch)]
@@ -137,6 +147,12 @@ def run_batch(
         try:
             if op.refused is not None:
                 raise op.refused
+            copies = op.kind in (ASSIGN_ADD, ASSIGN_SUB) or (op.kind == ASSIGN and not op.use_locking)
+            if reserve is not None and copies and op.read_value:
+                # The value after the write has the value's shape and dtype; a locked Assign's is the
+                # value itself, echoed without a copy.
+                assert op.value is not None
+                reserve(op.value.nbytes)
             results.extend(_run_one(ops, index, op, consume))
         except OpError as error:
             results.append(Result(index, error=error))
@@ -468,7 +484,7 @@ class _Atomic:
 
     def _commit(self, stripes: list[int], last_write: dict[str, int]) -> None:
         store = self.store
-        record = commits.CommitRecord(store.path)
+        record = store.commit_record()
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = published = False

@@ -27,6 +27,7 @@ from tensorps.server.batch import (
 )
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
+from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -147,14 +148,18 @@ def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeade
     return chunk.header, layouts, total
 
 
-def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream (BatchStream), and whether it is atomic."""
+def receive(
+    messages: Iterator[bytes], ops: Ops, *, read_only: bool, staging: Reservation
+) -> tuple[list[BatchOp], bool]:
+    """A batch's operations from its request stream (BatchStream), and whether it is atomic; its values'
+    bytes are reserved in `staging` before they are taken in."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
     header, layouts, total = _header(first, ops, read_only=read_only)
     # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
-    # whole), until ops copy them into the store.
+    # whole), until ops copy them into the store: memory in transit.
+    staging.grow(total)
     received = wire.Received(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
@@ -180,34 +185,55 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
 
 
 def _run(
-    ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter, request: bytes | None
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    writer: wire.ChunkWriter,
+    request: bytes | None,
+    *,
+    staging: Reservation,
 ) -> bytes:
-    """Run the batch, the values it returns going to `writer`; the serialized results."""
+    """Run the batch, the values it returns going to `writer` (reserved in `staging`: an operation whose
+    value finds no room fails with RESOURCE_EXHAUSTED, before it is applied); the serialized results."""
+    # Bytes reserved before a write (run_batch's reserve) that its consume has not taken yet.
+    prepaid = [0]
+
+    def reserve(nbytes: int) -> None:
+        staging.grow(nbytes)
+        prepaid[0] += nbytes
 
     def consume(info: Info, view: Any) -> pb.TensorProto:
+        if prepaid[0] >= view.nbytes:
+            prepaid[0] -= view.nbytes
+        else:
+            staging.grow(view.nbytes)
         writer.add(view)
         assert info.shape is not None
         return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
 
-    results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request)
+    results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request, reserve=reserve)
     reply = pb.BatchReply()
     for result in results:
         _result_to_proto(result, reply.results.add())
     return reply.SerializeToString()
 
 
-def execute(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> Iterator[bytes]:
+def execute(
+    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+) -> Iterator[bytes]:
     """Run the batch; the reply stream: every result, then the values' bytes."""
     # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
     writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
-    yield _run(ops, batch, atomic, writer, request)
+    yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
 
 
-def execute_one(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> bytes:
+def execute_one(
+    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+) -> bytes:
     """Run the batch; the reply as one message: every result and the values' bytes."""
     writer = wire.ChunkWriter(1 << 62)  # one data field: the client chose Batch for a small reply
-    results = _run(ops, batch, atomic, writer, request)
+    results = _run(ops, batch, atomic, writer, request, staging=staging)
     data = writer.finish()
     return results + data[0] if data else results
 

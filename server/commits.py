@@ -48,22 +48,28 @@ class Entry(NamedTuple):
 
 
 class CommitRecord:
-    """The record of one atomic batch, written by the thread that applies it."""
+    """The record of one atomic batch, written by the thread that applies it.
 
-    def __init__(self, directory: str) -> None:
-        name = secrets.token_hex(8)
+    `directory` is a descriptor of the store's directory: the record goes into the store its writer
+    attached, never into another one made at the same path since.
+    """
+
+    def __init__(self, directory: int) -> None:
+        token = secrets.token_hex(8)
+        self.name = PREFIX + token
+        self._directory = directory
         # Made under a name recovery ignores, and locked, before it becomes a record: a recovering process
         # must never take a live batch's new record for an orphan (the rename keeps the lock).
-        staging = os.path.join(directory, STAGING + name)
-        self.path = os.path.join(directory, PREFIX + name)
-        self._fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        staging = STAGING + token
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._fd = os.open(staging, flags, 0o600, dir_fd=directory)
         try:
             fcntl.fcntl(self._fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
             os.pwrite(self._fd, bytes([PREPARING]), 0)  # ENOSPC on a full tmpfs: no record, no batch
-            os.rename(staging, self.path)
+            os.rename(staging, self.name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
+                os.unlink(staging, dir_fd=directory)
             os.close(self._fd)
             raise
         self._end = 1
@@ -82,7 +88,7 @@ class CommitRecord:
     def finish(self) -> None:
         """The batch is complete (or changed nothing): the record goes."""
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._directory)
         finally:
             os.close(self._fd)
 
@@ -92,20 +98,17 @@ class CommitRecord:
         os.close(self._fd)
 
 
-def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
-    """(path, state, entries) of every record whose writer is dead; its file stays locked by the caller
-    until the generator moves on, so that two recovering processes never replay one record at once."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
+def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
+    """(file name, state, entries) of every record in the directory (a descriptor) whose writer is dead;
+    its file stays locked by the caller until the generator moves on, so that two recovering processes
+    never replay one record at once."""
+    names = os.listdir(directory)
     for name in names:
         if name.startswith(STAGING):
-            _remove_if_dead(os.path.join(directory, name))  # killed before it became a record
+            _remove_if_dead(directory, name)  # killed before it became a record
     for name in (n for n in names if n.startswith(PREFIX)):
-        path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             continue
         try:
@@ -115,19 +118,19 @@ def orphans(directory: str) -> Iterator[tuple[str, int, list[Entry]]]:
                 continue  # its writer is alive
             data = os.pread(fd, os.fstat(fd).st_size, 0)
             # Empty: created and killed before its first byte; it changed nothing (and is removed).
-            yield path, data[0] if data else PREPARING, list(_entries(data))
+            yield name, data[0] if data else PREPARING, list(_entries(data))
         finally:
             os.close(fd)
 
 
-def _remove_if_dead(path: str) -> None:
+def _remove_if_dead(directory: int, name: str) -> None:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
     except FileNotFoundError:
         return
     try:
         fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        os.unlink(path)
+        os.unlink(name, dir_fd=directory)
     except OSError:
         pass  # its writer is alive (or another process removed it)
     finally:

@@ -26,8 +26,12 @@ class ServerConfig:
     threads: int = 16
     max_concurrent_rpcs: int = 256
     grace: float = 10.0
-    # A streamed write that sends nothing for this many seconds is cancelled.
+    # A streamed write that sends nothing, or a streamed reply that its client stops reading, for this
+    # many seconds is cancelled (and its staging bytes freed).
     stream_idle_timeout: float = 60.0
+    # Per worker: bytes of tensors in transit through its heap (streamed writes, batches, streamed
+    # replies); None: a quarter of max_total_bytes, at least 1 GiB or all of it (staging.py).
+    max_staging_bytes: int | None = None
     log_level: str = "INFO"
     # TLS: certificate chain and key (PEM); with tls_client_ca, clients must present a certificate it signed.
     tls_cert: str | None = None

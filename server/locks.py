@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # struct flock on Linux x86_64 and aarch64: short l_type, short l_whence, off_t l_start, off_t l_len,
@@ -130,9 +130,12 @@ class StripedLocks:
     take a lock it already holds.
     """
 
-    def __init__(self, path: str, stripes: int) -> None:
+    def __init__(self, path: str, stripes: int, opener: Callable[[], int] | None = None) -> None:
+        """`opener` opens the lock file for a new thread (default: by `path`); a store passes one that
+        opens it in the directory it attached, never in a store recreated at the same path."""
         self.path = path
         self.stripes = stripes
+        self._open = opener or (lambda: os.open(path, os.O_RDWR | os.O_CLOEXEC))
         self.catalog = stripes
         st = os.stat(path)
         _lock_files.add((st.st_dev, st.st_ino))
@@ -147,7 +150,7 @@ class StripedLocks:
         local = self._local
         handle: _Descriptor | None = getattr(local, "handle", None)
         if handle is None or handle.forks != _forks[0]:
-            handle = _Descriptor(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+            handle = _Descriptor(self._open())
             local.handle = handle
             self._handles.add(handle)
         return handle.fd

@@ -30,13 +30,19 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_file(path: str, length: int) -> Any:
-    """The first `length` bytes of the file at `path`, shared and writable, as a ctypes byte array."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+def map_file(path: str, length: int, *, dir_fd: int | None = None) -> Any:
+    """The first `length` bytes of the file at `path` (relative to `dir_fd` if given), shared and writable,
+    as a ctypes byte array."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        return map_fd(fd, length, path)
     finally:
         os.close(fd)
+
+
+def map_fd(fd: int, length: int, path: str = "") -> Any:
+    """Like map_file, of an open descriptor (which the caller keeps and may close at once)."""
+    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if address in (None, _MAP_FAILED):
         code = ctypes.get_errno()
         raise OSError(code, f"cannot map {path}: {os.strerror(code)}")

@@ -331,21 +331,24 @@ class Ops:
             if slot is not None:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
-                slot = self.store.insert(name, initial)
+                if value is None:
+                    return _info(name, self.store.active(self.store.insert(name, initial)))
+                # Filled before it is inserted, so that a crash leaves no variable or the whole one (the
+                # unnamed segment of a crash is a sweep's to reclaim).
+                with self.store.new_segment(value.nbytes) as (segment, capacity, raw):
+                    np.copyto(raw.view(dtype.numpy).reshape(value.shape), value)
+                    d = initial._replace(
+                        initialized=True,
+                        version=1,
+                        nbytes=value.nbytes,
+                        segment=segment,
+                        capacity=capacity,
+                        request=request or NO_REQUEST,
+                    )
+                    self.store.insert(name, d)
+                return _info(name, d)
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
-            if value is None:
-                return _info(name, self.store.active(slot))
-            try:
-                buffer, publish = self._write_spare(
-                    name, slot, dtype, value.shape, version=1, request=request or NO_REQUEST
-                )
-            except BaseException:
-                self.store.delete_slot(slot)
-                raise
-            np.copyto(buffer, value)
-            info: Info = publish()
-            return info
 
     def delete(self, name: str, *, request: bytes | None = None) -> None:
         with self.hold(self.locks.stripe(name), name=name):

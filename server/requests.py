@@ -73,8 +73,9 @@ def create_file(directory: str, stripes: int) -> None:
 class RequestTable:
     """One process's view of a store's request table. The caller holds the stripe it names."""
 
-    def __init__(self, directory: str, stripes: int) -> None:
-        fd = os.open(os.path.join(directory, FILE), os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, directory: int, stripes: int) -> None:
+        """`directory`: a descriptor of the store's directory (the store a handle attached, see store.py)."""
+        fd = os.open(FILE, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
         try:
             self._map = mmap.mmap(fd, stripes * _PARTITION)
         finally:

@@ -28,7 +28,8 @@ from tensorps.client.codec import CodecError
 from tensorps.server import batch_service
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
-from tensorps.server.store import StoreError
+from tensorps.server.staging import Reservation, Staging, default_staging_bytes
+from tensorps.server.store import StoreError, StoreGoneError
 from tensorps.v1 import tensorps_pb2 as pb
 
 SERVICE_NAME = "tensorps.v1.ParameterServer"
@@ -49,6 +50,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return getattr(grpc.StatusCode, exc.code), str(exc)
     if isinstance(exc, CodecError | DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request"
+    if isinstance(exc, StoreGoneError):  # the store of a shm:// client (or a server) was removed
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, OSError) and exc.errno in _FULL:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is out of resources: {exc.strerror}"
     if isinstance(exc, StoreError | OSError):
@@ -134,17 +137,31 @@ def _chunks(info: Info, array: Array) -> Iterator[bytes]:
     yield from wire.data_chunks(codec.as_wire_array(array), CHUNK_BYTES)
 
 
+def _drain(reversed_messages: list[bytes]) -> Iterator[bytes]:
+    """The messages in their order, each let go of once it is sent."""
+    while reversed_messages:
+        yield reversed_messages.pop()
+
+
+def _replies_with_a_copy(op: int, flags: Any) -> bool:
+    """Whether a write's reply holds a copy of the variable: all but a locked Assign's, which returns the
+    value it received (ops.assign)."""
+    if not _flag(flags, "read_value", True):
+        return False
+    return not (op == pb.WRITE_OP_ASSIGN and _flag(flags, "use_locking", True))
+
+
 class _Cancelled(Exception):
     """The call was cancelled while its handler waited for the next message."""
 
 
 class IdleWatch:
-    """Cancels streamed writes whose client sends nothing for `timeout` seconds (a stalled peer would
-    otherwise hold a thread and a tensor-sized buffer for ever)."""
+    """Cancels streams idle for `timeout` seconds: a write whose client sends nothing, or a reply whose
+    client takes nothing (a stalled peer would otherwise hold a thread and a tensor-sized buffer for ever)."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._last: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self._last: dict[int, tuple[float, grpc.ServicerContext, str]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -165,9 +182,28 @@ class IdleWatch:
             with self._lock:
                 self._last.pop(key, None)
 
-    def _touch(self, key: int, context: grpc.ServicerContext) -> None:
+    def watch_reply(self, replies: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Yields `replies`; the call is cancelled if gRPC takes none of them for `timeout` seconds.
+
+        gRPC asks for the next reply once it has sent the previous one, so the clock runs only while a
+        reply waits to go out (a client that stopped reading), never while the next one is computed.
+        """
+        key = id(context)
+        try:
+            for reply in replies:
+                self._touch(key, context, "a reply stream whose client stopped reading")
+                yield reply
+                self._forget(key)
+        finally:
+            self._forget(key)
+
+    def _forget(self, key: int) -> None:
         with self._lock:
-            self._last[key] = (time.monotonic(), context)
+            self._last.pop(key, None)
+
+    def _touch(self, key: int, context: grpc.ServicerContext, what: str = "a streamed write") -> None:
+        with self._lock:
+            self._last[key] = (time.monotonic(), context, what)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._reap, name="tensorps-idle", daemon=True)
                 self._thread.start()
@@ -177,11 +213,11 @@ class IdleWatch:
             time.sleep(min(1.0, self.timeout / 4))
             now = time.monotonic()
             with self._lock:
-                idle = [(k, c) for k, (t, c) in self._last.items() if now - t > self.timeout]
-                for key, _context in idle:
+                idle = [(k, c, w) for k, (t, c, w) in self._last.items() if now - t > self.timeout]
+                for key, _context, _what in idle:
                     del self._last[key]
-            for _key, context in idle:
-                log.warning("cancelling a streamed write idle for more than %.1f s", self.timeout)
+            for _key, context, what in idle:
+                log.warning("cancelling %s idle for more than %.1f s", what, self.timeout)
                 context.cancel()  # type: ignore[no-untyped-call]
 
 
@@ -195,11 +231,14 @@ class ParameterServer:
         workers: int = 1,
         stream_idle_timeout: float = 60.0,
         max_message_bytes: int = 64 << 20,
+        max_staging_bytes: int | None = None,
     ) -> None:
         self.ops = ops
         self.workers = workers
         self.max_message_bytes = max_message_bytes
         self._idle = IdleWatch(stream_idle_timeout)
+        limit = max_staging_bytes or default_staging_bytes(ops.store.limits.max_total_bytes)
+        self.staging = Staging(limit)
 
     # ---- catalog -------------------------------------------------------------------------------
 
@@ -301,26 +340,29 @@ class ParameterServer:
 
     @_abort_on_error_stream
     def write_stream(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        watched = self._idle.watch(messages, context)
-        try:
-            header, name, value = self._receive(watched)
-        except _Cancelled:
-            return  # the idle watch cancelled the call: no status can be sent any more
-        finally:
-            watched.close()
-        if header.op == pb.WRITE_OP_CREATE:
-            dtype = codec.dtype_of(value.dtype)
-            info = self.ops.create(name, dtype, value.shape, value, request=request_id(context))
-            result = None
-        else:
-            info, result = self._apply(header.op, name, value, header, request_id(context))
-        if result is None or result is value:
-            echo = result is not None
-            yield pb.ReadChunk(info=info_to_proto(info), value_is_request=echo).SerializeToString()
-        else:
-            yield from _chunks(info, result)
+        with self.staging.reservation("a streamed write") as staging:
+            watched = self._idle.watch(messages, context)
+            try:
+                header, name, value = self._receive(watched, staging)
+            except _Cancelled:
+                return  # the idle watch cancelled the call: no status can be sent any more
+            finally:
+                watched.close()
+            if header.op == pb.WRITE_OP_CREATE:
+                dtype = codec.dtype_of(value.dtype)
+                info = self.ops.create(name, dtype, value.shape, value, request=request_id(context))
+                result = None
+            else:
+                if _replies_with_a_copy(header.op, header):
+                    staging.grow(value.nbytes)  # before the write: a refusal must change nothing
+                info, result = self._apply(header.op, name, value, header, request_id(context))
+            if result is None or result is value:
+                echo = result is not None
+                yield pb.ReadChunk(info=info_to_proto(info), value_is_request=echo).SerializeToString()
+            else:
+                yield from self._idle.watch_reply(_chunks(info, result), context)
 
-    def _receive(self, chunks: Iterator[bytes]) -> tuple[pb.WriteHeader, str, Array]:
+    def _receive(self, chunks: Iterator[bytes], staging: Reservation) -> tuple[pb.WriteHeader, str, Array]:
         """A streamed write's header and tensor, checked before anything large is allocated."""
         first = next(chunks, None)
         if first is None:
@@ -339,7 +381,8 @@ class ParameterServer:
         if header.op not in pb.WriteOp.values() or header.op == pb.WRITE_OP_UNSPECIFIED:
             raise CodecError(f"unknown write op {header.op} for variable '{name}'")
         nbytes = self.ops.check_size(name, shape, dtype)
-        # Checked before this allocation: the size is within the server's limits.
+        # Checked before this allocation: the size is within the server's limits, and reserved.
+        staging.grow(nbytes)
         buffer = np.empty(nbytes, np.uint8)
         filled = 0
         message: bytes | None = first
@@ -368,21 +411,24 @@ class ParameterServer:
     def batch(self, raw: bytes, context: grpc.ServicerContext, *, read_only: bool = False) -> bytes:
         """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
         batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only)
-        return batch_service.execute_one(self.ops, batch, atomic, request_id(context))
+        with self.staging.reservation("a batch") as staging:
+            return batch_service.execute_one(self.ops, batch, atomic, request_id(context), staging)
 
     @_abort_on_error_stream
     def batch_stream(
         self, messages: Iterator[bytes], context: grpc.ServicerContext, *, read_only: bool = False
     ) -> Iterator[bytes]:
         """BatchStream: `read_only` as for batch."""
-        watched = self._idle.watch(messages, context)
-        try:
-            batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only)
-        except _Cancelled:
-            return
-        finally:
-            watched.close()
-        yield from batch_service.execute(self.ops, batch, atomic, request_id(context))
+        with self.staging.reservation("a batch") as staging:
+            watched = self._idle.watch(messages, context)
+            try:
+                batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only, staging=staging)
+            except _Cancelled:
+                return
+            finally:
+                watched.close()
+            replies = batch_service.execute(self.ops, batch, atomic, request_id(context), staging)
+            yield from self._idle.watch_reply(replies, context)
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -406,9 +452,17 @@ class ParameterServer:
     @_abort_on_error_stream
     def read_stream(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = _name(pb.ReadRequest.FromString(raw).name)
-        # The messages are framed straight from shared memory under the lock (one copy, as a snapshot
-        # would take), so that the lock is not held while a slow reader drains the stream.
-        yield from self.ops.read(name, lambda info, view: list(_chunks(info, view)))
+        with self.staging.reservation("a streamed read") as staging:
+
+            def frame(info: Info, view: Array) -> list[bytes]:
+                # The messages are framed straight from shared memory under the lock (one copy, as a
+                # snapshot would take), so that the lock is not held while a slow reader drains the stream.
+                staging.grow(view.nbytes)
+                return list(_chunks(info, view))
+
+            chunks = self.ops.read(name, frame)
+            chunks.reverse()
+            yield from self._idle.watch_reply(_drain(chunks), context)
 
     @_abort_on_error
     def get_server_info(self, raw: bytes, context: grpc.ServicerContext) -> bytes:

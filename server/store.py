@@ -7,6 +7,14 @@ A store is a directory (default /dev/shm/tensorps-<port>) that any number of pro
                 are never allocated)
     locks       one byte per lock stripe plus the catalog lock (see locks.py)
     seg-<id>    one file per data segment; ids come from a counter, never from a variable's name
+    commit-<r>  the record of an atomic batch while it publishes (commits.py)
+
+A store has an identity: a random incarnation in the header, and the directory itself. A handle opens
+every file relative to a descriptor of the directory it attached, so a process that outlives its store
+(a shm:// client whose server stopped) never reads, creates or removes a file of a new store made at the
+same path; it checks that its store still stands there (StoreGoneError otherwise) on every lookup through
+a byte that whoever removes a store sets first, fully (directory, path and incarnation) on lookups that
+miss, before it names a new file, and at least every CHECK_INTERVAL seconds.
 
 Every slot holds two descriptors (dtype, shape, initialized, version, segment) and a one-byte selector
 naming the active one. A crash-atomic write fills the inactive descriptor and its segment, then flips
@@ -23,13 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
+import logging
 import mmap
 import os
+import secrets
 import shutil
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,20 +50,27 @@ import numpy as np
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
 from tensorps.server import commits, requests
 from tensorps.server.locks import StripedLocks, create_lock_file
-from tensorps.server.mapping import map_file
+from tensorps.server.mapping import map_fd, map_file
 from tensorps.server.requests import RequestTable, unpack_applied
+
+log = logging.getLogger("tensorps.server")
 
 MAGIC = b"TPSSTOR3"
 PAGE = mmap.PAGESIZE
 
 # Header: magic, stripes, capacity, slot size, next segment id, used bytes, variable count,
-# byte budget, variable limit.
+# byte budget, variable limit; then the fields at the offsets below.
 _HEADER = struct.Struct("<8sIIIxxxxQQQQQ")
 _HEADER_SIZE = 4096
 _OFF_NEXT_SEG = 24
 _OFF_USED = 32
 _OFF_COUNT = 40
 _OFF_FREED = 64  # how many segments were ever freed: a cheap "mappings may be stale" signal
+_OFF_INCARNATION = 72  # random, set at creation: which store a handle attached, whatever its path names now
+_OFF_REMOVED = 80  # one byte, set by whoever removes the store before its files go
+# Seconds between full checks that a handle's store still stands at its path (a removal by hand sets no
+# byte); removals through Store are seen at once.
+CHECK_INTERVAL = 1.0
 # One byte per stripe: set while an atomic batch holding the stripe publishes (commits.py).
 _OFF_IN_COMMIT = 1024
 MAX_STRIPES = _HEADER_SIZE - _OFF_IN_COMMIT
@@ -80,6 +99,10 @@ class StoreFullError(StoreError):
     """The byte budget, the variable limit or the tmpfs itself has no room."""
 
 
+class StoreGoneError(StoreError):
+    """The store this handle attached was removed (another may stand at its path now)."""
+
+
 class Descriptor(NamedTuple):
     """One of a slot's two descriptors (a NamedTuple: built on every write, so cheap to build)."""
 
@@ -91,6 +114,16 @@ class Descriptor(NamedTuple):
     segment: int = 0
     capacity: int = 0
     request: bytes = bytes(16)  # the id of the write that made this descriptor (all zero: none)
+
+
+class Swept(NamedTuple):
+    """What a sweep reclaimed (all zero: nothing was left behind)."""
+
+    records: int  # commit records of dead atomic batches, finished or undone
+    entries: int  # index entries of slots not in use
+    segments: int  # segment files no descriptor names
+    bytes: int  # their size
+    budget: int  # how much the count of bytes in use went down (negative: up)
 
 
 @dataclass(frozen=True)
@@ -128,18 +161,29 @@ class Store:
     def __init__(self, path: str, *, created: bool) -> None:
         self.path = path
         self.created = created
-        self._meta_fd = os.open(os.path.join(path, "meta"), os.O_RDWR | os.O_CLOEXEC)
+        # Every file of the store is opened relative to the directory this handle attached (see the module
+        # docstring): once that directory is removed, creating a file in it fails instead of landing in a
+        # new store at the same path.
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._meta_fd = os.open("meta", os.O_RDWR | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         header = os.pread(self._meta_fd, _HEADER.size, 0)
         magic, stripes, capacity, slot_size, *_rest, budget, max_vars = _HEADER.unpack(header)
         if magic != MAGIC or slot_size != SLOT_SIZE:
             os.close(self._meta_fd)
+            os.close(self._dir_fd)
             raise StoreError(f"{path} is not a tensorps store of this version")
         self.capacity: int = capacity
         self.limits = StoreLimits(max_variables=max_vars, max_total_bytes=budget)
         self._slots_offset = _slots_offset(capacity)
         self._meta = mmap.mmap(self._meta_fd, self._slots_offset + capacity * SLOT_SIZE)
-        self.locks = StripedLocks(os.path.join(path, "locks"), stripes)
-        self.requests = RequestTable(path, stripes)
+        self.incarnation = self._header_u64(_OFF_INCARNATION)
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self.locks = StripedLocks(os.path.join(path, "locks"), stripes, opener=self._open_locks)
+        self.requests = RequestTable(self._dir_fd, stripes)
         self._slot_cache: dict[str, int] = {}
         # segment id -> (mapping, slot that used it when mapped)
         self._segments: dict[int, tuple[Any, int]] = {}
@@ -193,6 +237,7 @@ class Store:
                 budget = max_total_bytes if max_total_bytes is not None else default_total_bytes(path)
                 header = _HEADER.pack(MAGIC, stripes, capacity, SLOT_SIZE, 1, 0, 0, budget, max_variables)
                 os.pwrite(fd, header, 0)
+                os.pwrite(fd, struct.pack("<Q", secrets.randbits(64) | 1), _OFF_INCARNATION)
             finally:
                 os.close(fd)
             # Attachers wait for "meta"; renaming makes it appear complete or not at all.
@@ -220,16 +265,69 @@ class Store:
         with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
             self._meta.close()
         os.close(self._meta_fd)
+        os.close(self._dir_fd)
+        self._dir_fd = -1  # EBADF for a late user, never a number reused by another file
 
     def destroy(self) -> None:
-        """Close this handle and remove the store's files."""
+        """Close this handle and remove the store's files (unless another store stands at its path now)."""
+        try:
+            self.check_present()
+        except StoreGoneError:
+            self.close()
+            return
         self.close()
         Store.remove_files(self.path)
 
     @staticmethod
     def remove_files(path: str) -> None:
-        """Remove a store's files. Processes that still map it keep valid mappings until they unmap."""
+        """Remove a store's files. Every process still attached sees StoreGoneError at its next lookup;
+        its mappings stay valid until it unmaps them."""
+        with contextlib.suppress(OSError):
+            fd = os.open(os.path.join(path, "meta"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.pread(fd, len(MAGIC), 0) == MAGIC:
+                    os.pwrite(fd, b"\x01", _OFF_REMOVED)
+            finally:
+                os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
+
+    # ---- identity ------------------------------------------------------------------------------
+
+    def _gone(self) -> StoreGoneError:
+        return StoreGoneError(
+            f"the store was removed: {self.path} no longer holds the store this process attached "
+            "(its server stopped?); open it again"
+        )
+
+    def check_present(self) -> None:
+        """Raise StoreGoneError unless this handle's store still stands at its path (a few system calls)."""
+        if self._meta[_OFF_REMOVED] or os.fstat(self._dir_fd).st_nlink == 0:
+            raise self._gone()
+        try:
+            fd = os.open(os.path.join(self.path, "meta"), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._gone() from None
+        try:
+            incarnation = os.pread(fd, 8, _OFF_INCARNATION)
+        finally:
+            os.close(fd)
+        if incarnation != struct.pack("<Q", self.incarnation):
+            raise self._gone()
+
+    def _check_soon(self) -> None:
+        """The hot path's check: a byte of shared memory, and a full check now and then."""
+        if self._meta[_OFF_REMOVED]:
+            raise self._gone()
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_INTERVAL
+            self.check_present()
+
+    def _open_locks(self) -> int:
+        try:
+            return os.open("locks", os.O_RDWR | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise self._gone() from None
 
     # ---- header --------------------------------------------------------------------------------
 
@@ -269,6 +367,7 @@ class Store:
 
     def find(self, name: str) -> int | None:
         """The slot of `name`, or None. The caller holds the name's stripe lock."""
+        self._check_soon()
         slot = self._slot_cache.get(name)
         if slot is not None and self._slot_holds(slot, name):
             return slot
@@ -279,6 +378,7 @@ class Store:
         assert not isinstance(found, _Changing)
         if found is None:
             self._slot_cache.pop(name, None)
+            self.check_present()  # a removed store is UNAVAILABLE, not an empty one
         else:
             self._slot_cache[name] = found
         return found
@@ -312,6 +412,7 @@ class Store:
     def insert(self, name: str, descriptor: Descriptor) -> int:
         """Add `name` (which must be absent) with `descriptor` as its active descriptor."""
         with self.locks.hold(self.locks.catalog):
+            self.check_present()
             count = self.variable_count
             if count >= self.limits.max_variables:
                 raise StoreFullError(f"the store holds {count} variables, its limit")
@@ -345,21 +446,26 @@ class Store:
             self._delete_slot(slot)
 
     def _delete_slot(self, slot: int) -> None:
-        """delete_slot for a caller that holds the catalog lock."""
+        """delete_slot for a caller that holds the catalog lock.
+
+        The slot is tombstoned before its segments go: a crash in between leaves the variable deleted and
+        its files leaked (until a sweep), never a used slot whose descriptor names a removed segment.
+        """
         _seq, _state, name = self._read_slot_head(slot)
-        for which in (0, 1):
-            d = self.descriptor(slot, which)
-            # Forgotten before unlinked (a crash leaks a file, never leaves a dangling id); a tombstone
-            # keeping no segment id also tells other processes their mappings are stale.
-            self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
-            self._free_segment(d)
+        descriptors = [self.descriptor(slot, which) for which in (0, 1)]
         self._begin_change(slot)
         self._meta[self._slot_offset(slot) + _OFF_STATE] = TOMBSTONE
         self._end_change(slot)
-        # The last index entry takes the deleted one's place, keeping the index dense.
+        # The last index entry takes the deleted one's place, keeping the index dense. (Tombstoned first:
+        # a crash before this leaves an entry that names() and a sweep skip, never a used slot unindexed.)
         last = self.variable_count - 1
         self._set_index(self._position(slot), self._indexed(last))
         self._set_header_u64(_OFF_COUNT, last)
+        for which, d in enumerate(descriptors):
+            # Forgotten before unlinked; a tombstone keeping no segment id also tells other processes their
+            # mappings are stale.
+            self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
+            self._free_segment(d)
         self._reclaim_tombstones(slot)
         self._slot_cache.pop(name, None)
 
@@ -381,11 +487,14 @@ class Store:
 
     def names(self, prefix: str = "") -> list[str]:
         """Every variable's name (a snapshot: variables may come and go meanwhile)."""
+        self._check_soon()
         with self.locks.hold(self.locks.catalog, exclusive=False):
             found = []
             for position in range(self.variable_count):
-                _seq, state, name = self._read_slot_head(self._indexed(position))
-                if state == USED and name.startswith(prefix):
+                slot = self._indexed(position)
+                _seq, state, name = self._read_slot_head(slot)
+                # A crash may leave a stale entry (see sweep); the slot's own position names the live one.
+                if state == USED and self._position(slot) == position and name.startswith(prefix):
                     found.append(name)
         return sorted(found)
 
@@ -464,12 +573,12 @@ class Store:
         for stripe in stripes:
             self._meta[_OFF_IN_COMMIT + stripe] = 1 if marked else 0
 
-    def recover(self, stripe: int) -> int:
+    def recover(self, stripe: int | None = None) -> int:
         """Finish or undo every atomic batch whose process died while publishing, and clear the mark of
-        `stripe` (which the caller holds: its marker is dead); returns how many batches."""
+        `stripe` (which the caller holds: its marker is dead; a sweep names none); returns how many."""
         done = 0
         with self.locks.hold(self.locks.catalog):
-            for path, state, entries in commits.orphans(self.path):
+            for record, state, entries in commits.orphans(self._dir_fd):
                 for entry in entries:
                     slot = self._probe(entry.name, locked=True) if entry.name else None
                     if state == commits.COMMITTED and entry.kind == commits.FLIP:
@@ -483,15 +592,103 @@ class Store:
                         state != commits.COMMITTED and entry.kind == commits.CREATED and isinstance(slot, int)
                     ):
                         self._delete_slot(slot)
-                os.unlink(path)
+                os.unlink(record, dir_fd=self._dir_fd)
                 done += 1
-            self.mark_in_commit([stripe], False)
+            if stripe is not None:
+                self.mark_in_commit([stripe], False)
         return done
 
     def set_request(self, slot: int, request: bytes) -> None:
         """Name the write that made the active descriptor (an unlocked write, once its copy is done)."""
         off = self._descriptor_offset(slot, self.selector(slot))
         struct.pack_into("16s", self._meta, off + _OFF_REQUEST, request)
+
+    def sweep(self) -> Swept:
+        """Reclaim what processes that died amid a change left behind; returns what it reclaimed.
+
+        Finishes or undoes their atomic batches (recover), drops index entries of slots that are not in
+        use (a crash between indexing a slot and marking it used, or between tombstoning and unindexing
+        it), unlinks segment files that neither descriptor of any used slot names, and recounts the bytes
+        in use. Safe while other processes use the store: it holds the catalog lock, under which every
+        segment is created and named, and it spares an unnamed segment whose file a live process holds
+        locked (a create filling its value before it inserts the variable, see new_segment).
+        """
+        records = self.recover()
+        with self.locks.hold(self.locks.catalog):
+            self.check_present()
+            count = self.variable_count
+            live = [
+                slot
+                for position in range(count)
+                if self._meta[self._slot_offset(slot := self._indexed(position)) + _OFF_STATE] == USED
+                and self._position(slot) == position
+            ]
+            if len(live) != count:
+                for position, slot in enumerate(live):
+                    self._set_index(position, slot)
+                self._set_header_u64(_OFF_COUNT, len(live))
+            named: dict[int, int] = {}
+            for slot in live:
+                for which in (0, 1):
+                    d = self.descriptor(slot, which)
+                    if d.segment:
+                        named[d.segment] = d.capacity
+            segments = reclaimed = in_flight = 0
+            for name in os.listdir(self._dir_fd):
+                segment = _segment_id(name)
+                if segment is None or segment in named:
+                    continue
+                try:
+                    fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    size = os.fstat(fd).st_size
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        in_flight += size  # being filled by a live process, already in the budget
+                        continue
+                    os.unlink(name, dir_fd=self._dir_fd)
+                finally:
+                    os.close(fd)
+                segments += 1
+                reclaimed += size
+            used = self.used_bytes
+            self._set_header_u64(_OFF_USED, sum(named.values()) + in_flight)
+            if segments:
+                self._set_header_u64(_OFF_FREED, self._header_u64(_OFF_FREED) + segments)
+        swept = Swept(records, count - len(live), segments, reclaimed, used - self.used_bytes)
+        if any(swept):
+            log.warning(
+                "store %s: reclaimed what dead processes left: %d commit records, %d index entries, "
+                "%d orphaned segments (%d bytes); the budget's count of bytes in use went down by %d",
+                self.path,
+                *swept,
+            )
+        return swept
+
+    @staticmethod
+    def sweep_path(path: str) -> None:
+        """Sweep the store at `path` (a supervisor after a worker died); logs rather than raises."""
+        try:
+            store = Store.attach(path, wait=0.0)
+        except (StoreError, OSError) as exc:
+            log.warning("cannot sweep the store %s: %s", path, exc)
+            return
+        try:
+            store.sweep()
+        except (StoreError, OSError) as exc:
+            log.warning("cannot sweep the store %s: %s", path, exc)
+        finally:
+            store.close()
+
+    def commit_record(self) -> commits.CommitRecord:
+        """A new commit record in this handle's store."""
+        try:
+            return commits.CommitRecord(self._dir_fd)
+        except FileNotFoundError:
+            raise self._gone() from None
 
     def bump_version(self, slot: int, request: bytes) -> int:
         """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""
@@ -520,48 +717,83 @@ class Store:
             self._free_segment(current)
             if want == 0:
                 return 0, 0
-            segment = self._allocate_segment(want)
+            segment, _fd = self._allocate_segment(want)
             self._write_descriptor(slot, inactive, current._replace(segment=segment, capacity=want, nbytes=0))
         return segment, want
 
-    def _allocate_segment(self, capacity: int) -> int:
-        """A new zero-filled segment; the caller holds the catalog lock."""
+    def _allocate_segment(self, capacity: int, *, hold: bool = False) -> tuple[int, int | None]:
+        """A new zero-filled segment, (id, None); the caller holds the catalog lock.
+
+        With `hold`, (id, descriptor of the file, locked): for a segment that no descriptor names yet, the
+        lock tells a sweep that a live process is about to name it (the kernel drops it if that process
+        dies first). The caller closes the descriptor once the segment is named, or freed.
+        """
         used = self.used_bytes
         if used + capacity > self.limits.max_total_bytes:
             raise StoreFullError(
                 f"storing {capacity} more bytes would exceed the store's budget of "
                 f"{self.limits.max_total_bytes} bytes ({used} in use)"
             )
+        self.check_present()
         segment = self._header_u64(_OFF_NEXT_SEG)
         self._set_header_u64(_OFF_NEXT_SEG, segment + 1)
-        path = self._segment_path(segment)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        name = _segment_name(segment)
         try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise self._gone() from None  # the directory was removed since the check
+        try:
+            if hold:
+                fcntl.flock(fd, fcntl.LOCK_EX)
             # Reserve the pages now: a tmpfs that fills up later would SIGBUS on first touch instead.
             os.posix_fallocate(fd, 0, capacity)
         except OSError as exc:
             os.close(fd)
-            os.unlink(path)
+            os.unlink(name, dir_fd=self._dir_fd)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise StoreFullError(f"the store's filesystem has no room for {capacity} bytes") from None
             raise
-        os.close(fd)
+        if not hold:
+            os.close(fd)
         self._set_header_u64(_OFF_USED, used + capacity)
-        return segment
+        return segment, fd if hold else None
+
+    @contextlib.contextmanager
+    def new_segment(self, nbytes: int) -> Iterator[tuple[int, int, np.ndarray[Any, Any]]]:
+        """(id, capacity, writable bytes) of a new segment that the caller names in a descriptor it
+        writes inside the `with` (a create fills its value, then inserts the variable).
+
+        Until the block ends, the segment's file is locked (see _allocate_segment); if the block raises,
+        the segment is freed. Zero bytes need no segment: (0, 0, empty).
+        """
+        capacity = _capacity_for(nbytes)
+        if capacity == 0:
+            yield 0, 0, np.empty(0, np.uint8)
+            return
+        with self.locks.hold(self.locks.catalog):
+            segment, fd = self._allocate_segment(capacity, hold=True)
+        assert fd is not None
+        try:
+            mapping = map_fd(fd, capacity, _segment_name(segment))
+            yield segment, capacity, np.frombuffer(mapping, np.uint8, nbytes)
+        except BaseException:
+            with self.locks.hold(self.locks.catalog):
+                self._free_segment(Descriptor(0, False, None, 0, 0, segment, capacity))
+            raise
+        finally:
+            os.close(fd)
 
     def _free_segment(self, d: Descriptor) -> None:
         """Unlink a descriptor's segment; the caller holds the catalog lock."""
         if d.segment == 0:
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._segment_path(d.segment))
+            os.unlink(_segment_name(d.segment), dir_fd=self._dir_fd)
         self._set_header_u64(_OFF_USED, max(0, self.used_bytes - d.capacity))
         self._set_header_u64(_OFF_FREED, self._header_u64(_OFF_FREED) + 1)
         with self._segments_lock:
             self._segments.pop(d.segment, None)
-
-    def _segment_path(self, segment: int) -> str:
-        return os.path.join(self.path, f"seg-{segment:016x}")
 
     def segment_array(self, slot: int, segment: int, capacity: int, nbytes: int) -> np.ndarray[Any, Any]:
         """The first `nbytes` of a slot's segment as a writable uint8 array (empty for segment 0)."""
@@ -576,7 +808,12 @@ class Store:
                 if freed != self._seen_freed:
                     self._seen_freed = freed
                     self._evict_stale()
-                entry = (map_file(self._segment_path(segment), capacity), slot)
+                try:
+                    mapping = map_file(_segment_name(segment), capacity, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    self.check_present()  # a removed store says so; a missing file of a live one is a bug
+                    raise
+                entry = (mapping, slot)
                 self._segments[segment] = entry
         return np.frombuffer(entry[0], np.uint8, nbytes)
 
@@ -600,6 +837,20 @@ class Store:
         ]
         for segment in stale:
             del self._segments[segment]
+
+
+def _segment_name(segment: int) -> str:
+    return f"seg-{segment:016x}"
+
+
+def _segment_id(name: str) -> int | None:
+    """The id of a segment file's name; None for any other file."""
+    if not name.startswith("seg-") or len(name) != 20:
+        return None
+    try:
+        return int(name[4:], 16)
+    except ValueError:
+        return None
 
 
 class _Changing:

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-from tensorps.server.commits import CommitRecord
 from tensorps.server.store import Store
 
 
@@ -20,14 +19,14 @@ def main() -> None:
     store = Store.attach(path, wait=0.0)
     store.locks.acquire(store.locks.stripe(name), exclusive=True)
     if mode == "fork":
-        record = CommitRecord(path)
+        record = store.commit_record()
         child = os.fork()
         if child == 0:
             # Let go of the test's pipe: only the parent reports.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             time.sleep(3600)
             os._exit(0)
-        print(f"held {child} {record.path}", flush=True)
+        print(f"held {child} {record.name}", flush=True)
     else:
         print("held", flush=True)
     time.sleep(3600)

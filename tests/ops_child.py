@@ -18,7 +18,7 @@ def _die(*_args: object, **_kwargs: object) -> None:
 
 
 def main() -> None:
-    """argv: store path, what ("add-during-copy", "create-before-publish", "atomic-delete-after-commit"),
+    """argv: store path, what ("add-during-copy", "create-before-insert", "atomic-delete-after-commit"),
     the variable's name, the request id (hex)."""
     path, what, name, request = sys.argv[1:5]
     ops = Ops(Store.attach(path))
@@ -26,8 +26,8 @@ def main() -> None:
     if what == "add-during-copy":
         np.add = _die  # type: ignore[assignment]  # the unlocked update's copy, after the lock is released
         ops.assign_add(name, np.ones(4, np.float32), use_locking=False, request=rid)
-    elif what == "create-before-publish":
-        Store.publish = _die  # type: ignore[method-assign]
+    elif what == "create-before-insert":
+        Store.insert = _die  # type: ignore[method-assign,assignment]  # the value is filled, not named
         ops.create(name, dtype_of("float32"), None, np.full(4, 3.0, np.float32), request=rid)
     elif what == "atomic-delete-after-commit":
         Store.delete_slot = _die  # type: ignore[method-assign]

@@ -22,7 +22,7 @@ from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, TensorPSError, codec, wire
 from tensorps.client.codec import dtype_of
 from tensorps.server import batch
-from tensorps.server.ops import NotFound, OpError, Ops
+from tensorps.server.ops import NotFound, Ops
 from tensorps.server.store import Store
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -213,14 +213,16 @@ def test_an_unlocked_update_killed_in_its_copy_is_applied_by_its_retry(ops: Ops)
     np.testing.assert_array_equal(ops.read("v", lambda _i, view: view.copy()), np.ones(4, np.float32))
 
 
-def test_a_create_killed_before_its_value_is_published_is_finished_by_its_retry(ops: Ops) -> None:
-    """A create with a value dies after inserting the variable, before publishing the value: the retry is
-    not taken for done (it would leave an uninitialized variable acknowledged)."""
+def test_a_create_killed_before_its_variable_appears_is_made_by_its_retry(ops: Ops) -> None:
+    """A create with a value dies after filling the value, before the variable appears: nothing is left
+    half-made, and the retry creates it whole (it is not taken for done)."""
     rid = secrets.token_bytes(16)
-    _die_in(ops, "create-before-publish", "c", rid)
-    with pytest.raises(OpError):  # the half-made variable exists, uninitialized: the retry says so
-        ops.create("c", dtype_of("float32"), None, np.full(4, 3.0, np.float32), request=rid)
-    assert not ops.info("c").initialized
+    _die_in(ops, "create-before-insert", "c", rid)
+    with pytest.raises(NotFound):
+        ops.info("c")
+    info = ops.create("c", dtype_of("float32"), None, np.full(4, 3.0, np.float32), request=rid)
+    assert info.initialized and info.version == 1
+    np.testing.assert_array_equal(ops.read("c", lambda _i, view: view.copy()), np.full(4, 3.0))
 
 
 def test_a_retried_delete_spares_a_variable_created_again_since(ops: Ops) -> None:
