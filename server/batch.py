@@ -257,17 +257,29 @@ class _Atomic:
                     _checked_name(op.name)
                 except OpError as error:
                     raise BatchFailed(index, op, error) from None
-        listed = {op.name: self.store.names(op.name) for op in self.batch if op.kind == READ_PREFIX}
-        names = {op.name for op in self.batch if op.kind != READ_PREFIX}
-        names.update(name for found in listed.values() for name in found)
+        prefixes = [op.name for op in self.batch if op.kind == READ_PREFIX]
+        named = {op.name for op in self.batch if op.kind != READ_PREFIX}
         locks = self.ops.locks
-        stripes = sorted({locks.stripe(name) for name in names})
         writes = any(op.kind in WRITES for op in self.batch)
+        listed = {prefix: self.store.names(prefix) for prefix in prefixes}
         taken: list[int] = []
         try:
-            for stripe in stripes:
-                self.ops.acquire(stripe, exclusive=writes)
-                taken.append(stripe)
+            while True:
+                stripes = sorted({locks.stripe(n) for n in named.union(*listed.values())})
+                for stripe in stripes:
+                    self.ops.acquire(stripe, exclusive=writes)
+                    taken.append(stripe)
+                if not prefixes:
+                    break
+                # Listed again under the stripes: a variable created between the first listing and the
+                # locks (by an atomic batch, say) would otherwise be missing from this cut.
+                again = {prefix: self.store.names(prefix) for prefix in prefixes}
+                if again == listed:
+                    break
+                listed = again
+                for stripe in reversed(taken):
+                    locks.release(stripe)
+                taken.clear()
             if writes and self._applied_before():
                 self._replay(listed)
                 return self.results

@@ -502,3 +502,26 @@ def test_same_values_helper_still_compares(ps: Client, name: str) -> None:
     v = f"{name}/v"
     ps.create(v, value=np.array([np.nan, 1.0]))
     assert same_values(ps.read_many([v])[v], ps.read(v))
+
+
+def test_atomic_prefix_reads_see_whole_atomic_creations(server: ServerProcess, name: str) -> None:
+    """Pairs of variables created by atomic batches: an atomic read of their prefix holds both or neither
+    of every pair (the prefix is listed again under the locks)."""
+    done = threading.Event()
+
+    def create_pairs() -> None:
+        with Client(f"shm://{server.store}") as local:
+            for i in range(60):
+                pair = {f"{name}/x{i}": {"value": np.zeros(2)}, f"{name}/y{i}": {"value": np.zeros(2)}}
+                local.create_many(pair, atomic=True)
+        done.set()
+
+    thread = threading.Thread(target=create_pairs)
+    thread.start()
+    with Client(server.address, timeout=60) as ps:
+        while not done.is_set():
+            seen = ps.pipeline(atomic=True).read_prefix(f"{name}/").execute()[0]
+            xs = {n.rsplit("/", 1)[1][1:] for n in seen if "/x" in n}
+            ys = {n.rsplit("/", 1)[1][1:] for n in seen if "/y" in n}
+            assert xs == ys, f"half an atomic creation: {sorted(xs ^ ys)}"
+    thread.join()
