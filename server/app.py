@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tensorps.server import bulk
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
@@ -80,6 +82,27 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def bulk_tls(config: ServerConfig) -> ssl.SSLContext | None:
+    """The bulk port's TLS context: the gRPC port's certificate and client CA (None: plaintext)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        return bulk.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the TLS certificate for the bulk port: {exc}") from None
+
+
+def open_bulk(config: ServerConfig, index: int) -> bulk.BulkListener | None:
+    """Worker `index`'s bulk listener on the gRPC host (None with --bulk-port off)."""
+    if not config.bulk:
+        return None
+    port = config.worker_bulk_port(index)
+    try:
+        return bulk.BulkListener(config.host, port, bulk_tls(config))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on bulk port {port} of {config.host}: {exc.strerror}") from None
+
+
 def build_server(
     config: ServerConfig,
     ops: Ops,
@@ -87,6 +110,7 @@ def build_server(
     reuseport: bool,
     auth: TokenAuth | None = None,
     health_servicer: health.HealthServicer | None = None,
+    bulk_listener: bulk.BulkListener | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
@@ -99,6 +123,7 @@ def build_server(
         workers=config.workers,
         stream_idle_timeout=config.stream_idle_timeout,
         max_message_bytes=config.max_message_bytes,
+        bulk=bulk_listener,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
@@ -151,8 +176,10 @@ def _follow_health(status: mmap.mmap, servicer: health.HealthServicer, stop: thr
             last = current
 
 
-def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
-    """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0."""
+def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap, index: int = 0) -> int:
+    """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0.
+
+    `index` (0..workers-1, kept by a restarted worker) places the worker's bulk port."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -165,27 +192,54 @@ def run_worker(config: ServerConfig, ready_fd: int, status: mmap.mmap) -> int:
     store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
     health_servicer = SupervisedHealth(status)
-    server, _ = build_server(config, ops, reuseport=True, auth=auth, health_servicer=health_servicer)
+    listener = open_bulk(config, index)
+    server, _ = build_server(
+        config, ops, reuseport=True, auth=auth, health_servicer=health_servicer, bulk_listener=listener
+    )
     server.start()
+    if listener is not None:
+        listener.start()
     _set_health(health_servicer, NOT_SERVING)
     follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
     follower.start()
-    log.info("worker %d serving on %s", os.getpid(), config.address)
+    bulk_note = f", bulk port {listener.port}" if listener is not None else ""
+    log.info("worker %d serving on %s%s", os.getpid(), config.address, bulk_note)
     os.write(ready_fd, b"r")
     os.close(ready_fd)
     while not stop.wait(0.5):
         # Let go of segments other workers freed, or their tmpfs pages would stay pinned here.
         store.release_unused()
+        if listener is not None:
+            listener.pool.trim()
     health_servicer.stopping = True
     follower.join()
     _set_health(health_servicer, NOT_SERVING)
     server.stop(config.grace).wait()
+    if listener is not None:
+        listener.close()
     store.close()
     log.info("worker %d stopped", os.getpid())
     return 0
 
 
 # ---- supervisor ----------------------------------------------------------------------------------
+
+
+def claim_bulk_ports(config: ServerConfig) -> None:
+    """With a fixed --bulk-port P, fail unless P..P+workers-1 are free on the host."""
+    if config.bulk_port <= 0:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    for index in range(config.workers):
+        port = config.worker_bulk_port(index)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host.strip("[]"), port))
+            except OSError as exc:
+                in_use = exc.errno == errno.EADDRINUSE
+                what = "is already in use" if in_use else f"cannot be bound: {exc.strerror}"
+                raise StartupError(f"bulk port {port} (worker {index}) on {config.host} {what}") from None
 
 
 def claim_port(config: ServerConfig) -> int:
@@ -230,7 +284,7 @@ class Supervisor:
             code = 1
             try:
                 os.close(ready_r)
-                code = run_worker(self.config, ready_w, self.status)
+                code = run_worker(self.config, ready_w, self.status, slot)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
             finally:
@@ -369,6 +423,7 @@ def check_security(config: ServerConfig) -> None:
         # The client sends tensors up to 4 MiB as one message before it switches to streaming.
         raise StartupError(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES} (4 MiB)")
     server_credentials(config)
+    bulk_tls(config)
     if config.token_file:
         try:
             load_tokens(config.token_file)
@@ -413,6 +468,7 @@ def serve(config: ServerConfig) -> int:
     check_process_limits(config)
     port = claim_port(config)
     config = replace(config, port=port)
+    claim_bulk_ports(config)
     try:
         store = Store.open(
             config.store_path,

@@ -25,6 +25,7 @@ from tensorps.server.batch import (
     Result,
     run_batch,
 )
+from tensorps.server.bulk import BulkError, BulkListener, accept, receive_into, send_all
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
 from tensorps.v1 import tensorps_pb2 as pb
@@ -136,12 +137,31 @@ def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeade
     return chunk.header, layouts, total
 
 
-def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream (BatchStream), and whether it is atomic."""
+class Planned(NamedTuple):
+    """A batch's header, checked, with its values' layout: what is known before any data arrives."""
+
+    header: pb.BatchHeader
+    layouts: list[_Layout | None]
+    total: int  # bytes of values the data carries
+
+
+def start(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[Planned, bytes]:
+    """The first message of a batch stream, its header checked (no data taken yet)."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
-    header, layouts, total = _header(first, ops, read_only=read_only)
+    return Planned(*_header(first, ops, read_only=read_only)), first
+
+
+def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
+    """A batch's operations from its request stream (BatchStream), and whether it is atomic."""
+    planned, first = start(messages, ops, read_only=read_only)
+    return receive_rest(planned, first, messages), planned.header.atomic
+
+
+def receive_rest(planned: Planned, first: bytes, messages: Iterator[bytes]) -> list[BatchOp]:
+    """The operations of a started batch stream, their values received from the stream's data."""
+    header, layouts, total = planned
     # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
     # whole), until ops copy them into the store.
     received = wire.Received(total, "the batch stream")
@@ -153,12 +173,14 @@ def receive(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[li
         received.add(chunk.offset, data)
         message = next(messages, None)
     received.check_complete()
-    return decode_ops(header, layouts, received.view), header.atomic
+    return decode_ops(header, layouts, received.view)
 
 
 def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
     """A batch sent as one message (Batch): the header and every value's bytes at once."""
     header, layouts, total = _header(raw, ops, read_only=read_only)
+    if header.bulk:
+        raise CodecError("a Batch call cannot use the bulk channel: send a bulk batch with BatchStream")
     chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
     if chunk.offset or data.nbytes != total:
         raise CodecError(
@@ -169,7 +191,11 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
 
 
 def _run(
-    ops: Ops, batch: list[BatchOp], atomic: bool, writer: wire.ChunkWriter, request: bytes | None
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    writer: wire.ChunkWriter | wire.Gather,
+    request: bytes | None,
 ) -> bytes:
     """Run the batch, the values it returns going to `writer`; the serialized results."""
 
@@ -191,6 +217,59 @@ def execute(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None)
     writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
     yield _run(ops, batch, atomic, writer, request)
     yield from writer.finish()
+
+
+def execute_bulk(
+    planned: Planned,
+    ops: Ops,
+    listener: BulkListener | None,
+    context: grpc.ServicerContext,
+    *,
+    idle: float,
+    request: bytes | None,
+) -> Iterator[bytes]:
+    """A batch whose bytes travel over the bulk channel (BatchHeader.bulk): the reply stream is the ticket,
+    then every result; the values go both ways over the connection that presents the ticket.
+
+    The staging buffer is taken only once that connection is there (a client that never connects holds
+    nothing but its ticket), filled by recv_into, and given back to the pool after the run; a transfer
+    that fails drops it. Nothing is applied before every byte arrived.
+    """
+    if listener is None:
+        raise BulkError(
+            "this server has no bulk channel (--bulk-port off): send the batch's data in the stream",
+            "UNIMPLEMENTED",
+        )
+    ticket = listener.ticket()
+    if not context.add_callback(ticket.cancel):
+        ticket.cancel()  # the call has ended already
+    gather: wire.Gather | None = None
+    try:
+        yield pb.BatchReply(bulk_port=ticket.port, bulk_ticket=ticket.secret).SerializeToString()
+        remaining = context.time_remaining()
+        conn = ticket.wait(idle if remaining is None else min(idle, remaining))
+        if conn is None:
+            raise BulkError(
+                f"no bulk connection presented this call's ticket within {idle:.1f} s", "DEADLINE_EXCEEDED"
+            )
+        accept(conn, idle)
+        staging = listener.pool.take(planned.total)
+        receive_into(conn, staging, idle)
+        view = staging.data
+        batch = decode_ops(planned.header, planned.layouts, lambda at, nbytes: view[at : at + nbytes])
+        gather = wire.Gather(alloc=listener.pool.take_at_least)
+        try:
+            results = _run(ops, batch, planned.header.atomic, gather, request)
+        finally:
+            del batch
+            listener.pool.give(staging)
+        listener.pool.reply_bytes = gather.nbytes
+        yield results
+        send_all(conn, gather.finish(), idle)
+    finally:
+        ticket.close()
+        for arena in gather.arenas if gather is not None else ():
+            listener.pool.give(arena)
 
 
 def execute_one(ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None) -> bytes:

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError
 from tensorps.server import batch_service
+from tensorps.server.bulk import BulkError, BulkListener
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
 from tensorps.server.store import StoreError
@@ -44,7 +45,7 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG, errno.
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The status a failed operation answers with (None: not ours to translate)."""
-    if isinstance(exc, OpError):
+    if isinstance(exc, OpError | BulkError):
         return getattr(grpc.StatusCode, exc.code), str(exc)
     if isinstance(exc, CodecError | DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request"
@@ -177,8 +178,10 @@ class ParameterServer:
         workers: int = 1,
         stream_idle_timeout: float = 60.0,
         max_message_bytes: int = 64 << 20,
+        bulk: BulkListener | None = None,
     ) -> None:
         self.ops = ops
+        self.bulk = bulk  # this worker's bulk side channel (None: --bulk-port off)
         self.workers = workers
         self.max_message_bytes = max_message_bytes
         self._idle = IdleWatch(stream_idle_timeout)
@@ -359,12 +362,25 @@ class ParameterServer:
         """BatchStream: `read_only` as for batch."""
         watched = self._idle.watch(messages, context)
         try:
-            batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only)
+            planned, first = batch_service.start(watched, self.ops, read_only=read_only)
+            if planned.header.bulk:
+                # The values come over the bulk channel: the stream holds the header alone.
+                if wire.parse(pb.BatchChunk, first, (15,))[1].nbytes or next(watched, None) is not None:
+                    raise CodecError("a bulk batch stream carries its header alone: its data goes over bulk")
+            else:
+                batch = batch_service.receive_rest(planned, first, watched)
         except _Cancelled:
             return
         finally:
             watched.close()
-        yield from batch_service.execute(self.ops, batch, atomic, request_id(context))
+        request = request_id(context)
+        if planned.header.bulk:
+            idle = self._idle.timeout
+            yield from batch_service.execute_bulk(
+                planned, self.ops, self.bulk, context, idle=idle, request=request
+            )
+        else:
+            yield from batch_service.execute(self.ops, batch, planned.header.atomic, request)
 
     # ---- reads ---------------------------------------------------------------------------------
 
