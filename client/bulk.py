@@ -25,6 +25,8 @@ import numpy as np
 from tensorps.client import wire
 
 CONNECT_TIMEOUT = 5.0
+# The first reply buffer when the reply's size is unknown.
+MIN_BUFFER = 16 << 20
 TICKET_BYTES = 16
 # The server's answer to a live ticket, before any data moves.
 ACCEPTED = b"\x01"
@@ -164,16 +166,27 @@ def send_values(sock: socket.socket, arrays: Sequence[Any]) -> None:
         sock.sendall(piece)
 
 
-def receive_values(sock: socket.socket, nbytes: int) -> np.ndarray[Any, Any]:
-    """`nbytes` from the connection into a new buffer (the kernel's copy is the only one)."""
-    buffer = np.empty(nbytes, np.uint8)
-    view = buffer.data
-    while view.nbytes:
-        got = sock.recv_into(view)
-        if not got:
-            raise ConnectionError(f"the bulk reply ended after {nbytes - view.nbytes} of {nbytes} bytes")
-        view = view[got:]
-    return buffer
+def receive_values(sock: socket.socket, expected: int | None) -> list[memoryview]:
+    """The reply's values: every byte up to the server's half-close, received straight into new buffers
+    (the kernel's copy is the only one). The first buffer holds `expected` bytes (the sizes last seen of
+    what the batch reads; unknown: MIN_BUFFER), each further one as much as all before: a reply of the
+    expected size lies in one buffer, and any tensor within one buffer is used in place."""
+    chunks: list[memoryview] = []
+    size = MIN_BUFFER if expected is None else expected
+    received = 0
+    while True:
+        buffer = np.empty(max(size, 1), np.uint8).data
+        filled = 0
+        while filled < buffer.nbytes:
+            got = sock.recv_into(buffer[filled:])
+            if not got:
+                if filled:
+                    chunks.append(buffer[:filled].toreadonly())
+                return chunks
+            filled += got
+        chunks.append(buffer.toreadonly())
+        received += filled
+        size = max(MIN_BUFFER, received)
 
 
 def shut_unless_ok(call: Any, sock: socket.socket) -> None:

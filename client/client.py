@@ -717,7 +717,7 @@ class Client(BatchCalls):
                 try:
                     if large and not unary and self._bulk.usable:
                         try:
-                            return self._send_bulk(header, arrays, ops, metadata=metadata)
+                            return self._send_bulk(header, arrays, ops, reply, metadata=metadata)
                         except bulk.BulkUnusable:
                             pass  # nothing was applied; the channel is off from now on: resend over gRPC
                     return self._send_batch(header, arrays, ops, unary=unary, metadata=metadata)
@@ -772,6 +772,7 @@ class Client(BatchCalls):
         header: pb.BatchHeader,
         arrays: Sequence[Array],
         ops: Sequence[QueuedOp],
+        expected: int | None,
         *,
         metadata: tuple[tuple[str, str], ...] | None,
     ) -> Outcomes:
@@ -810,17 +811,23 @@ class Client(BatchCalls):
                 replies.add_done_callback(lambda call: bulk.shut_unless_ok(call, sock))
                 try:
                     bulk.send_values(sock, arrays)
-                    reply = pb.BatchReply.FromString(next(replies))
-                    total = _reply_bytes(reply)
-                    data = bulk.receive_values(sock, total).data.toreadonly()
+                    chunks = bulk.receive_values(sock, expected)
                 except OSError as exc:
                     raise UnavailableError(f"the bulk transfer failed: {exc}") from None
+            # The results come after the values (the call's error, if the run failed).
+            reply = pb.BatchReply.FromString(next(replies))
             for _extra in replies:
                 raise CodecError("the server's bulk reply has more than its results")
         except BaseException:
             replies.cancel()
             raise
-        return self._batch_outcomes(reply, lambda offset, nbytes: data[offset : offset + nbytes], ops)
+        received = wire.Received(_reply_bytes(reply), "the server's bulk reply")
+        offset = 0
+        for chunk in chunks:
+            received.add(offset, chunk)
+            offset += chunk.nbytes
+        received.check_complete()
+        return self._batch_outcomes(reply, received.view, ops)
 
     def _reply_estimate(self, ops: Sequence[QueuedOp]) -> int | None:
         """The bytes of values the reply is expected to hold (sizes last seen of reads); None: unknown."""

@@ -267,18 +267,30 @@ class Gather:
 
     Without `alloc`, a tensor of `small` bytes or more is kept as it is (a view, not copied) and smaller ones
     are packed together (copied). With `alloc(nbytes)` (a uint8 array of at least `nbytes`), every tensor is
-    copied into such arenas as it is added, so that a caller may add a view of shared memory under a lock
-    and release the lock afterwards; arenas grow geometrically, `arenas` lists them for reuse once sent.
+    copied into such arenas as it is added (numpy's copy, which lets other threads run), so that a caller may
+    add a view of shared memory under a lock and release the lock afterwards; arenas grow geometrically and
+    `arenas` lists them for reuse once sent.
+
+    Buffers go to `emit` (default: the list finish() returns); with an arena, as soon as `flush` bytes are
+    ready, so that a sender thread can send them while the caller copies the next tensors.
     """
 
-    def __init__(self, small: int = SMALL_PIECE, alloc: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self,
+        small: int = SMALL_PIECE,
+        alloc: Callable[[int], Any] | None = None,
+        emit: Callable[[Any], None] | None = None,
+        flush: int = MIN_ARENA,
+    ) -> None:
         self.small = small
+        self.flush = flush
         self.nbytes = 0
         self.arenas: list[Any] = []
         self._alloc = alloc
         self._pieces: list[Any] = []
+        self._emit = emit if emit is not None else self._pieces.append
         self._packed = bytearray()
-        self._arena: memoryview | None = None
+        self._arena: Any = None
         self._start = self._used = 0
 
     def add(self, array: Any) -> None:
@@ -290,14 +302,16 @@ class Gather:
         if self._alloc is not None:
             if self._arena is None or self._used + size > self._arena.nbytes:
                 self._close_arena()
-                arena = self._alloc(max(size, MIN_ARENA, 2 * self.nbytes))
-                self.arenas.append(arena)
-                self._arena = memoryview(arena).cast("B")
-            self._arena[self._used : self._used + size] = flat
+                self._arena = self._alloc(max(size, MIN_ARENA, 2 * self.nbytes))
+                self.arenas.append(self._arena)
+            np.copyto(self._arena[self._used : self._used + size], np.frombuffer(flat, np.uint8))
             self._used += size
+            if self._used - self._start >= self.flush:
+                self._emit(self._arena[self._start : self._used].data)
+                self._start = self._used
         elif size >= self.small:
             self._flush_packed()
-            self._pieces.append(flat)
+            self._emit(flat)
         else:
             self._packed += flat
             if len(self._packed) >= self.small:
@@ -305,16 +319,16 @@ class Gather:
 
     def _flush_packed(self) -> None:
         if self._packed:
-            self._pieces.append(self._packed)
+            self._emit(self._packed)
             self._packed = bytearray()
 
     def _close_arena(self) -> None:
         if self._arena is not None and self._used > self._start:
-            self._pieces.append(self._arena[self._start : self._used])
+            self._emit(self._arena[self._start : self._used].data)
         self._arena, self._start, self._used = None, 0, 0
 
     def finish(self) -> list[Any]:
-        """The buffers to send, in order (their sizes sum to `nbytes`)."""
+        """Emit what is left; the buffers to send, in order, when no `emit` was given."""
         self._flush_packed()
         self._close_arena()
         return self._pieces

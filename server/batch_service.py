@@ -7,6 +7,7 @@ into the segment). Values coming back are framed by wire.ChunkWriter under the v
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -25,12 +26,14 @@ from tensorps.server.batch import (
     Result,
     run_batch,
 )
-from tensorps.server.bulk import BulkError, BulkListener, accept, receive_into, send_all
+from tensorps.server.bulk import BulkError, BulkListener, Sender, accept, end_of_data, receive_into
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# The bulk reply's values go to the socket in pieces of about this size as they are copied.
+_SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
 
 
@@ -233,7 +236,9 @@ def execute_bulk(
 
     The staging buffer is taken only once that connection is there (a client that never connects holds
     nothing but its ticket), filled by recv_into, and given back to the pool after the run; a transfer
-    that fails drops it. Nothing is applied before every byte arrived.
+    that fails drops it. Nothing is applied before every byte arrived. The values the batch returns are
+    copied under their locks into a pooled arena and sent from there by a thread of their own while the
+    run goes on; the end of the connection's data (a half-close) marks the last, then the results follow.
     """
     if listener is None:
         raise BulkError(
@@ -257,15 +262,23 @@ def execute_bulk(
         receive_into(conn, staging, idle)
         view = staging.data
         batch = decode_ops(planned.header, planned.layouts, lambda at, nbytes: view[at : at + nbytes])
-        gather = wire.Gather(alloc=listener.pool.take_at_least)
+        sender = Sender(conn, idle)
+        gather = wire.Gather(alloc=listener.pool.take_at_least, emit=sender.send, flush=_SEND_PIECE)
         try:
             results = _run(ops, batch, planned.header.atomic, gather, request)
+            gather.finish()
+        except BaseException:
+            ticket.cancel()  # the client sees the end of the data early, then the call's error
+            with contextlib.suppress(BulkError):
+                sender.finish()
+            raise
         finally:
             del batch
             listener.pool.give(staging)
+        sender.finish()
         listener.pool.reply_bytes = gather.nbytes
+        end_of_data(conn)
         yield results
-        send_all(conn, gather.finish(), idle)
     finally:
         ticket.close()
         for arena in gather.arenas if gather is not None else ():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import queue
 import secrets
 import socket
 import ssl
@@ -87,6 +88,14 @@ def accept(conn: socket.socket, idle: float | None) -> None:
     send_all(conn, (ACCEPTED,), idle)
 
 
+def end_of_data(conn: socket.socket) -> None:
+    """Half-close: the client reads the reply's values up to here."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise BulkError(f"the bulk connection failed: {exc.strerror or exc}", "UNAVAILABLE") from None
+
+
 def send_all(conn: socket.socket, pieces: Iterable[Any], idle: float | None) -> None:
     """Send every piece in order; BulkError if the peer goes away or stops reading for `idle` seconds."""
     conn.settimeout(idle)
@@ -97,6 +106,38 @@ def send_all(conn: socket.socket, pieces: Iterable[Any], idle: float | None) -> 
         raise BulkError("the client stopped reading the bulk reply", "DEADLINE_EXCEEDED") from None
     except OSError as exc:
         raise BulkError(f"the bulk connection failed: {exc.strerror or exc}", "UNAVAILABLE") from None
+
+
+class Sender:
+    """Sends buffers over a connection, in order, from a thread of its own while the caller produces more
+    (the handler copies the next values under their locks while the previous ones travel). A failure is
+    kept and raised by finish(): the caller's run is never interrupted half-way."""
+
+    def __init__(self, conn: socket.socket, idle: float | None) -> None:
+        self._conn = conn
+        self._idle = idle
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._error: BulkError | None = None
+        self._thread = threading.Thread(target=self._run, name="tensorps-bulk-send", daemon=True)
+        self._thread.start()
+
+    def send(self, piece: Any) -> None:
+        self._queue.put(piece)
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    send_all(self._conn, (piece,), self._idle)
+                except BulkError as exc:
+                    self._error = exc  # keep draining: the producer must not block
+
+    def finish(self) -> None:
+        """Wait until everything was sent; BulkError if the connection failed."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class Ticket:

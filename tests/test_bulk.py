@@ -366,11 +366,11 @@ def test_a_transfer_that_breaks_is_retried_exactly_once(
     real = client_bulk.receive_values
     failures: list[int] = []
 
-    def flaky(sock: socket.socket, nbytes: int) -> Array:
+    def flaky(sock: socket.socket, expected: int | None) -> list[memoryview]:
         if not failures:
-            failures.append(nbytes)
+            failures.append(expected or 0)
             raise ConnectionResetError("connection reset by a test")
-        return real(sock, nbytes)
+        return real(sock, expected)
 
     monkeypatch.setattr(client_bulk, "receive_values", flaky)
     with Client(bulk_server.address, timeout=30) as ps:
