@@ -39,6 +39,9 @@ log = logging.getLogger("tensorps.server")
 ADMIT_TIMEOUT = 10.0
 # Connections between accept and their ticket at once; more are closed at once.
 MAX_ADMITTING = 64
+# How long the accepting thread waits for a plaintext connection's ticket before it hands the connection
+# to a thread of its own.
+INLINE_WAIT = 0.002
 _BACKLOG = 128
 # Idle staging buffers are let go after this many seconds.
 POOL_IDLE = 10.0
@@ -118,10 +121,12 @@ class Sender:
         self._idle = idle
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BulkError | None = None
-        self._thread = threading.Thread(target=self._run, name="tensorps-bulk-send", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def send(self, piece: Any) -> None:
+        if self._thread is None:  # started by the first value: a reply without values needs none
+            self._thread = threading.Thread(target=self._run, name="tensorps-bulk-send", daemon=True)
+            self._thread.start()
         self._queue.put(piece)
 
     def _run(self) -> None:
@@ -134,8 +139,11 @@ class Sender:
 
     def finish(self) -> None:
         """Wait until everything was sent; BulkError if the connection failed."""
+        if self._thread is None:
+            return
         self._queue.put(None)
         self._thread.join()
+        self._thread = None
         if self._error is not None:
             raise self._error
 
@@ -300,14 +308,32 @@ class BulkListener:
                     log.warning("bulk port %d cannot accept: %s", self.port, exc.strerror)
                     time.sleep(0.1)
                 continue
+            if self.tls is None:
+                secret = self._ticket_at_once(conn)
+                if secret is not None:
+                    self._claim(conn, secret)
+                    continue
             if not self._admitting.acquire(blocking=False):
                 conn.close()  # too many connections that have not shown a ticket yet
                 continue
             admit = threading.Thread(target=self._admit, args=(conn,), name="tensorps-bulk", daemon=True)
             admit.start()
 
+    @staticmethod
+    def _ticket_at_once(conn: socket.socket) -> bytes | None:
+        """The ticket of a plaintext connection if it is there already (a client sends it as soon as it is
+        connected), taken without a thread of its own; None leaves the connection to _admit."""
+        try:
+            conn.settimeout(INLINE_WAIT)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(conn.recv(TICKET_BYTES, socket.MSG_PEEK)) < TICKET_BYTES:
+                return None
+            return conn.recv(TICKET_BYTES)
+        except OSError:
+            return None
+
     def _admit(self, conn: socket.socket) -> None:
-        """TLS handshake and ticket within ADMIT_TIMEOUT; a live ticket gets the connection."""
+        """TLS handshake and ticket within ADMIT_TIMEOUT (a thread of its own)."""
         try:
             conn.settimeout(ADMIT_TIMEOUT)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -315,14 +341,21 @@ class BulkListener:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             secret = bytearray(TICKET_BYTES)
             receive_into(conn, secret, ADMIT_TIMEOUT)
-            with self._lock:
-                ticket = self._tickets.pop(bytes(secret), None)  # single use
-            if ticket is not None and ticket.deliver(conn):
-                return
-            log.warning("bulk port %d: a connection presented no live ticket; closed", self.port)
         except (OSError, BulkError) as exc:
             log.info("bulk port %d: a connection failed before its ticket: %s", self.port, exc)
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
         finally:
             self._admitting.release()
+        self._claim(conn, bytes(secret))
+
+    def _claim(self, conn: socket.socket, secret: bytes) -> None:
+        """A live ticket gets the connection (once); anything else closes it."""
+        with self._lock:
+            ticket = self._tickets.pop(secret, None)  # single use
+        if ticket is not None and ticket.deliver(conn):
+            return
+        log.warning("bulk port %d: a connection presented no live ticket; closed", self.port)
         with contextlib.suppress(OSError):
             conn.close()
