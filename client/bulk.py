@@ -11,6 +11,7 @@ then the channel is off for the client's lifetime and batches go over gRPC as be
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -24,6 +25,7 @@ import numpy as np
 
 from tensorps.client import wire
 
+log = logging.getLogger("tensorps.client")
 CONNECT_TIMEOUT = 5.0
 # The first reply buffer when the reply's size is unknown.
 MIN_BUFFER = 16 << 20
@@ -119,6 +121,13 @@ class BulkChannel:
         self._lock = threading.Lock()
 
     def disable(self, reason: str) -> None:
+        """Off for good: batches go over gRPC from now on (logged once)."""
+        if self.usable:
+            log.log(
+                logging.INFO if "--bulk-port off" in reason else logging.WARNING,
+                "tensorps: not using the bulk channel, batches go over gRPC: %s",
+                reason,
+            )
         self.usable = False
         self.reason = reason
 
