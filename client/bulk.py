@@ -115,7 +115,7 @@ class BulkChannel:
         self.host = target_host(target)
         self.usable = self.host is not None
         self.reason = "" if self.usable else f"the target {target!r} names no single host"
-        self._tls = tls
+        self.tls = tls
         self._pems = (root_certificates, certificate_chain, private_key)
         self._context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
@@ -151,7 +151,7 @@ class BulkChannel:
                 raise OSError(f"the server offered bulk port {port}")
             sock = socket.create_connection((self.host, port), timeout=limit)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls:
+            if self.tls:
                 sock = self._ssl().wrap_socket(sock, server_hostname=self.host)
             sock.sendall(ticket)
             answer = sock.recv(1)

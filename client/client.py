@@ -36,8 +36,14 @@ _SERVICE = "/tensorps.v1.ParameterServer/"
 # Above this many bytes a tensor travels as a stream of chunks instead of one message.
 STREAM_THRESHOLD = 4 << 20
 # A batch whose values or expected reply exceed this many bytes moves them over the server's bulk side
-# channel (bulk.py) when it has one: a plain TCP connection instead of gRPC's stream.
-BULK_THRESHOLD = 16 << 20
+# channel (bulk.py) when it has one: a plain TCP connection instead of gRPC's stream. Measured on loopback
+# (README, Performance): from 4 MiB on, bulk is as fast as the stream or faster (2-4x from 16 MiB); over
+# TLS, Python's ssl moves ~0.8 GB/s, no faster than gRPC's, and each connection costs a handshake, so it
+# pays only for larger batches (BULK_TLS_FACTOR times the threshold).
+BULK_THRESHOLD = STREAM_THRESHOLD
+BULK_TLS_FACTOR = 8
+# How many prefixes' last reply sizes a client keeps (read_prefix batches: bulk or not).
+_PREFIXES_KEPT = 1024
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
 _RETRIES = 3
@@ -271,6 +277,7 @@ class Client(BatchCalls):
         self._stubs: dict[tuple[int, str], grpc.UnaryUnaryMultiCallable] = {}  # type: ignore[type-arg]
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
+        self._prefix_sizes: dict[str, int] = {}  # bytes a read_prefix batch's prefix read last time
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -708,8 +715,9 @@ class Client(BatchCalls):
         sent = sum(a.nbytes for a in arrays)
         reply = self._reply_estimate(ops)
         unary = sent <= STREAM_THRESHOLD and reply is not None and reply <= STREAM_THRESHOLD
-        # A reply of unknown size (a first read, a prefix) may be a model: bulk, if the server offers it.
-        large = sent > BULK_THRESHOLD or reply is None or reply > BULK_THRESHOLD
+        # A reply of unknown size (a first read, a new prefix) may be a model: bulk, if the server offers it.
+        threshold = BULK_THRESHOLD * (BULK_TLS_FACTOR if self._bulk.tls else 1)
+        large = sent > threshold or reply is None or reply > threshold
         # Reads are idempotent; writes carry a request id (the server applies none of them twice).
         metadata = self._call_metadata(write=not all(op.kind in _READ_KINDS for op in ops))
         with self._deadline:
@@ -839,7 +847,10 @@ class Client(BatchCalls):
                     return None
                 total += size
             elif op.kind == pb.BATCH_OP_READ_PREFIX:
-                return None
+                size = self._prefix_sizes.get(op.name)
+                if size is None:
+                    return None
+                total += size
             elif op.array is not None and op.read_value:
                 total += op.array.nbytes
         return total
@@ -867,9 +878,15 @@ class Client(BatchCalls):
                 value = codec.array_from_buffer(view(offset, nbytes), dtype, shape)
                 offset += nbytes
             outcomes[result.op].append(Outcome(info, value))
-        for op in ops:
+        for op, found in zip(ops, outcomes, strict=True):
             if op.kind == pb.BATCH_OP_DELETE:
                 self._forget(op.name)
+            elif op.kind == pb.BATCH_OP_READ_PREFIX:
+                size = sum(o.value.nbytes for o in found if o.value is not None)
+                with self._lock:
+                    if len(self._prefix_sizes) >= _PREFIXES_KEPT:
+                        self._prefix_sizes.clear()
+                    self._prefix_sizes[op.name] = size
         return outcomes
 
 

@@ -52,8 +52,8 @@ def bulk_server() -> Iterator[ServerProcess]:
 
 @pytest.fixture(autouse=True)
 def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches of a few MiB take the bulk channel (the default threshold is 16 MiB)."""
-    monkeypatch.setattr(client_module, "BULK_THRESHOLD", 1 << 20)
+    """Every batch that streams takes the bulk channel, also over TLS (which needs 32 MiB by default)."""
+    monkeypatch.setattr(client_module, "BULK_THRESHOLD", 0)
 
 
 @pytest.fixture
@@ -487,3 +487,20 @@ def test_concurrent_bulk_batches(bulk_server: ServerProcess, connects: list[int]
     assert not errors, errors
     assert len(connects) >= 4 * 7
     assert os.path.exists(bulk_server.store)
+
+
+def test_the_reply_size_decides_once_known(
+    bulk_server: ServerProcess, connects: list[int], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A pull of unknown size (new names, a new prefix) takes the bulk channel; once the client has seen
+    that the reply is small, the same pull goes as one message."""
+    monkeypatch.setattr(client_module, "BULK_THRESHOLD", 4 << 20)
+    small = {f"{name}/{i}": np.full(256, i, np.float32) for i in range(8)}
+    with Client(bulk_server.address, timeout=30) as creator:
+        creator.create_many({key: {"value": v} for key, v in small.items()})
+    with Client(bulk_server.address, timeout=30) as ps:
+        assert_same(ps.read_many(prefix=f"{name}/"), small)
+        assert_same(ps.read_many(list(small)), small)
+        assert len(connects) == 1  # the prefix's size was unknown; the names' sizes came with it
+        assert_same(ps.read_many(prefix=f"{name}/"), small)
+        assert len(connects) == 1
