@@ -1,8 +1,12 @@
 """The gRPC adapter of Batch: a header, then the values' bytes; every check before the first byte is taken.
 
-The path of a batch's tensor byte: wire.Assembler (one staging buffer for the whole batch, received before
-any lock is taken) -> codec.array_from_buffer (a typed view per value) -> batch.run_batch -> ops (np.copyto
-into the segment). Values coming back are framed by wire.ChunkWriter under the variable's lock (one copy).
+The path of a batch's tensor byte: wire.Received (the messages that brought it, received before any lock is
+taken) -> codec.array_from_buffer (a typed view per value) -> batch.run_batch -> ops (np.copyto into the
+segment). Values coming back are framed by wire.ChunkWriter under the variable's lock (one copy).
+
+Over the bulk channel (execute_bulk, bulk.py): bulk.receive_into (recv_into one pooled staging buffer for the
+whole batch) -> the same decode and run; values coming back are copied by wire.Gather under the variable's
+lock into a pooled arena (one copy) and sent from there by bulk.Sender.
 """
 
 from __future__ import annotations
