@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import ssl
 import threading
@@ -32,6 +33,7 @@ from tensorps.client import (
     NotFoundError,
     PermissionDeniedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from tensorps.client import bulk as client_bulk
 from tensorps.client import client as client_module
@@ -504,3 +506,37 @@ def test_the_reply_size_decides_once_known(
         assert len(connects) == 1  # the prefix's size was unknown; the names' sizes came with it
         assert_same(ps.read_many(prefix=f"{name}/"), small)
         assert len(connects) == 1
+
+
+def test_a_worker_killed_during_bulk_transfers(connects: list[int]) -> None:
+    """SIGKILL of a worker while bulk batches flow: no client hangs; each batch either returns (retried on
+    another worker, exactly once) or raises UnavailableError; what the last one wrote reads back."""
+    rng = np.random.default_rng(7)
+    values = {f"kill/{i}": rng.standard_normal(1 << 21, dtype=np.float32) for i in range(6)}  # 48 MiB
+    with ServerProcess(workers=2) as server, Client(server.address, timeout=60) as ps:
+        ps.create_many({key: {"value": v} for key, v in values.items()})
+        outcomes: list[object] = []
+
+        def pushes() -> None:
+            for step in range(6):
+                pushed = {key: v + step for key, v in values.items()}
+                try:
+                    ps.assign_many(pushed)
+                    outcomes.append(pushed)
+                    assert_same(ps.read_many(list(values)), pushed)
+                except UnavailableError as exc:
+                    outcomes.append(exc)
+
+        thread = threading.Thread(target=pushes)
+        thread.start()
+        time.sleep(0.3)
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        thread.join(120)
+        assert not thread.is_alive()
+        assert len(outcomes) == 6
+        last = [o for o in outcomes if isinstance(o, dict)]
+        assert last, outcomes
+        assert wait_until(server.healthy, timeout=20)
+        if isinstance(outcomes[-1], dict):
+            assert_same(ps.read_many(list(values)), outcomes[-1])
+    assert connects
