@@ -34,8 +34,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default: the profile's)")
     p.add_argument(
         "--systems",
-        default=",".join(runner.STARTERS),
-        help=f"comma-separated subset of {','.join(runner.STARTERS)}",
+        default=",".join(k for k in runner.STARTERS if k not in runner.EXTRA),
+        help=f"comma-separated subset of {','.join(runner.STARTERS)} (the -grpc ones: tensorps with its "
+        "bulk channel off; not run by default)",
     )
     p.add_argument(
         "--workloads",

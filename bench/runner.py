@@ -19,11 +19,15 @@ from bench.profiles import Profile
 STARTERS: dict[str, Callable[[], Server | Skipped]] = {
     "tensorps1": lambda: tps.start(1),
     "tensorps2": lambda: tps.start(2),
+    "tensorps1-grpc": lambda: tps.start(1, bulk=False),
+    "tensorps2-grpc": lambda: tps.start(2, bulk=False),
     "naive": naive.start,
     "redis": rediskv.start,
     "tf": tfps.start,
 }
 OPTIONAL = {"redis": rediskv.LABEL, "tf": tfps.LABEL}
+# Only when named in --systems: tensorps with --bulk-port off, to compare the data paths in one run.
+EXTRA = ("tensorps1-grpc", "tensorps2-grpc")
 BASELINES = (naive.LABEL, rediskv.LABEL)
 
 SMALL, LARGE = "bench/small", "bench/large"

@@ -9,7 +9,7 @@ zero-copy memoryview and hands protobuf the rest. Other-language clients still s
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -254,6 +254,84 @@ class ChunkWriter:
     def finish(self) -> list[bytes]:
         self.flush()
         return self.messages
+
+
+# Tensors smaller than this are packed together before they are sent over a socket (one send each would
+# cost a system call and a TCP segment per tensor).
+SMALL_PIECE = 256 << 10
+MIN_ARENA = 1 << 20
+
+
+class Gather:
+    """Many tensors' bytes, concatenated, as a few buffers to send over a socket in order (the bulk channel).
+
+    Without `alloc`, a tensor of `small` bytes or more is kept as it is (a view, not copied) and smaller ones
+    are packed together (copied). With `alloc(nbytes)` (a uint8 array of at least `nbytes`), every tensor is
+    copied into such arenas as it is added (numpy's copy, which lets other threads run), so that a caller may
+    add a view of shared memory under a lock and release the lock afterwards; arenas grow geometrically and
+    `arenas` lists them for reuse once sent.
+
+    Buffers go to `emit` (default: the list finish() returns); with an arena, as soon as `flush` bytes are
+    ready, so that a sender thread can send them while the caller copies the next tensors.
+    """
+
+    def __init__(
+        self,
+        small: int = SMALL_PIECE,
+        alloc: Callable[[int], Any] | None = None,
+        emit: Callable[[Any], None] | None = None,
+        flush: int = MIN_ARENA,
+    ) -> None:
+        self.small = small
+        self.flush = flush
+        self.nbytes = 0
+        self.arenas: list[Any] = []
+        self._alloc = alloc
+        self._pieces: list[Any] = []
+        self._emit = emit if emit is not None else self._pieces.append
+        self._packed = bytearray()
+        self._arena: Any = None
+        self._start = self._used = 0
+
+    def add(self, array: Any) -> None:
+        flat = _flat_bytes(array)
+        size = flat.nbytes
+        if not size:
+            return
+        self.nbytes += size
+        if self._alloc is not None:
+            if self._arena is None or self._used + size > self._arena.nbytes:
+                self._close_arena()
+                self._arena = self._alloc(max(size, MIN_ARENA, 2 * self.nbytes))
+                self.arenas.append(self._arena)
+            np.copyto(self._arena[self._used : self._used + size], np.frombuffer(flat, np.uint8))
+            self._used += size
+            if self._used - self._start >= self.flush:
+                self._emit(self._arena[self._start : self._used].data)
+                self._start = self._used
+        elif size >= self.small:
+            self._flush_packed()
+            self._emit(flat)
+        else:
+            self._packed += flat
+            if len(self._packed) >= self.small:
+                self._flush_packed()
+
+    def _flush_packed(self) -> None:
+        if self._packed:
+            self._emit(self._packed)
+            self._packed = bytearray()
+
+    def _close_arena(self) -> None:
+        if self._arena is not None and self._used > self._start:
+            self._emit(self._arena[self._start : self._used].data)
+        self._arena, self._start, self._used = None, 0, 0
+
+    def finish(self) -> list[Any]:
+        """Emit what is left; the buffers to send, in order, when no `emit` was given."""
+        self._flush_packed()
+        self._close_arena()
+        return self._pieces
 
 
 class Received:

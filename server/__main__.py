@@ -11,7 +11,7 @@ from dataclasses import fields
 from typing import Any
 
 from tensorps.server.app import StartupError, serve
-from tensorps.server.config import ServerConfig
+from tensorps.server.config import BULK_OFF, ServerConfig
 
 _DEFAULTS = ServerConfig()
 
@@ -26,6 +26,20 @@ def size(text: str) -> int:
         return int(cleaned)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+
+
+def bulk_port(text: str) -> int:
+    """--bulk-port: a port number, 0 (ephemeral), or off / -1."""
+    cleaned = text.strip().lower()
+    if cleaned in ("off", "-1", "no", "none", "false"):
+        return BULK_OFF
+    try:
+        port = int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}")
+    return port
 
 
 def _boolean(text: str) -> bool:
@@ -130,6 +144,13 @@ def parser() -> argparse.ArgumentParser:
         "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on "
         "SIGHUP (a missing or broken file keeps the previous tokens); every call but health checks needs one",
     )
+    flag(
+        "bulk-port",
+        bulk_port,
+        d.bulk_port,
+        "TCP port of the bulk side channel that moves large batches' bytes outside gRPC (same host and "
+        "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
+    )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
     return p
 
@@ -155,6 +176,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--grace must not be negative")
     if values["port"] > 65535:
         p.error("--port must be at most 65535")
+    if values["bulk_port"] > 0 and values["bulk_port"] + values["workers"] - 1 > 65535:
+        p.error(f"--bulk-port {values['bulk_port']} with {values['workers']} workers runs past port 65535")
     return ServerConfig(**values)
 
 

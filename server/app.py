@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tensorps.server import bulk
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
@@ -81,6 +83,27 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def bulk_tls(config: ServerConfig) -> ssl.SSLContext | None:
+    """The bulk port's TLS context: the gRPC port's certificate and client CA (None: plaintext)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        return bulk.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the TLS certificate for the bulk port: {exc}") from None
+
+
+def open_bulk(config: ServerConfig, index: int) -> bulk.BulkListener | None:
+    """Worker `index`'s bulk listener on the gRPC host (None with --bulk-port off)."""
+    if not config.bulk:
+        return None
+    port = config.worker_bulk_port(index)
+    try:
+        return bulk.BulkListener(config.host, port, bulk_tls(config))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on bulk port {port} of {config.host}: {exc.strerror}") from None
+
+
 def build_server(
     config: ServerConfig,
     ops: Ops,
@@ -88,6 +111,7 @@ def build_server(
     reuseport: bool,
     auth: TokenAuth | None = None,
     health_servicer: health.HealthServicer | None = None,
+    bulk_listener: bulk.BulkListener | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
@@ -101,6 +125,7 @@ def build_server(
         stream_idle_timeout=config.stream_idle_timeout,
         max_message_bytes=config.max_message_bytes,
         max_staging_bytes=config.max_staging_bytes,
+        bulk=bulk_listener,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
@@ -154,9 +179,17 @@ def _follow_health(status: mmap.mmap, servicer: health.HealthServicer, stop: thr
 
 
 def run_worker(
-    config: ServerConfig, ready_fd: int, status: mmap.mmap, auth: TokenAuth | None, mask: Sequence[int]
+    config: ServerConfig,
+    ready_fd: int,
+    status: mmap.mmap,
+    auth: TokenAuth | None,
+    mask: Sequence[int],
+    *,
+    index: int = 0,
 ) -> int:
     """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0.
+
+    `index` (0..workers-1, kept by a restarted worker) places the worker's bulk port.
 
     Runs in a child forked with the handled signals blocked; `mask` is the signal mask to restore once this
     process handles them itself. `auth` holds the supervisor's last good tokens (inherited through the
@@ -169,13 +202,19 @@ def run_worker(
     store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
     health_servicer = SupervisedHealth(status)
-    server, _ = build_server(config, ops, reuseport=True, auth=auth, health_servicer=health_servicer)
+    listener = open_bulk(config, index)
+    server, _ = build_server(
+        config, ops, reuseport=True, auth=auth, health_servicer=health_servicer, bulk_listener=listener
+    )
     server.start()
+    if listener is not None:
+        listener.start()
     _set_health(health_servicer, NOT_SERVING)
     stop = threading.Event()
     follower = threading.Thread(target=_follow_health, args=(status, health_servicer, stop), daemon=True)
     follower.start()
-    log.info("worker %d serving on %s", os.getpid(), config.address)
+    bulk_note = f", bulk port {listener.port}" if listener is not None else ""
+    log.info("worker %d serving on %s%s", os.getpid(), config.address, bulk_note)
     os.write(ready_fd, b"r")
     os.close(ready_fd)
     while True:
@@ -186,17 +225,38 @@ def run_worker(
             break
         # Let go of segments other workers freed, or their tmpfs pages would stay pinned here.
         store.release_unused()
+        if listener is not None:
+            listener.pool.trim()
     stop.set()
     health_servicer.stopping = True
     follower.join()
     _set_health(health_servicer, NOT_SERVING)
     server.stop(config.grace).wait()
+    if listener is not None:
+        listener.close()
     store.close()
     log.info("worker %d stopped", os.getpid())
     return 0
 
 
 # ---- supervisor ----------------------------------------------------------------------------------
+
+
+def claim_bulk_ports(config: ServerConfig) -> None:
+    """With a fixed --bulk-port P, fail unless P..P+workers-1 are free on the host."""
+    if config.bulk_port <= 0:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    for index in range(config.workers):
+        port = config.worker_bulk_port(index)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host.strip("[]"), port))
+            except OSError as exc:
+                in_use = exc.errno == errno.EADDRINUSE
+                what = "is already in use" if in_use else f"cannot be bound: {exc.strerror}"
+                raise StartupError(f"bulk port {port} (worker {index}) on {config.host} {what}") from None
 
 
 def claim_port(config: ServerConfig) -> int:
@@ -245,12 +305,14 @@ class Supervisor:
         with blocked(_SUPERVISOR_SIGNALS) as mask:
             pid = os.fork()
             if pid == 0:
-                self._become_worker(parent, ready_r, ready_w, mask)
+                self._become_worker(parent, ready_r, ready_w, mask, slot)
         os.close(ready_w)
         self.workers[slot] = _Worker(pid, time.monotonic(), failures)
         self._ready_fds.append(ready_r)
 
-    def _become_worker(self, parent: int, ready_r: int, ready_w: int, mask: Sequence[int]) -> NoReturn:
+    def _become_worker(
+        self, parent: int, ready_r: int, ready_w: int, mask: Sequence[int], slot: int
+    ) -> NoReturn:
         """The child's side of _spawn: serve as a worker, then exit without returning into the supervisor."""
         code = 1
         try:
@@ -259,7 +321,7 @@ class Supervisor:
             # A worker must not outlive its supervisor (SIGKILLed, say): it would keep the port and the
             # store, and a new server would refuse to start. The kernel sends SIGTERM when it dies.
             if die_with_parent(parent):
-                code = run_worker(self.config, ready_w, self.status, self.auth, mask)
+                code = run_worker(self.config, ready_w, self.status, self.auth, mask, index=slot)
             else:
                 log.warning("worker %d: the supervisor died before it started; exiting", os.getpid())
         except BaseException:
@@ -432,6 +494,7 @@ def check_security(config: ServerConfig) -> None:
         # The client sends tensors up to 4 MiB as one message before it switches to streaming.
         raise StartupError(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES} (4 MiB)")
     server_credentials(config)
+    bulk_tls(config)
     if config.token_file:
         try:
             load_tokens(config.token_file)
@@ -489,6 +552,7 @@ def serve(config: ServerConfig) -> int:
     # From here on SIGTERM and SIGINT are queued rather than fatal, so that one that comes while the store
     # is being made still stops the server cleanly (and removes the store).
     signals = SignalPipe(_SUPERVISOR_SIGNALS)
+    claim_bulk_ports(config)
     try:
         store = Store.open(
             config.store_path,

@@ -1,12 +1,17 @@
 """The gRPC adapter of Batch: a header, then the values' bytes; every check before the first byte is taken.
 
-The path of a batch's tensor byte: wire.Received (the messages as they came, received before any lock is
-taken) -> codec.array_from_buffer (a typed view per value, in place) -> batch.run_batch -> ops (np.copyto
-into the segment). Values coming back are framed by wire.ChunkWriter under the variable's lock (one copy).
+The path of a batch's tensor byte: wire.Received (the messages that brought it, received before any lock is
+taken) -> codec.array_from_buffer (a typed view per value) -> batch.run_batch -> ops (np.copyto into the
+segment). Values coming back are framed by wire.ChunkWriter under the variable's lock (one copy).
+
+Over the bulk channel (execute_bulk, bulk.py): bulk.receive_into (recv_into one pooled staging buffer for the
+whole batch) -> the same decode and run; values coming back are copied by wire.Gather under the variable's
+lock into a pooled arena (one copy) and sent from there by bulk.Sender.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -25,12 +30,15 @@ from tensorps.server.batch import (
     Result,
     run_batch,
 )
+from tensorps.server.bulk import BulkError, BulkListener, Sender, accept, end_of_data, receive_into
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
 from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# The bulk reply's values go to the socket in pieces of about this size as they are copied.
+_SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
 
 
@@ -148,15 +156,36 @@ def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeade
     return chunk.header, layouts, total
 
 
-def receive(
-    messages: Iterator[bytes], ops: Ops, *, read_only: bool, staging: Reservation
-) -> tuple[list[BatchOp], bool]:
-    """A batch's operations from its request stream (BatchStream), and whether it is atomic; its values'
-    bytes are reserved in `staging` before they are taken in."""
+class Planned(NamedTuple):
+    """A batch's header, checked, with its values' layout: what is known before any data arrives."""
+
+    header: pb.BatchHeader
+    layouts: list[_Layout | None]
+    total: int  # bytes of values the data carries
+
+
+def start(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[Planned, bytes]:
+    """The first message of a batch stream, its header checked (no data taken yet)."""
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
-    header, layouts, total = _header(first, ops, read_only=read_only)
+    return Planned(*_header(first, ops, read_only=read_only)), first
+
+
+def receive(
+    messages: Iterator[bytes], ops: Ops, *, read_only: bool, staging: Reservation
+) -> tuple[list[BatchOp], bool]:
+    """A batch's operations from its request stream (BatchStream), and whether it is atomic."""
+    planned, first = start(messages, ops, read_only=read_only)
+    return receive_rest(planned, first, messages, staging), planned.header.atomic
+
+
+def receive_rest(
+    planned: Planned, first: bytes, messages: Iterator[bytes], staging: Reservation
+) -> list[BatchOp]:
+    """The operations of a started batch stream, their values received from the stream's data (their bytes
+    reserved in `staging` before they are taken in)."""
+    header, layouts, total = planned
     # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
     # whole), until ops copy them into the store: memory in transit.
     staging.grow(total)
@@ -169,12 +198,14 @@ def receive(
         received.add(chunk.offset, data)
         message = next(messages, None)
     received.check_complete()
-    return decode_ops(header, layouts, received.view), header.atomic
+    return decode_ops(header, layouts, received.view)
 
 
 def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
     """A batch sent as one message (Batch): the header and every value's bytes at once."""
     header, layouts, total = _header(raw, ops, read_only=read_only)
+    if header.bulk:
+        raise CodecError("a Batch call cannot use the bulk channel: send a bulk batch with BatchStream")
     chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
     if chunk.offset or data.nbytes != total:
         raise CodecError(
@@ -188,7 +219,7 @@ def _run(
     ops: Ops,
     batch: list[BatchOp],
     atomic: bool,
-    writer: wire.ChunkWriter,
+    writer: wire.ChunkWriter | wire.Gather,
     request: bytes | None,
     *,
     staging: Reservation,
@@ -226,6 +257,71 @@ def execute(
     writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
     yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
+
+
+def execute_bulk(
+    planned: Planned,
+    ops: Ops,
+    listener: BulkListener | None,
+    context: grpc.ServicerContext,
+    *,
+    idle: float,
+    request: bytes | None,
+    staging: Reservation,
+) -> Iterator[bytes]:
+    """A batch whose bytes travel over the bulk channel (BatchHeader.bulk): the reply stream is the ticket,
+    then every result; the values go both ways over the connection that presents the ticket.
+
+    The staging buffer is taken only once that connection is there (a client that never connects holds
+    nothing but its ticket), filled by recv_into, and given back to the pool after the run; a transfer
+    that fails drops it. Nothing is applied before every byte arrived. The values the batch returns are
+    copied under their locks into a pooled arena and sent from there by a thread of their own while the
+    run goes on; the end of the connection's data (a half-close) marks the last, then the results follow.
+    """
+    if listener is None:
+        raise BulkError(
+            "this server has no bulk channel (--bulk-port off): send the batch's data in the stream",
+            "UNIMPLEMENTED",
+        )
+    ticket = listener.ticket()
+    if not context.add_callback(ticket.cancel):
+        ticket.cancel()  # the call has ended already
+    gather: wire.Gather | None = None
+    try:
+        yield pb.BatchReply(bulk_port=ticket.port, bulk_ticket=ticket.secret).SerializeToString()
+        remaining = context.time_remaining()
+        conn = ticket.wait(idle if remaining is None else min(idle, remaining))
+        if conn is None:
+            raise BulkError(
+                f"no bulk connection presented this call's ticket within {idle:.1f} s", "DEADLINE_EXCEEDED"
+            )
+        accept(conn, idle)
+        staging.grow(planned.total)  # the pooled buffer counts in the worker's staging budget
+        buffer = listener.pool.take(planned.total)
+        receive_into(conn, buffer, idle)
+        view = buffer.data
+        batch = decode_ops(planned.header, planned.layouts, lambda at, nbytes: view[at : at + nbytes])
+        sender = Sender(conn, idle)
+        gather = wire.Gather(alloc=listener.pool.take_at_least, emit=sender.send, flush=_SEND_PIECE)
+        try:
+            results = _run(ops, batch, planned.header.atomic, gather, request, staging=staging)
+            gather.finish()
+        except BaseException:
+            ticket.cancel()  # the client sees the end of the data early, then the call's error
+            with contextlib.suppress(BulkError):
+                sender.finish()
+            raise
+        finally:
+            del batch
+            listener.pool.give(buffer)
+        sender.finish()
+        listener.pool.reply_bytes = gather.nbytes
+        end_of_data(conn)
+        yield results
+    finally:
+        ticket.close()
+        for arena in gather.arenas if gather is not None else ():
+            listener.pool.give(arena)
 
 
 def execute_one(

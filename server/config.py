@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MiB = 1 << 20
+BULK_OFF = -1
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class ServerConfig:
     tls_client_ca: str | None = None
     # Bearer tokens, one per line ("TOKEN" or "TOKEN read-only"); reloaded on SIGHUP.
     token_file: str | None = None
+    # The bulk side channel's TCP port (bulk.py): 0 = an ephemeral port per worker, P > 0 = P + the
+    # worker's index (workers 0..N-1 take P..P+N-1), BULK_OFF = none.
+    bulk_port: int = 0
+
+    @property
+    def bulk(self) -> bool:
+        return self.bulk_port != BULK_OFF
+
+    def worker_bulk_port(self, index: int) -> int:
+        """The bulk port worker `index` listens on (0: an ephemeral one)."""
+        return self.bulk_port + index if self.bulk_port > 0 else 0
 
     @property
     def store_path(self) -> str:

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from tensorps.client import codec, wire
 from tensorps.client.codec import CodecError
 from tensorps.server import batch_service
+from tensorps.server.bulk import BulkError, BulkListener
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
 from tensorps.server.staging import Reservation, Staging, default_staging_bytes
@@ -46,7 +47,7 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG, errno.
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The status a failed operation answers with (None: not ours to translate)."""
-    if isinstance(exc, OpError):
+    if isinstance(exc, OpError | BulkError):
         return getattr(grpc.StatusCode, exc.code), str(exc)
     if isinstance(exc, CodecError | DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "malformed request"
@@ -232,8 +233,10 @@ class ParameterServer:
         stream_idle_timeout: float = 60.0,
         max_message_bytes: int = 64 << 20,
         max_staging_bytes: int | None = None,
+        bulk: BulkListener | None = None,
     ) -> None:
         self.ops = ops
+        self.bulk = bulk  # this worker's bulk side channel (None: --bulk-port off)
         self.workers = workers
         self.max_message_bytes = max_message_bytes
         self._idle = IdleWatch(stream_idle_timeout)
@@ -422,12 +425,27 @@ class ParameterServer:
         with self.staging.reservation("a batch") as staging:
             watched = self._idle.watch(messages, context)
             try:
-                batch, atomic = batch_service.receive(watched, self.ops, read_only=read_only, staging=staging)
+                planned, first = batch_service.start(watched, self.ops, read_only=read_only)
+                if planned.header.bulk:
+                    # The values come over the bulk channel: the stream holds the header alone.
+                    if wire.parse(pb.BatchChunk, first, (15,))[1].nbytes or next(watched, None) is not None:
+                        raise CodecError(
+                            "a bulk batch stream carries its header alone: its data goes over bulk"
+                        )
+                else:
+                    batch = batch_service.receive_rest(planned, first, watched, staging)
             except _Cancelled:
                 return
             finally:
                 watched.close()
-            replies = batch_service.execute(self.ops, batch, atomic, request_id(context), staging)
+            request = request_id(context)
+            if planned.header.bulk:
+                idle = self._idle.timeout
+                replies = batch_service.execute_bulk(
+                    planned, self.ops, self.bulk, context, idle=idle, request=request, staging=staging
+                )
+            else:
+                replies = batch_service.execute(self.ops, batch, planned.header.atomic, request, staging)
             yield from self._idle.watch_reply(replies, context)
 
     # ---- reads ---------------------------------------------------------------------------------

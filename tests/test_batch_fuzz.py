@@ -94,14 +94,26 @@ def _send(server: ServerProcess, stream: bool, messages: list[bytes]) -> Code:
         try:
             if stream:
                 call = channel.stream_stream("/tensorps.v1.ParameterServer/BatchStream", None, None)
-                for _ in call(iter(messages), timeout=30):
-                    pass
+                replies: Any = call(iter(messages), timeout=30)
+                for reply in replies:
+                    if _bulk_offer(reply):
+                        # The mutation asked for the bulk channel (BatchHeader.bulk): a valid request. Never
+                        # connecting, the client cancels; the ticket dies with the call, nothing changes.
+                        replies.cancel()
+                        return Code.OK
             else:
                 channel.unary_unary("/tensorps.v1.ParameterServer/Batch", None, None)(messages[0], timeout=30)
         except grpc.RpcError as error:
             code: Code = error.code()
             return code
     return Code.OK
+
+
+def _bulk_offer(reply: bytes) -> bool:
+    try:
+        return bool(pb.BatchReply.FromString(reply).bulk_ticket)
+    except Exception:
+        return False
 
 
 def _check_intact(server: ServerProcess) -> None:

@@ -17,19 +17,23 @@ SHM_LABEL = "tensorps shm:// (same host)"
 PER_VARIABLE = "per-variable calls"  # the model-step rows' note while the client lacks the batch API
 
 
-def label(workers: int) -> str:
-    return f"tensorps ({workers} worker{'' if workers == 1 else 's'})"
+def label(workers: int, *, bulk: bool = True) -> str:
+    suffix = "" if bulk else ", bulk channel off"
+    return f"tensorps ({workers} worker{'' if workers == 1 else 's'}{suffix})"
 
 
-def start(workers: int) -> Server:
+def start(workers: int, *, bulk: bool = True) -> Server:
+    """A server; bulk=False starts it with --bulk-port off (every byte over gRPC, as before the channel)."""
     # A store of our own, so that a benchmark never touches a real server's variables.
     store = f"/dev/shm/tensorps-bench-{uuid.uuid4().hex[:12]}"
     command = [sys.executable, "-m", "tensorps.server", "--host", "127.0.0.1", "--port", "0"]
     command += ["--workers", str(workers), "--store", store, "--grace", "5", "--log-level", "INFO"]
+    if not bulk:
+        command += ["--bulk-port", "off"]
     process = ServerProcess(command, _READY, cleanup=[store])
     assert process.match is not None
     address = f"{process.match.group(1)}:{process.match.group(2)}"
-    return Server(label(workers), Target("tensorps", address), process, store=store)
+    return Server(label(workers, bulk=bulk), Target("tensorps", address), process, store=store)
 
 
 class TensorpsEndpoint:

@@ -280,12 +280,14 @@ class BatchChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("atomic", "ops")
+    __slots__ = ("atomic", "ops", "bulk")
     ATOMIC_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     atomic: bool
     ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
-    def __init__(self, atomic: _Optional[bool] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ...) -> None: ...
+    bulk: bool
+    def __init__(self, atomic: _Optional[bool] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class BatchOp(_message.Message):
     __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value")
@@ -324,11 +326,15 @@ class BatchResult(_message.Message):
     def __init__(self, op: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., info: _Optional[_Union[VariableInfo, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ..., value_is_request: _Optional[bool] = ...) -> None: ...
 
 class BatchReply(_message.Message):
-    __slots__ = ("results", "offset", "data")
+    __slots__ = ("results", "offset", "bulk_port", "bulk_ticket", "data")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    BULK_TICKET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BatchResult]
     offset: int
+    bulk_port: int
+    bulk_ticket: bytes
     data: bytes
-    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., offset: _Optional[int] = ..., bulk_port: _Optional[int] = ..., bulk_ticket: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
