@@ -45,8 +45,10 @@ class ServerProcess:
         port: int = 0,
         wait: bool = True,
         open_files: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
-        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`)."""
+        """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`);
+        `prefix` is a command that runs it (`nsenter --mount=...` for a store on a private tmpfs)."""
         self.store = store or fresh_store_path()
         self.host = host
         command = [
@@ -67,6 +69,7 @@ class ServerProcess:
         ]
         if open_files is not None:
             command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(open_files), *command]
+        command = [*prefix, *command]
         self.proc = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,
