@@ -51,7 +51,9 @@ CATEGORIES = (
     "acked",
     "atomic",
     "errors",
+    "accounting",
     "segments",
+    "records",
     "processes",
     "stores",
     "health",
@@ -146,6 +148,7 @@ class Model:
         self.group_stamps: dict[int, set[int]] = {g: {0} for g in range(layout.groups)}
         self.fixed = set(layout.initial())
         self.stats: Tally[str] = Tally()
+        self.versions: dict[tuple[int, str], int] = {}  # (slot, name) -> the highest version it saw
         self._offsets = dict.fromkeys(logs, 0)
         self._tails = dict.fromkeys(logs, b"")
         self._pending: dict[int, dict[str, Any]] = {}
@@ -261,7 +264,7 @@ class Model:
             return
         code = record["code"]
         self.stats[f"error:{code}"] += 1
-        if "no room" in record.get("msg", ""):
+        if "no room" in record.get("msg", "") or "No space left" in record.get("msg", ""):
             self.stats["enospc"] += 1
         if "budget" in record.get("msg", ""):
             self.stats["budget"] += 1
@@ -303,6 +306,8 @@ class Model:
             if outcome == "ok":
                 self._check_list(slot, sub[1], result, where)
             return
+        if outcome == "ok" and isinstance(result, list) and result and result[0] == "i":
+            self._check_version(slot, kind, name, result[3], where)
         var = self.owned.get(name)
         if var is not None and owner_of(name) == slot:
             self._settle_owned(var, sub, outcome, result, where)
@@ -320,6 +325,16 @@ class Model:
                 self.violation("acked", f"{where}: {outcome} for a group member that always exists")
         elif outcome == "ok" and kind == "read":
             self.violation("errors", f"{where}: read a variable the model does not know")
+
+    def _check_version(self, slot: int, kind: str, name: str, version: int, where: str) -> None:
+        """Versions only grow: what one client sees of a variable never goes back, and its own
+        acknowledged write always moves it on (ephemerals restart at each create, so they are skipped)."""
+        if name.startswith("eph"):
+            return
+        last = self.versions.get((slot, name))
+        if last is not None and (version < last or (kind in ("assign", "add") and version == last)):
+            self.violation("acked", f"{where}: version {version} after this client saw {last}")
+        self.versions[(slot, name)] = max(version, last or 0)
 
     def _settle_owned(self, var: Owned, sub: list[Any], outcome: str, result: Any, where: str) -> None:
         kind = sub[0]

@@ -38,6 +38,7 @@ from chaos_model import ABSENT, CATEGORIES, UNINIT_STAMP, Model, Obs, Val, env_s
 
 from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, NotFoundError, TensorPSError
+from tensorps.server import commits
 from tensorps.server.store import Store
 
 SECONDS = env_seconds()
@@ -192,6 +193,7 @@ class ChaosRun:
         self.layout = Layout(slots=slots)
         self.rng = random.Random(f"run:{seed}")
         self.t0 = time.monotonic()
+        self.wall0 = time.time()
         self.events: list[str] = []
         self.recoveries: list[tuple[str, float]] = []
         self.logs = {s: str(workdir / f"client{s}.log") for s in slots}
@@ -293,8 +295,8 @@ class ChaosRun:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Housekeeping between events: resume stopped clients, respawn, watch for deaths, check."""
+    def resume_due(self) -> None:
+        """SIGCONT the stopped clients whose time is up (also while the server is down)."""
         now = time.monotonic()
         for slot, until in list(self.stopped.items()):
             if now >= until:
@@ -303,6 +305,11 @@ class ChaosRun:
                     os.kill(self.children[slot].pid, signal.SIGCONT)
                 self.note(f"SIGCONT client {slot}")
                 self.health_due.append((f"SIGCONT of client {slot}", HEALTH_BOUND, now))
+
+    def tick(self) -> None:
+        """Housekeeping between events: resume stopped clients, respawn, watch for deaths, check."""
+        self.resume_due()
+        now = time.monotonic()
         for slot, proc in list(self.children.items()):
             code = proc.poll()
             if code is not None and slot not in self.respawn_at and not self.stopping:
@@ -418,6 +425,7 @@ class ChaosRun:
         deadline = time.monotonic() + 5.0
         survivors = [pid for pid, start in workers.items() if alive(pid, start)]
         while survivors and time.monotonic() < deadline:
+            self.resume_due()
             time.sleep(0.1)
             survivors = [pid for pid in survivors if alive(pid, workers[pid])]
         if survivors:
@@ -528,33 +536,55 @@ class ChaosRun:
             store.close()
         leaked = sorted(set(files) - set(referenced))
         dangling = sorted(set(referenced) - set(files))
-        sizes = {}
-        for segment in leaked:
-            with contextlib.suppress(FileNotFoundError):
-                sizes[files[segment]] = os.stat(os.path.join(self.store_outer, files[segment])).st_size
         if leaked:
+            shown = [self.describe_file(files[s]) for s in leaked[:8]]
             self.model.violation(
-                "segments",
-                f"{what}: {len(leaked)} segment files that no descriptor references "
-                f"({sum(sizes.values())} bytes): "
-                f"{list(sizes.items())[:8]}",
+                "segments", f"{what}: {len(leaked)} segment files that no descriptor references: {shown}"
             )
         if dangling:
-            self.model.violation("segments", f"{what}: descriptors reference missing segments {dangling[:8]}")
+            self.model.violation(
+                "accounting", f"{what}: descriptors reference missing segments {dangling[:8]}"
+            )
         if records:
-            self.model.violation("segments", f"{what}: commit records left behind: {records[:5]}")
+            shown = [self.describe_file(r) for r in records[:5]]
+            self.model.violation("records", f"{what}: {len(records)} commit records left behind: {shown}")
         if used != sum(referenced.values()):
             self.model.violation(
-                "segments",
+                "accounting",
                 f"{what}: the store counts {used} bytes used, "
                 f"its variables reference {sum(referenced.values())}",
             )
         if count != len(names):
             self.model.violation(
-                "segments", f"{what}: the store counts {count} variables, lists {len(names)}"
+                "accounting", f"{what}: the store counts {count} variables, lists {len(names)}"
             )
         self.note(f"audit {what}: {len(files)} segment files, {len(names)} variables, {used} bytes used")
         return len(files), len(names)
+
+    def describe_file(self, name: str) -> str:
+        """A leftover store file: size, age in the run, content of a commit record, who holds it open."""
+        path = os.path.join(self.store_outer, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return f"{name} (gone)"
+        text = f"{name}: {st.st_size} bytes, written at {st.st_mtime - self.wall0:.2f} s"
+        if name.startswith(commits.PREFIX):
+            with open(path, "rb") as handle:
+                data = handle.read()
+            if data:
+                entries = [(e.kind, e.slot, e.name) for e in commits._entries(data)]
+                text += f", state {data[0]}, entries (kind, slot, name) {entries[:12]}"
+        holders = []
+        for pid, (start, what) in self.pids.items():
+            if not alive(pid, start):
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(name):
+                            holders.append(f"{what} (pid {pid}) fd {fd}")
+        return text + (f", open in {holders}" if holders else "")
 
     def finish(self) -> None:
         """Quiesce, check everything, delete everything, stop, and look for leftovers."""
@@ -700,6 +730,16 @@ def test_clients_survive(chaos: Report) -> None:
 def test_health_recovers(chaos: Report) -> None:
     """After each disruption the server answers SERVING within a bound."""
     _check(chaos, "health")
+
+
+def test_store_accounting_is_consistent(chaos: Report) -> None:
+    """Descriptors reference only existing segments; used bytes and the variable count match them."""
+    _check(chaos, "accounting")
+
+
+def test_no_leaked_commit_records(chaos: Report) -> None:
+    """No commit record of an atomic batch outlives it (a stale one would be replayed by a later recovery)."""
+    _check(chaos, "records")
 
 
 def test_no_leaked_segments(chaos: Report) -> None:
