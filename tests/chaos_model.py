@@ -425,6 +425,8 @@ class Model:
                 f"{where}: info says initialized={initialized} shape={shape}, "
                 f"but the variable may only be {_show_all(var.vals | var.zombies)}",
             )
+            if not initialized and length is not None:
+                var.vals = {(UNINIT_STAMP, length)}  # judge what follows from what is there now
             return
         var.vals = matching
 
