@@ -15,12 +15,15 @@ from tensorps.server.store import Store
 
 
 def main() -> None:
-    """argv: store path, where to die ("flip:K" after K selector flips, or "commit" at the commit point),
+    """argv: store path, where to die ("flip:K" after K selector flips, "commit" at the commit point, or
+    "finish" just before the record is removed),
     the stamp to write, then the names to assign (existing) and to create (prefixed with '+')."""
     path, where, stamp, *names = sys.argv[1:]
     ops = Ops(Store.attach(path))
     if where == "commit":
         commits.CommitRecord.commit = lambda self: os._exit(9)  # type: ignore[method-assign]
+    elif where == "finish":  # published, stripes unmarked, record not yet removed
+        commits.CommitRecord.finish = lambda self: os._exit(9)  # type: ignore[method-assign]
     else:
         limit = int(where.split(":")[1])
         flips = [0]

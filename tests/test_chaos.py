@@ -7,7 +7,8 @@ from TENSORPS_CHAOS_SEED SIGKILLs workers, the supervisor (the test then starts 
 and store, which attaches to it) and local clients (started again as a new incarnation), SIGSTOPs a local
 client for 0.2-2 s (whoever needs a stripe it holds waits meanwhile), and fills the store: its byte budget
 (--max-total-bytes) is small, and where `unshare --mount` is permitted the store lives on a small private
-tmpfs that a ballast file fills up, so that allocations meet a real ENOSPC.
+tmpfs that a ballast file fills up, so that allocations meet a real ENOSPC (TENSORPS_CHAOS_TMPFS=0 keeps the
+store in /dev/shm, as where unshare is not permitted).
 
 The model (tests/chaos_model.py) judges every logged outcome and the test's own periodic reads; afterwards
 the store's segment files are compared with what its descriptors reference, every variable is deleted,
@@ -213,10 +214,13 @@ class ChaosRun:
         self.namespace_reason = ""
         self.shm_before = set(os.listdir("/dev/shm"))
         self._mountpoint = tempfile.mkdtemp(prefix="tensorps-chaos-tmpfs-")
-        try:
-            self.namespace = Namespace(self._mountpoint, TMPFS)
-        except (OSError, FileNotFoundError) as exc:
-            self.namespace_reason = str(exc)
+        if os.environ.get("TENSORPS_CHAOS_TMPFS") == "0":
+            self.namespace_reason = "TENSORPS_CHAOS_TMPFS=0"
+        else:
+            try:
+                self.namespace = Namespace(self._mountpoint, TMPFS)
+            except OSError as exc:
+                self.namespace_reason = str(exc)
         if self.namespace is not None:
             self.store = os.path.join(self._mountpoint, "store")
             self.store_outer = self.namespace.outer(self.store)
