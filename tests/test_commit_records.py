@@ -85,7 +85,7 @@ def test_a_record_that_cannot_be_written_is_removed(ops: Ops, monkeypatch: pytes
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(commits.os, "pwrite", full)
+        patch.setattr(os, "pwrite", full)  # commits.py writes its records with os.pwrite
         with pytest.raises(OSError, match="No space left"):
             batch = [BatchOp(ASSIGN, n, np.full(1 << 16, 7.0, np.float32)) for n in ("a", "b")]
             run_batch(ops, batch, atomic=True, consume=lambda info, view: None)
