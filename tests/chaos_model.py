@@ -77,7 +77,8 @@ class Owned:
     torn: bool = False  # an unknown unlocked write may have left a mix of stamps
     zombies: set[Val] = field(default_factory=set)  # writes that may still land at any time (deadline)
     pending: list[Val] = field(default_factory=list)  # writes in flight
-    attempts: list[Val] = field(default_factory=list)  # every value ever sent
+    attempts: list[Val] = field(default_factory=list)  # every value ever sent, in order
+    sent: set[int] = field(default_factory=lambda: {0})  # their stamps (and the initial 0)
 
     def possible(self) -> set[Val]:
         return self.vals | self.zombies | set(self.pending)
@@ -231,6 +232,7 @@ class Model:
         if value is not None and var is not None and owner_of(name) == slot:
             var.pending.append(value)
             var.attempts.append(value)
+            var.sent.add(value[0])
         elif kind == "assign" and name in self.group_of:
             self.group_stamps[self.group_of[name]].add(sub[2])
         elif kind == "add" and name in self.counters:
@@ -481,8 +483,7 @@ class Model:
             self.violation("acked", f"{where}: stamps {obs.distinct} of another writer than slot {owner}")
 
         def check() -> None:
-            sent = {s for s, _n in var.attempts} | {0}
-            if not set(obs.distinct) <= sent:
+            if not set(obs.distinct) <= var.sent:
                 self.violation("acked", f"{where}: stamps {obs.distinct} that slot {owner} never wrote")
 
         self._defer(check)

@@ -8,7 +8,8 @@ and store, which attaches to it) and local clients (started again as a new incar
 client for 0.2-2 s (whoever needs a stripe it holds waits meanwhile), and fills the store: its byte budget
 (--max-total-bytes) is small, and where `unshare --mount` is permitted the store lives on a small private
 tmpfs that a ballast file fills up, so that allocations meet a real ENOSPC (TENSORPS_CHAOS_TMPFS=0 keeps the
-store in /dev/shm, as where unshare is not permitted).
+store in /dev/shm, as where unshare is not permitted). The logs, the schedule, the servers' logs and
+report.json go to pytest's temporary directory, or under TENSORPS_CHAOS_DIR when it is set.
 
 The model (tests/chaos_model.py) judges every logged outcome and the test's own periodic reads; afterwards
 the store's segment files are compared with what its descriptors reference, every variable is deleted,
@@ -681,7 +682,12 @@ class ChaosRun:
 
 @pytest.fixture(scope="module")
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]:
-    workdir = tmp_path_factory.mktemp("chaos")
+    keep = os.environ.get("TENSORPS_CHAOS_DIR")  # a directory that outlives pytest's temporary ones
+    if keep:
+        workdir = Path(keep) / f"chaos-{SEED}-{time.strftime('%Y%m%d-%H%M%S')}"
+        workdir.mkdir(parents=True)
+    else:
+        workdir = tmp_path_factory.mktemp("chaos")
     print(f"\nchaos: seed {SEED}, {SECONDS:g} s, logs in {workdir}\n{REPLAY}")
     run = ChaosRun(workdir, SEED, SECONDS)
     try:
