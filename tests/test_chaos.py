@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -204,7 +205,10 @@ class ChaosRun:
         self.pids: dict[int, tuple[int, str]] = {}  # every process the run started or saw: start time, what
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, int] = {}
-        self.stopped: dict[int, float] = {}  # slot -> when to SIGCONT it
+        # Stopped clients: slot -> the timer that SIGCONTs it on time, whatever the main loop waits for (a
+        # check of ours may itself wait for a stripe that the stopped client holds).
+        self.stopped: dict[int, threading.Timer] = {}
+        self.resumed: list[tuple[int, float]] = []  # filled by the timers: (slot, when)
         self.respawn_at: dict[int, float] = {}
         self.health_due: list[tuple[str, float, float]] = []  # (what, bound, since)
         self.ballast_until: float | None = None
@@ -300,16 +304,38 @@ class ChaosRun:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def resume_due(self) -> None:
-        """SIGCONT the stopped clients whose time is up (also while the server is down)."""
-        now = time.monotonic()
-        for slot, until in list(self.stopped.items()):
-            if now >= until:
-                del self.stopped[slot]
+    def stop_client(self, slot: int, duration: float) -> None:
+        proc = self.children[slot]
+        os.kill(proc.pid, signal.SIGSTOP)
+        timer = threading.Timer(duration, self._resume, (slot, proc))
+        timer.daemon = True
+        self.stopped[slot] = timer
+        timer.start()
+        self.note(f"SIGSTOP client {slot} for {duration:.2f} s")
+
+    def _resume(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
+        """In the timer's thread: SIGCONT, unless the client was killed meanwhile."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        self.resumed.append((slot, time.monotonic()))
+
+    def resume_all(self) -> None:
+        for slot, timer in list(self.stopped.items()):
+            timer.cancel()
+            proc = self.children[slot]
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.children[slot].pid, signal.SIGCONT)
-                self.note(f"SIGCONT client {slot}")
-                self.health_due.append((f"SIGCONT of client {slot}", HEALTH_BOUND, now))
+                    os.kill(proc.pid, signal.SIGCONT)
+        self.stopped.clear()
+
+    def resume_due(self) -> None:
+        """Note the clients the timers resumed; their health checks are due."""
+        while self.resumed:
+            slot, when = self.resumed.pop(0)
+            self.stopped.pop(slot, None)  # no new stop of a slot starts before its resume is noted here
+            self.note(f"SIGCONT client {slot}")
+            self.health_due.append((f"SIGCONT of client {slot}", HEALTH_BOUND, when))
 
     def tick(self) -> None:
         """Housekeeping between events: resume stopped clients, respawn, watch for deaths, check."""
@@ -401,18 +427,18 @@ class ChaosRun:
             proc = self.children[event.slot]
             if event.slot in self.respawn_at:
                 return
+            timer = self.stopped.pop(event.slot, None)
+            if timer is not None:
+                timer.cancel()
             proc.kill()
             proc.wait(10)
-            self.stopped.pop(event.slot, None)
             self.respawn_at[event.slot] = now + event.duration
             self.note(f"SIGKILL client {event.slot} (pid {proc.pid})")
             self.health_due.append((f"SIGKILL of client {event.slot}", HEALTH_BOUND, now))
         elif event.kind == "stop_local":
             if event.slot in self.stopped or event.slot in self.respawn_at:
                 return
-            os.kill(self.children[event.slot].pid, signal.SIGSTOP)
-            self.stopped[event.slot] = now + event.duration
-            self.note(f"SIGSTOP client {event.slot} for {event.duration:.2f} s")
+            self.stop_client(event.slot, event.duration)
         elif event.kind == "fill":
             if self.namespace is None:
                 return
@@ -482,10 +508,7 @@ class ChaosRun:
         self.note(f"{where}: counters {[int(v[0]) for v in counted.values()]}")
 
     def stop_clients(self) -> None:
-        for slot in list(self.stopped):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.children[slot].pid, signal.SIGCONT)
-        self.stopped.clear()
+        self.resume_all()
         self.stopping = True
         self.respawn_at.clear()
         Path(self.stop_path).touch()
@@ -620,6 +643,7 @@ class ChaosRun:
 
     def cleanup(self) -> None:
         """Whatever happened: no process and no store of this run survives it."""
+        self.resume_all()
         for proc in self.children.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
