@@ -574,8 +574,22 @@ class ChaosRun:
                 "accounting", f"{what}: descriptors reference missing segments {dangling[:8]}"
             )
         if records:
-            shown = [self.describe_file(r) for r in records[:5]]
-            self.model.violation("records", f"{what}: {len(records)} commit records left behind: {shown}")
+            states: dict[str, int] = {}
+            for name in records:
+                with (
+                    contextlib.suppress(FileNotFoundError),
+                    open(os.path.join(self.store_outer, name), "rb") as f,
+                ):
+                    head = f.read(1)
+                    state = {b"": "empty", bytes([commits.PREPARING]): "preparing"}.get(head, "committed")
+                    states[state] = states.get(state, 0) + 1
+            committed = [r for r in records if self.describe_file(r).count("state 2")]
+            shown = [
+                self.describe_file(r) for r in (committed + [r for r in records if r not in committed])[:5]
+            ]
+            self.model.violation(
+                "records", f"{what}: {len(records)} commit records left behind {states}: {shown}"
+            )
         if used != sum(referenced.values()):
             self.model.violation(
                 "accounting",
