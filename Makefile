@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint protos protos-check bench clean system-deps
+.PHONY: run test chaos check lint protos protos-check bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 ## test: lint, type-check, verify generated code, then the test suite (TENSORPS_SLOW=1 adds slow profiles)
 test: $(STAMP) check system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## chaos: the chaos profile (README): TENSORPS_CHAOS_SECONDS (default 600), TENSORPS_CHAOS_SEED to replay
+chaos: $(STAMP)
+	TENSORPS_CHAOS=1 $(PY) -m pytest tests/test_chaos.py $(PYTEST_ARGS)
 
 system-deps:
 	scripts/system_deps.sh

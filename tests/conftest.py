@@ -16,15 +16,19 @@ from tensorps.client import Client
 _names = itertools.count()
 
 SLOW = os.environ.get("TENSORPS_SLOW") == "1"
+CHAOS = os.environ.get("TENSORPS_CHAOS") == "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if SLOW:
-        return
-    skip = pytest.mark.skip(reason="slow profile: set TENSORPS_SLOW=1")
+    skip_slow = pytest.mark.skip(reason="slow profile: set TENSORPS_SLOW=1")
+    skip_chaos = pytest.mark.skip(
+        reason="chaos profile: set TENSORPS_CHAOS=1 (TENSORPS_CHAOS_SECONDS, TENSORPS_CHAOS_SEED; make chaos)"
+    )
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "chaos" in item.keywords and not CHAOS:
+            item.add_marker(skip_chaos)
+        elif "slow" in item.keywords and not SLOW:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="session")
