@@ -44,7 +44,9 @@ DEFINITE = frozenset(
 )
 # Codes a correct server can give these clients; NOT_FOUND/ALREADY_EXISTS/FAILED_PRECONDITION only where
 # the model says the variable may be absent/present/uninitialized (checked per operation).
-EXPECTED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+# CANCELLED: a worker stopping (its supervisor was killed) cancels the calls still in flight after its
+# grace period; ABORTED: a retried write (request id) that had applied but whose result is no longer known.
+EXPECTED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
 CATEGORIES = (
     "torn",
     "counts",
