@@ -172,6 +172,11 @@ def test_sigkilled_workers_under_eight_retrying_clients_lose_and_double_nothing(
         rng = random.Random(5)
         for _ in range(6):
             time.sleep(rng.uniform(0.3, 0.8))
+            # One worker at a time: the other serves the retries (with both down, a retry meets a closed
+            # port until the supervisor restarts one, which a loaded machine may take longer than retries do).
+            deadline = time.monotonic() + 30
+            while not server.healthy() and time.monotonic() < deadline:
+                time.sleep(0.05)
             with Client(server.address, timeout=60) as ps:
                 pid = ps.server_info().pid
             os.kill(pid, signal.SIGKILL)
