@@ -120,9 +120,20 @@ class Pipeline:
     ) -> Pipeline:
         name = self._client._checked(name)
         array = self._client._as_array(name, value, self._created.get(name))
-        flags = (_flag(validate_shape, "validate_shape"), _flag(use_locking, "use_locking"))
+        flags = (
+            self._client._checked_flag(validate_shape, "validate_shape"),
+            self._client._checked_flag(use_locking, "use_locking"),
+        )
         return self._queue(
-            QueuedOp(pb.BATCH_OP_ASSIGN, name, array, None, None, *flags, _flag(read_value, "read_value"))
+            QueuedOp(
+                pb.BATCH_OP_ASSIGN,
+                name,
+                array,
+                None,
+                None,
+                *flags,
+                self._client._checked_flag(read_value, "read_value"),
+            )
         )
 
     def assign_add(
@@ -137,7 +148,10 @@ class Pipeline:
 
     def _update(self, kind: int, name: str, delta: Any, use_locking: bool, read_value: bool) -> Pipeline:
         name = self._client._checked(name)
-        flags = (_flag(use_locking, "use_locking"), _flag(read_value, "read_value"))
+        flags = (
+            self._client._checked_flag(use_locking, "use_locking"),
+            self._client._checked_flag(read_value, "read_value"),
+        )
         array = self._client._as_array(name, delta, self._created.get(name))
         return self._queue(QueuedOp(kind, name, array, None, None, None, *flags))
 
@@ -197,12 +211,6 @@ def _result(op: QueuedOp, found: list[Outcome]) -> Any:
     ):
         return outcome.value
     return outcome.info
-
-
-def _flag(value: object, what: str) -> bool:
-    from tensorps.client.client import _check_flag  # noqa: PLC0415 (client imports this module)
-
-    return _check_flag(value, what)
 
 
 class BatchCalls:

@@ -319,6 +319,11 @@ class Client(BatchCalls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def _checked_flag(value: object, what: str) -> bool:
+        """The API boundary of a bool flag (pipelines check theirs here too)."""
+        return _check_flag(value, what)
+
     def _checked(self, name: object) -> str:
         """The API boundary of every call that names a variable, for both transports."""
         self._check_open()

@@ -255,6 +255,12 @@ class ChunkWriter:
         self.flush()
         return self.messages
 
+    def joined(self, prefix: bytes) -> bytes:
+        """`prefix` and everything added as one data field, in one message (the tensors copied once more,
+        by this join; for a writer that never had to start a second message)."""
+        assert not self.messages, "joined() is for a writer whose data fits one message"
+        return join_data(prefix, self._pending) if self._pending else prefix
+
 
 # Tensors smaller than this are packed together before they are sent over a socket (one send each would
 # cost a system call and a TCP segment per tensor).

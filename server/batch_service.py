@@ -147,9 +147,10 @@ def decode_ops(
     return decoded
 
 
-def _header(message: bytes, ops: Ops, *, read_only: bool) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
+def _header(
+    chunk: pb.BatchChunk, ops: Ops, *, read_only: bool
+) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
     """The first message's header, every operation checked and its value placed (no data taken yet)."""
-    chunk, _data = wire.parse(pb.BatchChunk, message, (15,))
     if not chunk.HasField("header"):
         raise CodecError("the first message of a batch has no header")
     layouts, total = plan_header(chunk.header, ops, read_only=read_only)
@@ -169,7 +170,8 @@ def start(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[Plan
     first = next(messages, None)
     if first is None:
         raise CodecError("the batch stream is empty: its first message must carry a header")
-    return Planned(*_header(first, ops, read_only=read_only)), first
+    chunk, _data = wire.parse(pb.BatchChunk, first, (15,))
+    return Planned(*_header(chunk, ops, read_only=read_only)), first
 
 
 def receive(
@@ -203,10 +205,10 @@ def receive_rest(
 
 def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
     """A batch sent as one message (Batch): the header and every value's bytes at once."""
-    header, layouts, total = _header(raw, ops, read_only=read_only)
+    chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
+    header, layouts, total = _header(chunk, ops, read_only=read_only)
     if header.bulk:
         raise CodecError("a Batch call cannot use the bulk channel: send a bulk batch with BatchStream")
-    chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
     if chunk.offset or data.nbytes != total:
         raise CodecError(
             f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
@@ -330,8 +332,7 @@ def execute_one(
     """Run the batch; the reply as one message: every result and the values' bytes."""
     writer = wire.ChunkWriter(1 << 62)  # one data field: the client chose Batch for a small reply
     results = _run(ops, batch, atomic, writer, request, staging=staging)
-    data = writer.finish()
-    return results + data[0] if data else results
+    return writer.joined(results)
 
 
 def _result_to_proto(result: Result, out: pb.BatchResult) -> None:

@@ -47,12 +47,10 @@ class ServerProcess:
         open_files: int | None = None,
         session: bool = False,
         wrapper: Sequence[str] = (),
-        prefix: Sequence[str] = (),
     ) -> None:
         """`open_files` runs the server under that open-file limit (soft and hard, as `ulimit -n`); `session`
         gives it a session and process group of its own; `wrapper` is a command that runs it (a mount
-        namespace of its own, say); `prefix` likewise (`nsenter --mount=...` for a store on a private
-        tmpfs)."""
+        namespace of its own, say, or `nsenter --mount=...` for a store on a private tmpfs)."""
         self.store = store or fresh_store_path()
         self.host = host
         command = [
@@ -74,7 +72,6 @@ class ServerProcess:
         ]
         if open_files is not None:
             command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(open_files), *command]
-        command = [*prefix, *command]
         self.proc = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,

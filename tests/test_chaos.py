@@ -262,7 +262,7 @@ class ChaosRun:
         for attempt in range(5):
             try:
                 server = ServerProcess(
-                    *args, store=self.store, workers=WORKERS, port=port, prefix=self.prefix
+                    *args, store=self.store, workers=WORKERS, port=port, wrapper=self.prefix
                 )
                 break
             except RuntimeError as exc:
