@@ -22,6 +22,7 @@ from tensorps.client.errors import (
     UnknownError,
     UsageError,
 )
+from tensorps.client.snapshot import SnapshotInfo
 
 __all__ = [
     "AbortedError",
@@ -40,6 +41,7 @@ __all__ = [
     "Pipeline",
     "ResourceExhaustedError",
     "ServerInfo",
+    "SnapshotInfo",
     "TensorPSError",
     "UnauthenticatedError",
     "UnavailableError",

@@ -29,6 +29,7 @@ from tensorps.client.errors import (
     from_rpc_error,
     from_status,
 )
+from tensorps.client.snapshot import SnapshotCalls
 from tensorps.v1 import tensorps_pb2 as pb
 
 Array = np.ndarray[Any, Any]
@@ -200,7 +201,7 @@ class _CallDeadline:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class Client(BatchCalls):
+class Client(BatchCalls, SnapshotCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,

@@ -28,8 +28,11 @@ from tensorps.client.client import (
 )
 from tensorps.client.codec import DType, Shape
 from tensorps.client.errors import InternalError, NotFoundError, from_status
+from tensorps.client.snapshot import SnapshotInfo
 from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Info, Ops
+from tensorps.server.persist.snapshot import SnapshotError
+from tensorps.server.persist_service import status_of_snapshot, take_snapshot
 from tensorps.server.service import status_of
 from tensorps.server.store import Store, StoreError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -113,7 +116,16 @@ class LocalClient(Client):
         if not self._closed:
             self._closed = True
             self._close_background()
+            self._ops.close()  # this process's logged writes on disk
             self._ops.store.close()
+
+    def _snapshot(self) -> SnapshotInfo:
+        try:
+            with _CLIENT_ERRORS:
+                info = take_snapshot(self._ops)
+        except SnapshotError as exc:
+            raise from_status(status_of_snapshot(exc), str(exc)) from None
+        return SnapshotInfo(**vars(info))
 
     def _errors(self) -> _ClientErrors:
         """The server's errors as the remote client raises them (names were checked at the API boundary)."""

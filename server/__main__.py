@@ -152,6 +152,31 @@ def parser() -> argparse.ArgumentParser:
         "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
     )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
+    flag(
+        "data-dir",
+        str,
+        None,
+        "directory for snapshots and the write-ahead log (a volume); a new store restores from it. "
+        "Without it nothing is persisted",
+    )
+    flag(
+        "snapshot-every",
+        float,
+        d.snapshot_every,
+        "seconds between point-in-time snapshots to --data-dir; 0: only on demand and at exit",
+    )
+    flag("snapshot-keep", int, d.snapshot_keep, "newest snapshots kept (with the logs after the oldest)")
+    flag("no-snapshot-on-exit", bool, False, "skip the snapshot a clean shutdown (SIGTERM/SIGINT) takes")
+    flag("restore", str, None, "start from this snapshot directory (no log replay) instead of the newest")
+    flag("no-restore", bool, False, "start empty even if --data-dir holds snapshots")
+    flag(
+        "wal",
+        str.lower,
+        d.wal,
+        "write-ahead log: off (lose writes since the last snapshot), everysec (lose about the last "
+        "second), always (acknowledge a write once it is on disk; concurrent writes share an fsync)",
+        choices=("off", "everysec", "always"),
+    )
     return p
 
 
@@ -178,6 +203,18 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--port must be at most 65535")
     if values["bulk_port"] > 0 and values["bulk_port"] + values["workers"] - 1 > 65535:
         p.error(f"--bulk-port {values['bulk_port']} with {values['workers']} workers runs past port 65535")
+    if values["data_dir"] is None:
+        for key in ("restore",):
+            if values[key] is not None:
+                p.error(f"--{key} needs --data-dir")
+        if values["wal"] != "off":
+            p.error("--wal needs --data-dir")
+    if values["restore"] is not None and values["no_restore"]:
+        p.error("--restore and --no-restore exclude each other")
+    if values["snapshot_every"] < 0:
+        p.error("--snapshot-every must not be negative")
+    if values["snapshot_keep"] < 1:
+        p.error("--snapshot-keep must be at least 1")
     return ServerConfig(**values)
 
 

@@ -32,6 +32,8 @@ from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
 from tensorps.server.ops import Ops
+from tensorps.server.persist import lifecycle
+from tensorps.server.persist_service import PersistenceService
 from tensorps.server.service import SERVICE_NAME, ParameterServer
 from tensorps.server.signals import SignalPipe, blocked, die_with_parent
 from tensorps.server.store import Store, StoreError
@@ -127,7 +129,7 @@ def build_server(
         max_staging_bytes=config.max_staging_bytes,
         bulk=bulk_listener,
     )
-    server.add_generic_rpc_handlers((servicer.handler(),))
+    server.add_generic_rpc_handlers((servicer.handler(), PersistenceService(ops).handler()))
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config)
@@ -201,6 +203,9 @@ def run_worker(
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
+    periodic = None
+    if index == 0 and ops.persistence is not None and config.snapshot_every > 0:
+        periodic = lifecycle.Periodic(ops, config.snapshot_every)
     health_servicer = SupervisedHealth(status)
     listener = open_bulk(config, index)
     server, _ = build_server(
@@ -234,6 +239,9 @@ def run_worker(
     server.stop(config.grace).wait()
     if listener is not None:
         listener.close()
+    if periodic is not None:
+        periodic.stop()
+    ops.close()  # the log's last records on disk
     store.close()
     log.info("worker %d stopped", os.getpid())
     return 0
@@ -580,9 +588,18 @@ def serve(config: ServerConfig) -> int:
             if value != actual[key]:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.sweep()  # what processes that died amid a change left behind (logged)
+    try:
+        lifecycle.start(store, config)  # restore a new store from --data-dir
+    except lifecycle.PersistStartupError as exc:
+        store.close()
+        if created:
+            Store.remove_files(config.store_path)
+        raise StartupError(str(exc)) from None
     store.close()  # the workers map it themselves, after the fork
     try:
         code = Supervisor(config, auth=_token_auth(config)).run(signals)
+        if config.data_dir is not None and not config.no_snapshot_on_exit:
+            lifecycle.snapshot_now(config.store_path, why="at exit")
     finally:
         if created and not config.keep_store:
             Store.remove_files(config.store_path)

@@ -47,6 +47,8 @@ from tensorps.server.ops import (
     check_update,
     created_descriptor,
 )
+from tensorps.server.persist import records
+from tensorps.server.persist.records import Entry
 from tensorps.server.requests import INLINE, Applied, pack_applied
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -141,7 +143,10 @@ def run_batch(
     if request is not None:
         batch = [op._replace(request=op_request(request, index)) for index, op in enumerate(batch)]
     if atomic:
-        return _Atomic(ops, batch, consume).run()
+        done = _Atomic(ops, batch, consume).run()
+        if ops.persistence is not None:
+            ops.persistence.sync()  # after its locks: the record is durable before the reply (--wal always)
+        return done
     results: list[Result] = []
     for index, op in enumerate(batch):
         try:
@@ -541,6 +546,7 @@ class _Atomic:
                 self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
+            self.ops.log(*self._log_entries())  # one record: replayed whole or not at all
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,
@@ -564,6 +570,18 @@ class _Atomic:
                 # takes such a stripe finds nothing to replay), never a finished batch's record to replay.
                 record.finish()
                 store.mark_in_commit(stripes, False)
+
+    def _log_entries(self) -> list[Entry]:
+        """What the batch leaves, variable by variable: the write-ahead log's record of it."""
+        entries = []
+        for name, var in self.vars.items():
+            if var.drop_slot:
+                entries.append(Entry(records.DELETE, name))
+            elif var.d is not None and (var.created or var.value is not None):
+                d = var.d
+                value = var.value if var.value is not None else b""
+                entries.append(Entry(records.PUT, name, d.dtype, d.shape, d.initialized, d.version, value))
+        return entries
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:
         index = last_write[name]

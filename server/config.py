@@ -43,6 +43,14 @@ class ServerConfig:
     # The bulk side channel's TCP port (bulk.py): 0 = an ephemeral port per worker, P > 0 = P + the
     # worker's index (workers 0..N-1 take P..P+N-1), BULK_OFF = none.
     bulk_port: int = 0
+    # Persistence (persist/): snapshots and the write-ahead log go to data_dir; None persists nothing.
+    data_dir: str | None = None
+    snapshot_every: float = 300.0  # seconds between periodic snapshots; 0: never
+    snapshot_keep: int = 3
+    no_snapshot_on_exit: bool = False
+    restore: str | None = None  # a snapshot directory to start from instead of the newest
+    no_restore: bool = False
+    wal: str = "off"  # off, everysec or always
 
     @property
     def bulk(self) -> bool:

@@ -9,15 +9,21 @@ Mirrors TF's ref-variable kernels (core/kernels/assign_op.h, dense_update_ops.cc
 - A failed call changes nothing: every check runs before the first byte is written.
 - Waiting for a variable's stripe is bounded by the call's deadline (Ops.deadline), so that a stopped
   holder (a SIGSTOPped same-host client) costs callers their deadline, not a thread for ever.
+- With a write-ahead log (persist/journal.py), a write appends its record under its lock once every
+  fallible step is done and before it becomes visible; a failed append fails the write, which then changes
+  nothing. The call waits for durability (--wal always) after it lets go of its lock (@durable).
+- A buffer a snapshot pinned (store.pin) is never written in place: an unlocked write takes the locked
+  path (a fresh buffer) while the pin lasts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -32,10 +38,14 @@ from tensorps.client.codec import (
     validate_name,
 )
 from tensorps.server.locks import LockTimeout
+from tensorps.server.persist import records
+from tensorps.server.persist.records import Entry
+from tensorps.server.persist.runtime import Persistence
 from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 NO_REQUEST = bytes(16)
 Array = np.ndarray[Any, Any]
 
@@ -76,6 +86,25 @@ class Aborted(OpError):
 
 class DeadlineExceeded(OpError):
     code = "DEADLINE_EXCEEDED"
+
+
+def durable(method: Callable[Concatenate[Ops, P], T]) -> Callable[Concatenate[Ops, P], T]:
+    """A write whose records must be durable before it returns (--wal always); waits after its locks."""
+
+    @functools.wraps(method)
+    def wrapper(self: Ops, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        persistence = self.persistence
+        if persistence is None:
+            return method(self, *args, **kwargs)
+        try:
+            result = method(self, *args, **kwargs)
+        except BaseException:
+            persistence.sync()  # a record appended before the call failed is on its way to disk anyway
+            raise
+        persistence.sync()
+        return result
+
+    return wrapper
 
 
 class Info(NamedTuple):
@@ -160,6 +189,26 @@ class Ops:
         self.locks = store.locks
         self.max_variable_bytes = max_variable_bytes
         self._call = threading.local()  # .deadline: this thread's current call's, time.monotonic()
+        # The data directory's snapshots and write-ahead log, if the store's server has one.
+        self.persistence = Persistence.attach(store.path)
+
+    def log(self, *entries: Entry) -> None:
+        """Append a write's record to the write-ahead log (if any); the caller holds its stripes and has
+        made nothing visible yet. A log that cannot take it fails the write."""
+        if self.persistence is None or self.persistence.journal is None:
+            return
+        try:
+            self.persistence.log(entries)
+        except OSError as exc:
+            names = ", ".join(sorted({f"'{e.name}'" for e in entries}))
+            raise ResourceExhausted(
+                f"the write of variable {names} cannot be logged: {exc.strerror}; nothing was changed"
+            ) from None
+
+    def close(self) -> None:
+        """Make this process's logged writes durable and let go of the log (a stopping worker or client)."""
+        if self.persistence is not None:
+            self.persistence.close()
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -306,6 +355,7 @@ class Ops:
 
     # ---- catalog -------------------------------------------------------------------------------
 
+    @durable
     def create(
         self,
         name: str,
@@ -332,7 +382,15 @@ class Ops:
                 raise AlreadyExists(f"variable '{name}' already exists")
             try:
                 if value is None:
-                    return _info(name, self.store.active(self.store.insert(name, initial)))
+                    slot = self.store.insert(name, initial)
+                    self._log_or_undo(
+                        name,
+                        slot,
+                        Entry(
+                            records.PUT, name, dtype.code, initial.shape, initial.initialized, initial.version
+                        ),
+                    )
+                    return _info(name, self.store.active(slot))
                 # Filled before it is inserted, so that a crash leaves no variable or the whole one (the
                 # unnamed segment of a crash is a sweep's to reclaim).
                 with self.store.new_segment(value.nbytes) as (segment, capacity, raw):
@@ -345,17 +403,31 @@ class Ops:
                         capacity=capacity,
                         request=request or NO_REQUEST,
                     )
-                    self.store.insert(name, d)
+                    slot = self.store.insert(name, d)
+                    self._log_or_undo(
+                        name, slot, Entry(records.PUT, name, dtype.code, d.shape, True, 1, value)
+                    )
                 return _info(name, d)
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
 
+    def _log_or_undo(self, name: str, slot: int, entry: Entry) -> None:
+        """Log a create, whose insert (the only step that may fail) is done; if the log refuses it, undo
+        the insert (the stripe is still held: nobody used the variable)."""
+        try:
+            self.log(entry)
+        except OpError:
+            self.store.delete_slot(slot)
+            raise
+
+    @durable
     def delete(self, name: str, *, request: bytes | None = None) -> None:
         with self.hold(self.locks.stripe(name), name=name):
             # The id first: a retry must not delete a variable that someone created again since.
             if self.applied(name, None, request) is not None:
                 return
             slot = self._slot(name)
+            self.log(Entry(records.DELETE, name))
             self.retire(name, slot)
             self.store.delete_slot(slot)
             if request is not None:
@@ -384,6 +456,7 @@ class Ops:
             check_readable(name, d)
             return consume(_info(name, d), self._view(slot, d))
 
+    @durable
     def assign(
         self,
         name: str,
@@ -412,16 +485,19 @@ class Ops:
             current = self.store.active(slot)
             check_assign(name, current, dtype, shape, validate_shape)
             self.check_size(name, shape, dtype)
-            if use_locking or not current.initialized or current.shape != shape:
+            pinned = self.store.pinned(slot, current.segment)
+            if use_locking or not current.initialized or current.shape != shape or pinned:
                 # A fresh buffer (TF allocates one to reshape) is filled before anyone sees it.
                 version = current.version + 1
                 buffer, publish = self._write_spare(
                     name, slot, dtype, shape, version=version, request=request or NO_REQUEST
                 )
                 np.copyto(buffer, value)
+                self.log(Entry(records.PUT, name, dtype.code, shape, True, version, value))
                 info: Info = publish()
                 return info, (value if read_value else None)
             # Same shape, unlocked: TF copies outside the lock, so concurrent writers may interleave.
+            self.log(Entry(records.PUT, name, dtype.code, shape, True, current.version + 1, value))
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
             target = self._view(slot, current)
@@ -432,6 +508,7 @@ class Ops:
         info = Info(name, dtype, shape, True, version)
         return info, (target.copy() if read_value else None)
 
+    @durable
     def assign_add(
         self,
         name: str,
@@ -457,15 +534,19 @@ class Ops:
             current = self.store.active(slot)
             check_update(name, op_name, current, dtype, delta.shape)
             source = self._view(slot, current)
-            if use_locking:
+            kind = records.SUB if subtract else records.ADD
+            update = Entry(kind, name, dtype.code, delta.shape, True, current.version + 1, delta)
+            if use_locking or self.store.pinned(slot, current.segment):
                 version = current.version + 1
                 buffer, publish = self._write_spare(
                     name, slot, dtype, delta.shape, version=version, request=request or NO_REQUEST
                 )
                 with np.errstate(all="ignore"):
                     ufunc(source, delta, out=buffer)
+                self.log(update)
                 info: Info = publish()
                 return info, (buffer.copy() if read_value else None)
+            self.log(update)
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
         finally:

@@ -486,7 +486,7 @@ class ParameterServer:
     def get_server_info(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         pb.GetServerInfoRequest.FromString(raw)
         store = self.ops.store
-        return pb.ServerInfo(
+        info = pb.ServerInfo(
             pid=os.getpid(),
             workers=self.workers,
             store=store.path,
@@ -494,7 +494,15 @@ class ParameterServer:
             used_bytes=store.used_bytes,
             max_total_bytes=store.limits.max_total_bytes,
             version=_VERSION,
-        ).SerializeToString()
+        )
+        persistence = self.ops.persistence
+        if persistence is not None:
+            last = persistence.last_snapshot
+            info.data_dir, info.wal = persistence.settings.data_dir, persistence.settings.wal
+            info.last_snapshot_time = last.time
+            info.last_snapshot_seconds = last.seconds
+            info.last_snapshot_pause_ms = last.pause_ms
+        return info.SerializeToString()
 
     # ---- registration --------------------------------------------------------------------------
 

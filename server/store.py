@@ -25,6 +25,11 @@ touch its slot; slot insertion and removal, the segment counter and the budget a
 
 Slots are read without the catalog lock through a per-slot sequence counter (odd while a slot changes),
 so that lookups on the hot path cost no extra system call.
+
+A slot can pin one segment for a snapshot (persist/snapshot.py): a pinned segment is never written in
+place nor reused as a spare buffer, so its bytes stay those of the snapshot's instant while writers go on
+(ops.py copies first, spare_segment allocates afresh). Freeing it is fine: the snapshot keeps a mapping,
+which keeps the pages. A pin left by a dead snapshot costs at most one copy per variable.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ _OFF_STATE = 4
 _OFF_SELECTOR = 5
 _OFF_VERSION = 8
 _OFF_REQUEST = 40
+# The slot's last 8 bytes: the segment a snapshot pinned (0: none), see pin().
+_OFF_PIN = SLOT_SIZE - 8
+assert _SLOT_HEAD.size + 2 * _DESC_SIZE <= _OFF_PIN
 
 
 class StoreError(Exception):
@@ -690,6 +698,35 @@ class Store:
         except FileNotFoundError:
             raise self._gone() from None
 
+    # ---- snapshot pins (persist/snapshot.py) ---------------------------------------------------
+
+    def pin(self, slot: int, segment: int) -> None:
+        """Keep `segment` (the slot's active one) unchanged until unpin; the caller holds its stripe."""
+        struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, segment)
+
+    def unpin(self, slot: int, segment: int) -> None:
+        if self.pinned(slot, segment):
+            struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, 0)
+
+    def pinned(self, slot: int, segment: int) -> bool:
+        """Whether a snapshot still reads `segment` (which must then be neither written nor reused)."""
+        if segment == 0:
+            return False
+        pinned: int = struct.unpack_from("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN)[0]
+        return pinned == segment
+
+    def slots(self) -> list[tuple[str, int]]:
+        """(name, slot) of every variable; the caller holds every stripe (a snapshot's cut)."""
+        with self.locks.hold(self.locks.catalog, exclusive=False):
+            self.check_present()
+            found = []
+            for position in range(self.variable_count):
+                slot = self._indexed(position)
+                _seq, state, name = self._read_slot_head(slot)
+                if state == USED and self._position(slot) == position:
+                    found.append((name, slot))
+        return found
+
     def bump_version(self, slot: int, request: bytes) -> int:
         """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""
         off = self._descriptor_offset(slot, self.selector(slot))
@@ -709,7 +746,7 @@ class Store:
         inactive = 1 - self.selector(slot)
         current = self.descriptor(slot, inactive)
         want = _capacity_for(nbytes)
-        if current.capacity == want:
+        if current.capacity == want and not self.pinned(slot, current.segment):
             return current.segment, current.capacity
         with self.locks.hold(self.locks.catalog):
             # Forget the segment before unlinking it: a crash in between leaks a file, never a dangling id.

@@ -252,7 +252,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version")
+    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "data_dir", "wal", "last_snapshot_time", "last_snapshot_seconds", "last_snapshot_pause_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,11 @@ class ServerInfo(_message.Message):
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    WAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SNAPSHOT_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_SNAPSHOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SNAPSHOT_PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     workers: int
     store: str
@@ -267,7 +272,12 @@ class ServerInfo(_message.Message):
     used_bytes: int
     max_total_bytes: int
     version: str
-    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    data_dir: str
+    wal: str
+    last_snapshot_time: float
+    last_snapshot_seconds: float
+    last_snapshot_pause_ms: float
+    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., data_dir: _Optional[str] = ..., wal: _Optional[str] = ..., last_snapshot_time: _Optional[float] = ..., last_snapshot_seconds: _Optional[float] = ..., last_snapshot_pause_ms: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
@@ -338,3 +348,25 @@ class BatchReply(_message.Message):
     bulk_ticket: bytes
     data: bytes
     def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., offset: _Optional[int] = ..., bulk_port: _Optional[int] = ..., bulk_ticket: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("path", "generation", "variables", "bytes", "seconds", "pause_ms", "time")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    generation: int
+    variables: int
+    bytes: int
+    seconds: float
+    pause_ms: float
+    time: float
+    def __init__(self, path: _Optional[str] = ..., generation: _Optional[int] = ..., variables: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., pause_ms: _Optional[float] = ..., time: _Optional[float] = ...) -> None: ...

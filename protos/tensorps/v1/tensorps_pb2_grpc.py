@@ -109,6 +109,11 @@ class ParameterServerStub:
                 request_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
                 response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/tensorps.v1.ParameterServer/Snapshot',
+                request_serializer=tensorps_dot_v1_dot_tensorps__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=tensorps_dot_v1_dot_tensorps__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -213,6 +218,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """A point-in-time snapshot of every variable, written to the server's --data-dir now (see SnapshotInfo).
+        FAILED_PRECONDITION if the server has no data directory; RESOURCE_EXHAUSTED if its disk is full
+        (earlier snapshots stay intact and the server keeps serving); PERMISSION_DENIED for a read-only token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +294,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.BatchStream,
                     request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.FromString,
                     response_serializer=tensorps_dot_v1_dot_tensorps__pb2.BatchReply.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=tensorps_dot_v1_dot_tensorps__pb2.SnapshotRequest.FromString,
+                    response_serializer=tensorps_dot_v1_dot_tensorps__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -643,6 +662,33 @@ class ParameterServer:
             '/tensorps.v1.ParameterServer/BatchStream',
             tensorps_dot_v1_dot_tensorps__pb2.BatchChunk.SerializeToString,
             tensorps_dot_v1_dot_tensorps__pb2.BatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorps.v1.ParameterServer/Snapshot',
+            tensorps_dot_v1_dot_tensorps__pb2.SnapshotRequest.SerializeToString,
+            tensorps_dot_v1_dot_tensorps__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,

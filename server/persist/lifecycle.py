@@ -1,0 +1,131 @@
+"""When a server persists: restore at start, periodic snapshots, the snapshot at clean shutdown.
+
+- start (supervisor, before any worker): record the settings in the store; a store it has just created
+  is restored (restore.py) unless --no-restore; the log generation starts past every one in the data
+  directory. After --restore PATH a snapshot is taken at once, so that the next start finds that state
+  rather than a newer snapshot's.
+- periodic (worker 0, which a restart replaces): a snapshot when --snapshot-every seconds have passed
+  since the newest one (the shared state remembers it across worker restarts).
+- exit (supervisor, once the workers have stopped): a last snapshot unless --no-snapshot-on-exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from tensorps.server.config import ServerConfig
+from tensorps.server.ops import Ops
+from tensorps.server.persist import layout
+from tensorps.server.persist.restore import CorruptSnapshot, restore
+from tensorps.server.persist.snapshot import SnapshotError
+from tensorps.server.persist.state import Settings, SharedState, write_settings
+from tensorps.server.store import Store
+
+log = logging.getLogger("tensorps.server")
+
+
+class PersistStartupError(Exception):
+    """The data directory cannot be used, or the snapshot --restore names is refused."""
+
+
+def start(store: Store, config: ServerConfig) -> None:
+    """Prepare the store for persistence and restore it (see the module docstring)."""
+    if config.data_dir is None:
+        return
+    data_dir = os.path.abspath(config.data_dir)
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{data_dir} is not writable")
+    except OSError as exc:
+        raise PersistStartupError(f"cannot use the data directory {data_dir}: {exc}") from None
+    write_settings(store.path, Settings(data_dir, config.wal, config.snapshot_keep))
+    state = SharedState(store.path)
+    try:
+        if store.created and not config.no_restore:
+            _restore(store, config, data_dir)
+        if store.created or state.generation == 0:
+            state.generation = layout.newest_generation(data_dir) + 1
+    finally:
+        state.close()
+    if store.created and config.restore is not None:
+        snapshot_now(store.path, why="of the restored state")
+
+
+def _restore(store: Store, config: ServerConfig, data_dir: str) -> None:
+    try:
+        restored = restore(store, data_dir, snapshot=config.restore)
+    except CorruptSnapshot as exc:
+        raise PersistStartupError(f"cannot restore {config.restore}: {exc}") from None
+    if restored.snapshot is None and restored.records == 0:
+        log.info("nothing to restore in %s: starting empty", data_dir)
+        return
+    log.info(
+        "restored %d variables from %s and %d log records in %.2f s",
+        restored.variables,
+        restored.snapshot or "no snapshot",
+        restored.records,
+        restored.seconds,
+    )
+
+
+def snapshot_now(store_path: str, *, why: str) -> None:
+    """Take a snapshot from this process (the supervisor: at exit, after a restore); logs failures."""
+    try:
+        store = Store.attach(store_path, wait=0.0)
+    except Exception as exc:
+        log.error("no snapshot %s: %s", why, exc)
+        return
+    ops = Ops(store)
+    try:
+        if ops.persistence is not None:
+            ops.persistence.snapshot(ops)
+    except (SnapshotError, OSError) as exc:
+        log.error("no snapshot %s: %s", why, exc)
+    finally:
+        ops.close()
+        store.close()
+
+
+class Periodic:
+    """Snapshots every `every` seconds from a thread of this worker, until stop()."""
+
+    def __init__(self, ops: Ops, every: float) -> None:
+        assert ops.persistence is not None
+        self._ops = ops
+        self._persistence = ops.persistence
+        self._every = every
+        self._stop = threading.Event()
+        self._not_before = time.time() + every  # the first: a period after this worker started
+        self._thread = threading.Thread(target=self._run, name="tensorps-snapshots", daemon=True)
+        self._thread.start()
+
+    def _due(self) -> float:
+        """Seconds until the next snapshot: a period after the newest (whoever took it) or this worker's
+        start or last failure."""
+        last = self._persistence.last_snapshot.time
+        return (
+            max(last + self._every, self._not_before) - time.time()
+            if last
+            else self._not_before - time.time()
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.05, min(self._due(), 1.0))):
+            if self._due() > 0:
+                continue
+            try:
+                self._persistence.snapshot(self._ops)
+            except (SnapshotError, OSError) as exc:
+                log.error("periodic snapshot failed: %s", exc)
+                self._not_before = time.time() + self._every  # again in a period, not at once
+            except Exception:
+                log.exception("periodic snapshot failed")
+                self._not_before = time.time() + self._every
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
