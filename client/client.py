@@ -93,6 +93,13 @@ class ServerInfo:
     used_bytes: int
     max_total_bytes: int
     version: str
+    # Persistence: the data directory ("" without one), the --wal mode, and the newest snapshot this server
+    # took (unix time of its cut, 0: none yet; seconds it took; how long writes were paused).
+    data_dir: str = ""
+    wal: str = ""
+    last_snapshot_time: float = 0.0
+    last_snapshot_seconds: float = 0.0
+    last_snapshot_pause_ms: float = 0.0
 
 
 def _info(proto: pb.VariableInfo) -> VariableInfo:
@@ -547,7 +554,20 @@ class Client(BatchCalls, SnapshotCalls):
     def _server_info(self) -> ServerInfo:
         raw = self._unary("GetServerInfo", b"", idempotent=True)
         p = pb.ServerInfo.FromString(raw)
-        return ServerInfo(p.pid, p.workers, p.store, p.variables, p.used_bytes, p.max_total_bytes, p.version)
+        return ServerInfo(
+            p.pid,
+            p.workers,
+            p.store,
+            p.variables,
+            p.used_bytes,
+            p.max_total_bytes,
+            p.version,
+            p.data_dir,
+            p.wal,
+            p.last_snapshot_time,
+            p.last_snapshot_seconds,
+            p.last_snapshot_pause_ms,
+        )
 
     # ---- reads and writes ----------------------------------------------------------------------
 

@@ -159,7 +159,21 @@ class LocalClient(Client):
             used_bytes=store.used_bytes,
             max_total_bytes=store.limits.max_total_bytes,
             version=metadata.version("tensorps"),
+            **self._persistence_info(),
         )
+
+    def _persistence_info(self) -> dict[str, Any]:
+        persistence = self._ops.persistence
+        if persistence is None:
+            return {}
+        last = persistence.last_snapshot
+        return {
+            "data_dir": persistence.settings.data_dir,
+            "wal": persistence.settings.wal,
+            "last_snapshot_time": last.time,
+            "last_snapshot_seconds": last.seconds,
+            "last_snapshot_pause_ms": last.pause_ms,
+        }
 
     def _read(self, name: str) -> Array:
         self._ops.store.release_unused()

@@ -22,7 +22,7 @@ from tensorps.server.persist import layout
 from tensorps.server.persist.restore import CorruptSnapshot, restore
 from tensorps.server.persist.snapshot import SnapshotError
 from tensorps.server.persist.state import Settings, SharedState, write_settings
-from tensorps.server.store import Store
+from tensorps.server.store import Store, StoreError
 
 log = logging.getLogger("tensorps.server")
 
@@ -60,6 +60,8 @@ def _restore(store: Store, config: ServerConfig, data_dir: str) -> None:
         restored = restore(store, data_dir, snapshot=config.restore)
     except CorruptSnapshot as exc:
         raise PersistStartupError(f"cannot restore {config.restore}: {exc}") from None
+    except (OSError, ValueError, StoreError) as exc:
+        raise PersistStartupError(f"cannot restore from {data_dir}: {exc}") from None
     if restored.snapshot is None and restored.records == 0:
         log.info("nothing to restore in %s: starting empty", data_dir)
         return

@@ -192,25 +192,24 @@ def replay_log(store: Store, path: str) -> int:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return 0
-        with mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ) as buffer:
-            found, damaged, end = records.scan(buffer)
-            for gap in damaged:
-                log.warning(
-                    "log %s: skipped %d bytes of a damaged record at offset %d (a writer killed amid its "
-                    "write)",
-                    path,
-                    gap.length,
-                    gap.offset,
-                )
-            applied = 0
-            for record in found:
-                for entry in record:
-                    try:
-                        apply(store, entry)
-                    except ValueError as exc:
-                        log.warning("log %s: record %d not applied: %s", path, applied, exc)
-                applied += 1
-            del found
+        # Not closed explicitly: the entries' data are views of it; it goes with the last of them.
+        buffer = mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ)
+        found, damaged, end = records.scan(buffer)
+        for gap in damaged:
+            log.warning(
+                "log %s: skipped %d bytes of a damaged record at offset %d (a writer killed amid its write)",
+                path,
+                gap.length,
+                gap.offset,
+            )
+        applied = 0
+        for record in found:
+            for entry in record:
+                try:
+                    apply(store, entry)
+                except ValueError as exc:
+                    log.warning("log %s: record %d not applied: %s", path, applied, exc)
+            applied += 1
         if end < size:
             log.warning(
                 "log %s: truncated a torn tail of %d bytes at offset %d (the last whole record)",
