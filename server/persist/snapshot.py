@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from safetensors import TensorSpec, serialize_file
+from safetensors import SafetensorError, TensorSpec, serialize_file
 
 from tensorps.client.codec import dtype_from_code
 from tensorps.server.persist import layout, tensors
@@ -191,10 +191,10 @@ def _write(
         os.rename(partial, final)
         layout.fsync_dir(data_dir)
         return final, total
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        what = "no room left" if full else exc.strerror or str(exc)
+        full = _is_full(exc)
+        what = "no room left on its filesystem" if full else getattr(exc, "strerror", None) or str(exc)
         raise SnapshotError(
             f"cannot write snapshot {generation} to {data_dir}: {what}; earlier snapshots are intact",
             full=full,
@@ -202,6 +202,16 @@ def _write(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of room (safetensors reports the OS error in its message only)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL
+    return any(f"os error {code})" in str(exc) for code in _FULL)
 
 
 def _write_shard(

@@ -1,0 +1,145 @@
+"""The pieces of persistence on a real store: pinned buffers, the log's records, a snapshot on a full disk."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import ServerProcess, fresh_store_path
+from tensorps.client import Client, ResourceExhaustedError
+from tensorps.client.codec import dtype_of
+from tensorps.server.ops import Ops
+from tensorps.server.persist import records
+from tensorps.server.persist.records import Entry
+from tensorps.server.store import Store
+
+
+@pytest.fixture
+def ops() -> Iterator[Ops]:
+    store = Store.open(fresh_store_path(), max_variables=64, max_total_bytes=1 << 24)
+    yield Ops(store)
+    store.destroy()
+
+
+def test_writers_never_change_a_pinned_buffer(ops: Ops) -> None:
+    """While a snapshot pins a variable's buffer, unlocked assigns and updates copy first and locked
+    writes never reuse it as their spare: the pinned bytes stay those of the cut."""
+    ops.create("v", dtype_of("float32"), None, np.arange(1024, dtype=np.float32))
+    store = ops.store
+    slot = store.find("v")
+    assert slot is not None
+    cut = store.active(slot)
+    store.pin(slot, cut.segment)
+    pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+    before = pinned.copy()
+    ops.assign("v", np.full(1024, 5, np.float32), use_locking=False)
+    ops.assign_add("v", np.ones(1024, np.float32), use_locking=False)
+    for value in (7, 8, 9):  # each locked write's spare is the other buffer, pinned every other time
+        ops.assign("v", np.full(1024, value, np.float32))
+    ops.assign_add("v", np.ones(1024, np.float32))
+    assert np.array_equal(pinned, before)
+    assert ops.read("v", lambda info, view: view.copy()).tolist() == [10.0] * 1024
+    store.unpin(slot, cut.segment)
+    assert not store.pinned(slot, cut.segment)
+
+
+def _record(i: int) -> bytes:
+    parts = records.encode([Entry(records.PUT, f"v{i}", 1, (2,), True, i, np.full(2, i, np.float32))])
+    return b"".join(bytes(p) for p in parts)
+
+
+def test_log_scan_skips_a_damaged_record_and_stops_at_a_torn_tail() -> None:
+    """Whole records are read in order; a damaged one amid others is skipped; a torn tail ends the scan."""
+    good = [_record(i) for i in range(4)]
+    damaged = bytearray(good[1])
+    damaged[-3] ^= 0xFF
+    log = good[0] + bytes(damaged) + good[2] + good[3] + good[3][:10]
+    found, gaps, end = records.scan(log)
+    assert [r[0].name for r in found] == ["v0", "v2", "v3"]
+    assert [(g.offset, g.length) for g in gaps] == [(len(good[0]), len(good[1]))]
+    assert end == len(log) - 10
+    assert found[1][0].version == 2 and np.frombuffer(found[1][0].data, np.float32).tolist() == [2.0, 2.0]
+
+
+def test_an_atomic_batch_is_one_record_of_every_variable_it_changed(tmp_path: Path) -> None:
+    """An atomic batch appends one record holding the final state of each variable it wrote or deleted."""
+    data_dir = tmp_path / "data"
+    flags = ("--data-dir", str(data_dir), "--wal", "always", "--no-snapshot-on-exit")
+    with ServerProcess(*flags) as server, Client(server.address) as ps:
+        ps.create("gone", value=np.zeros(2))
+        with ps.pipeline(atomic=True) as pipe:
+            pipe.create("new", value=np.ones(3, np.int8))
+            pipe.assign_add("new", np.ones(3, np.int8), use_locking=True)
+            pipe.delete("gone")
+    (log,) = data_dir.glob("wal-*.log")
+    found, gaps, _end = records.scan(log.read_bytes())
+    assert not gaps and len(found) == 2
+    batch = {e.name: e for e in found[1]}
+    assert batch["gone"].kind == records.DELETE
+    assert batch["new"].kind == records.PUT and bytes(batch["new"].data) == bytes([2, 2, 2])
+
+
+def _can_mount_tmpfs(directory: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "mount", "-t", "tmpfs", "-o", "size=1m", "tensorps-probe", str(directory)]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+_VERIFY = """
+import sys
+from tensorps.server.persist import layout
+from tensorps.server.persist.restore import load_snapshot
+from tensorps.server.store import Store
+snaps = layout.snapshots(sys.argv[1])
+store = Store.open(sys.argv[2], max_variables=64, max_total_bytes=1 << 26)
+try:
+    generation, count = load_snapshot(store, snaps[0][1])
+    print(f"VERIFIED {len(snaps)} snapshots, newest {generation} holds {count} variables", file=sys.stderr)
+finally:
+    store.destroy()
+"""
+
+
+def test_a_full_disk_fails_the_snapshot_cleanly(tmp_path: Path) -> None:
+    """A data directory on a 8 MiB tmpfs: a snapshot that does not fit is RESOURCE_EXHAUSTED, leaves no
+    partial files, the earlier snapshot intact, and the server serving (and snapshotting once there is
+    room again)."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    if not _can_mount_tmpfs(mountpoint):
+        pytest.skip("needs unshare and the right to mount a tmpfs in a mount namespace")
+    data_dir = mountpoint / "data"
+    check_store = fresh_store_path()
+    # The tmpfs lives as long as this namespace: the check runs in it once the server has stopped.
+    script = (
+        'mount -t tmpfs -o size=8m tensorps-data "$0" || exit 1; '
+        'trap \'kill -TERM "$child"\' TERM; "$@" & child=$!; wait "$child"; wait "$child"; code=$?; '
+        f'ls -a "$0/data" >&2; {sys.executable} -c "$TENSORPS_VERIFY" "$0/data" {check_store}; exit $code'
+    )
+    wrapper = ["unshare", "--mount", "sh", "-c", script, str(mountpoint)]
+    server = ServerProcess(
+        "--data-dir",
+        str(data_dir),
+        "--no-snapshot-on-exit",
+        wrapper=wrapper,
+        env={"TENSORPS_VERIFY": _VERIFY},
+    )
+    with server, Client(server.address) as ps:
+        ps.create("small", value=np.arange(1000, dtype=np.float32))
+        first = ps.snapshot()
+        ps.create("big", value=np.ones(3 << 20, np.float32))  # 12 MiB: more than the disk
+        with pytest.raises(ResourceExhaustedError, match="no room"):
+            ps.snapshot()
+        assert ps.read("small").tolist() == list(range(1000))  # still serving
+        ps.delete("big")
+        assert ps.snapshot().generation > first.generation
+    log = "\n".join(server.log)
+    assert "VERIFIED 2 snapshots" in log and "holds 1 variables" in log, log
+    assert ".partial" not in log, log
