@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
 
-from bench import modelstep, procstat, report, runner
+from bench import durability, modelstep, procstat, report, runner
 from bench.backends import Server, Skipped, tps
 from bench.backends.process import StartError
 from bench.fleet import Fleet
@@ -24,6 +24,7 @@ from bench.profiles import PROFILES
 from bench.workloads import VerificationError
 
 WORKLOADS = ("calls", "model")
+OPT_IN = ("durability",)  # run only when named: snapshots of 1 GiB, the write-ahead log against Redis AOF
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,7 +42,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
-        help="comma-separated subset of calls (single-call table), model (model steps)",
+        help="comma-separated subset of calls (single-call table), model (model steps), durability "
+        "(opt-in: snapshot and write-ahead log costs, beside Redis's append-only file)",
     )
     p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: the profile's)")
     p.add_argument(
@@ -58,8 +60,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         keys += [k for k in ("tensorps1", "tensorps2") if k not in keys]
     args.keys = [k for k in runner.STARTERS if k in keys]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not args.workloads or any(w not in WORKLOADS for w in args.workloads):
-        p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS)}")
+    if not args.workloads or any(w not in WORKLOADS + OPT_IN for w in args.workloads):
+        p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS + OPT_IN)}")
     if args.models is not None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not args.models or any(m not in MODELS for m in args.models):
@@ -80,12 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [MODELS[key]() for key in (args.models or profile.models)]
     signal.signal(signal.SIGTERM, _terminate)
     # The client processes serve the single-call table's concurrent runs and the workers-scaling table.
-    clients = profile.clients if "calls" in args.workloads or args.workers_scaling else 0
+    concurrent = "calls" in args.workloads or "durability" in args.workloads or args.workers_scaling
+    clients = profile.clients if concurrent else 0
     runner.progress(f"starting {', '.join(args.keys)} and {clients} client processes")
     foreign = procstat.ForeignLoad()
     with Fleet(clients) as fleet:
         try:
-            systems = runner.start_systems(args.keys)
+            # The durability workload starts servers of its own (with data directories, Redis with AOF).
+            needed = set(args.workloads) - {"durability"} or args.workers_scaling
+            systems = runner.start_systems(args.keys) if needed else []
         except StartError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -106,6 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for run in runs:
                     print(report.model_step_table(run, skipped) + "\n")
                 print(report.model_step_legend(runs) + "\n", flush=True)
+            if "durability" in args.workloads:
+                print(
+                    durability.run(
+                        fleet, runner.progress, window=profile.window, quick=profile.name == "quick"
+                    )
+                    + "\n",
+                    flush=True,
+                )
             if args.workers_scaling:
                 by_label = {s.label: s for s in servers}
                 one, two = by_label[tps.label(1)], by_label[tps.label(2)]
