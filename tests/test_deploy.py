@@ -92,6 +92,8 @@ def test_compose_settings_fit_the_server(compose: list[list[str]]) -> None:
     stop = re.search(r"stop_grace_period: (\d+)s", ps)
     assert stop and float(stop[1]) > grace + 5, "docker must not SIGKILL a server still draining its calls"
     assert "tensorps.examples.healthcheck" in ps and "/var/lib/tensorps" in ps
+    # Snapshots and the log on the volume: the model survives `down && up`.
+    assert re.search(r"TENSORPS_DATA_DIR: ['\"]?/var/lib/tensorps", ps) and "tensorps-data" in ps
     assert re.search(r"replicas: 2", trainer) and "condition: service_healthy" in trainer
     assert re.search(r"TENSORPS_TARGET: ['\"]?ps:50051", trainer)
     assert "--worker-index" in trainer and "auto" in trainer

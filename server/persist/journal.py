@@ -9,8 +9,10 @@ locks and before it changes anything visible, so that:
 - a record the log cannot take (disk full) fails the write, which then changes nothing;
 - a record on disk vouches for every earlier record of the same variable, whichever process wrote it, as
   they share the file (one fsync makes everything written before it durable).
-Appends from different processes are kept whole by an flock on the file, under which a failed write is cut
-off again; only a process killed amid a write leaves a damaged record, which replay skips (records.scan).
+Appends from different processes stay whole: a record up to ONE_WRITE bytes goes in one writev, which
+Linux appends to a regular file without interleaving; a larger one under an flock on the file, and is cut
+off again if it fails. Only a process killed amid a write (or a full disk) leaves a damaged record, which
+replay skips (records.scan).
 
 Durability: `always` acknowledges a write only after an fsync that followed its append; concurrent writers
 share one (the first to wait runs it for everyone appended so far: group commit). `everysec` fsyncs from a
@@ -34,6 +36,8 @@ from tensorps.server.persist.state import SharedState
 
 log = logging.getLogger("tensorps.server")
 EVERYSEC_INTERVAL = 1.0
+# Records up to this size are appended with one writev and no lock; larger ones under the file's flock.
+ONE_WRITE = 1 << 20
 
 
 class Journal:
@@ -60,25 +64,37 @@ class Journal:
         """Append one record; the caller holds the stripes of every variable it names. Returns a ticket
         for sync(). Raises OSError (the log is unchanged) if the record cannot be written."""
         parts = records.encode(entries)
+        size = sum(memoryview(p).nbytes for p in parts)
         generation = self._state.generation
         with self._lock:
             fd = self._file(generation)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                start = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    _write_all(fd, parts)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, start)  # no torn record for the next writer to follow
-                    raise
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            if size <= ONE_WRITE:
+                # One writev of an O_APPEND regular file: Linux appends it whole, never interleaved with
+                # another process's append; a failure (disk full) writes nothing or leaves a short record,
+                # which replay skips.
+                _write_all(fd, parts, size)
+            else:
+                self._append_locked(fd, parts, size)
             self._appended += 1
             ticket = self._appended
         if self.mode == "everysec" and self._flusher is None:
             self._start_flusher()
         return ticket
+
+    def _append_locked(self, fd: int, parts: list[Any], size: int) -> None:
+        """A record that may take several writes: under an flock that other appenders respect, and cut
+        off again if it fails, so that no torn record sits amid others."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                _write_all(fd, parts, size)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _file(self, generation: int) -> int:
         """The descriptor of generation `generation`'s log; the caller holds self._lock."""
@@ -175,16 +191,17 @@ class Journal:
                 self._fd = -1
 
 
-def _write_all(fd: int, parts: list[Any]) -> None:
-    """writev all of `parts`, continuing after short writes (a record larger than one write takes)."""
-    views = [memoryview(p) for p in parts]
-    while views:
+def _write_all(fd: int, parts: list[Any], size: int) -> None:
+    """writev all of `parts` (`size` bytes), going on after short writes (a record larger than one write
+    takes)."""
+    written = os.writev(fd, parts)
+    if written == size:
+        return
+    views = [memoryview(p).cast("B") for p in parts]
+    while True:
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if not views:
+            return
+        views[0] = views[0][written:]
         written = os.writev(fd, views)
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views.pop(0))
-            else:
-                views[0] = views[0][written:]
-                written = 0
-        while views and not len(views[0]):
-            views.pop(0)
