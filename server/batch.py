@@ -546,7 +546,9 @@ class _Atomic:
                 self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
-            self.ops.log(*self._log_entries())  # one record: replayed whole or not at all
+            entries = self._log_entries()
+            if entries:
+                self.ops.log(*entries)  # one record: replayed whole or not at all
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,

@@ -177,3 +177,66 @@ def test_a_damaged_log_tail_is_truncated_at_the_last_whole_record(tmp_path: Path
     assert len(truncated) == 1 and str(log_path) in truncated[0], server.log
     with ServerProcess(*flags) as server, Client(server.address) as ps:
         assert ps.read("v").tolist() == [9.0] * 100 and ps.info("v").version == 6
+
+
+def test_every_kind_of_write_replays_to_the_same_state(tmp_path: Path) -> None:
+    """Creates (with and without values), deletes, locked and unlocked assigns (one that reshapes),
+    assign_add/sub locked and unlocked, in-order and atomic batches: after a SIGKILL, the log replays to
+    exactly the state the server held, versions included."""
+    data_dir = str(tmp_path / "data")
+    flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
+    server = ServerProcess(*flags, workers=2, session=True)
+    with Client(server.address) as ps:
+        ps.create("declared", dtype="float32", shape=(3,))
+        ps.create("unknown", dtype="int16")
+        ps.create("v", value=np.arange(6, dtype=np.float64))
+        ps.create("gone", value=np.ones(2))
+        ps.assign("declared", np.ones(3, np.float32), use_locking=False)
+        ps.assign("v", np.full(6, 2.5), use_locking=False)
+        ps.assign("v", np.full((2, 4), 1.5), validate_shape=False)
+        ps.assign_add("v", np.ones((2, 4)))  # unlocked, in place
+        ps.assign_sub("v", np.full((2, 4), 0.25), use_locking=True)
+        ps.assign("unknown", np.array([[1, 2]], np.int16))
+        ps.delete("gone")
+        with ps.pipeline() as pipe:
+            pipe.assign_add("unknown", np.array([[10, 20]], np.int16))
+            pipe.create("piped", value=np.zeros(1, np.uint8))
+        with ps.pipeline(atomic=True) as pipe:
+            pipe.create("atomic", dtype="complex64")
+            pipe.assign("atomic", np.array([1j], np.complex64))
+            pipe.assign_add("piped", np.ones(1, np.uint8), use_locking=True)
+        before = {i.name: (i, ps.read(i.name).tobytes() if i.initialized else None) for i in ps.list()}
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.kill()
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
+        after = {i.name: (i, ps.read(i.name).tobytes() if i.initialized else None) for i in ps.list()}
+    assert after == before
+    assert not any("not applied" in line for line in again.log), again.log
+
+
+def test_a_snapshot_starts_a_new_log_and_pruning_removes_old_ones(tmp_path: Path) -> None:
+    """Each snapshot begins the next log generation; logs older than the oldest kept snapshot go."""
+    data_dir = tmp_path / "data"
+    flags = (
+        "--data-dir",
+        str(data_dir),
+        "--wal",
+        "everysec",
+        "--snapshot-keep",
+        "2",
+        "--no-snapshot-on-exit",
+    )
+    with ServerProcess(*flags) as server, Client(server.address) as ps:
+        ps.create("v", value=np.zeros(4))
+        generations = []
+        for i in range(4):
+            ps.assign("v", np.full(4, float(i)))
+            generations.append(ps.snapshot().generation)
+        ps.assign("v", np.full(4, 9.0))
+    snapshots = sorted(p.name for p in data_dir.glob("snap-*"))
+    logs = sorted(p.name for p in data_dir.glob("wal-*.log"))
+    assert snapshots == [f"snap-{g:010d}" for g in generations[-2:]]
+    assert logs == [f"wal-{g:010d}.log" for g in (generations[-2], generations[-1])]
+    with ServerProcess(*flags) as server, Client(server.address) as ps:
+        assert ps.read("v").tolist() == [9.0] * 4 and ps.info("v").version == 6
