@@ -589,7 +589,7 @@ def serve(config: ServerConfig) -> int:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.sweep()  # what processes that died amid a change left behind (logged)
     try:
-        lifecycle.start(store, config)  # restore a new store from --data-dir
+        data_dir_held = lifecycle.start(store, config)  # restore a new store from --data-dir
     except lifecycle.PersistStartupError as exc:
         store.close()
         if created:
@@ -601,6 +601,8 @@ def serve(config: ServerConfig) -> int:
         if config.data_dir is not None and not config.no_snapshot_on_exit:
             lifecycle.snapshot_now(config.store_path, why="at exit")
     finally:
+        if data_dir_held is not None:
+            os.close(data_dir_held)
         if created and not config.keep_store:
             Store.remove_files(config.store_path)
             log.info("removed store %s", config.store_path)

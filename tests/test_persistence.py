@@ -314,3 +314,14 @@ def test_periodic_snapshots_and_keep(data_dir: str) -> None:
         assert wait_until(lambda: ps.server_info().last_snapshot_time > 0, timeout=10)
         snaps = sorted(Path(data_dir).glob("snap-*"))
     assert 1 <= len(list(Path(data_dir).glob("snap-*"))) <= 2, snaps
+
+
+def test_two_servers_cannot_share_a_data_dir(data_dir: str) -> None:
+    """A second server naming a data directory in use refuses to start with a clear error."""
+    with _server(data_dir):
+        second = ServerProcess("--data-dir", data_dir, wait=False)
+        code = second.proc.wait(30)
+        second.stop()
+    log = "\n".join(second.log)
+    assert code == 1 and "another server uses the data directory" in log and "Traceback" not in log, log
+    assert not os.path.exists(second.store)

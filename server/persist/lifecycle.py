@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -31,17 +32,45 @@ class PersistStartupError(Exception):
     """The data directory cannot be used, or the snapshot --restore names is refused."""
 
 
-def start(store: Store, config: ServerConfig) -> None:
-    """Prepare the store for persistence and restore it (see the module docstring)."""
+def start(store: Store, config: ServerConfig) -> int | None:
+    """Prepare the store for persistence and restore it (see the module docstring).
+
+    Returns a descriptor that holds the data directory for this server (an flock, inherited by the
+    workers): the caller closes it at exit. None without a data directory.
+    """
     if config.data_dir is None:
-        return
+        return None
     data_dir = os.path.abspath(config.data_dir)
+    held = _claim(data_dir)
+    try:
+        _start(store, config, data_dir)
+    except BaseException:
+        os.close(held)
+        raise
+    return held
+
+
+def _claim(data_dir: str) -> int:
+    """Hold `data_dir` for this server: two servers restoring from and logging to one directory would
+    corrupt each other's snapshots and logs."""
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        if not os.access(data_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"{data_dir} is not writable")
+        fd = os.open(os.path.join(data_dir, ".server.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise PersistStartupError(f"cannot use the data directory {data_dir}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PersistStartupError(
+            f"another server uses the data directory {data_dir}: give each server its own --data-dir"
+        ) from None
+    return fd
+
+
+def _start(store: Store, config: ServerConfig, data_dir: str) -> None:
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise PersistStartupError(f"cannot use the data directory {data_dir}: it is not writable")
     write_settings(store.path, Settings(data_dir, config.wal, config.snapshot_keep))
     state = SharedState(store.path)
     try:
