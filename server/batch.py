@@ -546,9 +546,7 @@ class _Atomic:
                 self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
-            entries = self._log_entries()
-            if entries:
-                self.ops.log(*entries)  # one record: replayed whole or not at all
+            self._log(last_write)
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,
@@ -572,6 +570,20 @@ class _Atomic:
                 # takes such a stripe finds nothing to replay), never a finished batch's record to replay.
                 record.finish()
                 store.mark_in_commit(stripes, False)
+
+    def _log(self, last_write: dict[str, int]) -> None:
+        """Append the batch's record to the write-ahead log (one record: replayed whole or not at all);
+        a log that refuses it fails the batch at the last write of its first variable."""
+        entries = self._log_entries()
+        if not entries:
+            return
+        try:
+            self.ops.log(*entries)
+        except ResourceExhausted as exc:
+            named = [e.name for e in entries if e.name in last_write]
+            if not named:
+                raise
+            raise self._failed(named[0], last_write, str(exc)) from None
 
     def _log_entries(self) -> list[Entry]:
         """What the batch leaves, variable by variable: the write-ahead log's record of it."""

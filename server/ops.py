@@ -200,9 +200,10 @@ class Ops:
         try:
             self.persistence.log(entries)
         except OSError as exc:
-            names = ", ".join(sorted({f"'{e.name}'" for e in entries}))
+            names = sorted({f"'{e.name}'" for e in entries})
+            what = f"variable {names[0]}" if len(names) == 1 else f"variables {', '.join(names)}"
             raise ResourceExhausted(
-                f"the write of variable {names} cannot be logged: {exc.strerror}; nothing was changed"
+                f"the write of {what} cannot be logged: {exc.strerror}; nothing was changed"
             ) from None
 
     def close(self) -> None:
@@ -404,19 +405,21 @@ class Ops:
                         request=request or NO_REQUEST,
                     )
                     slot = self.store.insert(name, d)
-                    self._log_or_undo(
-                        name, slot, Entry(records.PUT, name, dtype.code, d.shape, True, 1, value)
-                    )
+                    entry = Entry(records.PUT, name, dtype.code, d.shape, True, 1, value)
+                    self._log_or_undo(name, slot, entry, keep_segment=True)
                 return _info(name, d)
             except StoreFullError as exc:
                 raise ResourceExhausted(f"cannot create variable '{name}': {exc}") from None
 
-    def _log_or_undo(self, name: str, slot: int, entry: Entry) -> None:
+    def _log_or_undo(self, name: str, slot: int, entry: Entry, *, keep_segment: bool = False) -> None:
         """Log a create, whose insert (the only step that may fail) is done; if the log refuses it, undo
-        the insert (the stripe is still held: nobody used the variable)."""
+        the insert (the stripe is still held: nobody used the variable). With `keep_segment`, the value's
+        segment is left to its owner (new_segment frees it as the create fails)."""
         try:
             self.log(entry)
         except OpError:
+            if keep_segment:
+                self.store.forget_segments(slot)
             self.store.delete_slot(slot)
             raise
 

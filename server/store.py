@@ -715,6 +715,13 @@ class Store:
         pinned: int = struct.unpack_from("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN)[0]
         return pinned == segment
 
+    def forget_segments(self, slot: int) -> None:
+        """Make the slot name no segment (before deleting a slot whose segment someone else frees)."""
+        with self.locks.hold(self.locks.catalog):
+            for which in (0, 1):
+                d = self.descriptor(slot, which)
+                self._write_descriptor(slot, which, d._replace(segment=0, capacity=0))
+
     def slots(self) -> list[tuple[str, int]]:
         """(name, slot) of every variable; the caller holds every stripe (a snapshot's cut)."""
         with self.locks.hold(self.locks.catalog, exclusive=False):

@@ -107,23 +107,57 @@ finally:
 """
 
 
-def test_a_full_disk_fails_the_snapshot_cleanly(tmp_path: Path) -> None:
-    """A data directory on a 8 MiB tmpfs: a snapshot that does not fit is RESOURCE_EXHAUSTED, leaves no
-    partial files, the earlier snapshot intact, and the server serving (and snapshotting once there is
-    room again)."""
+def _small_disk(tmp_path: Path, after: str = "true") -> tuple[list[str], Path]:
+    """A wrapper running a command with an 8 MiB tmpfs at tmp_path/disk, seen by that command only (it
+    goes with the namespace); `after` runs in the namespace once the command stopped."""
     mountpoint = tmp_path / "disk"
     mountpoint.mkdir()
     if not _can_mount_tmpfs(mountpoint):
         pytest.skip("needs unshare and the right to mount a tmpfs in a mount namespace")
-    data_dir = mountpoint / "data"
-    check_store = fresh_store_path()
-    # The tmpfs lives as long as this namespace: the check runs in it once the server has stopped.
     script = (
         'mount -t tmpfs -o size=8m tensorps-data "$0" || exit 1; '
         'trap \'kill -TERM "$child"\' TERM; "$@" & child=$!; wait "$child"; wait "$child"; code=$?; '
-        f'ls -a "$0/data" >&2; {sys.executable} -c "$TENSORPS_VERIFY" "$0/data" {check_store}; exit $code'
+        f"{after}; exit $code"
     )
-    wrapper = ["unshare", "--mount", "sh", "-c", script, str(mountpoint)]
+    return ["unshare", "--mount", "sh", "-c", script, str(mountpoint)], mountpoint / "data"
+
+
+def test_a_write_the_full_log_cannot_take_fails_and_changes_nothing(tmp_path: Path) -> None:
+    """--wal always on a full disk: creates, assigns and atomic batches fail with RESOURCE_EXHAUSTED
+    naming the log, change nothing (values, versions, the byte budget), and reads go on."""
+    wrapper, data_dir = _small_disk(tmp_path)
+    flags = ("--data-dir", str(data_dir), "--wal", "always", "--no-snapshot-on-exit", "--snapshot-every", "0")
+    server = ServerProcess(*flags, wrapper=wrapper)
+    with server, Client(server.address) as ps:
+        ps.create("v", value=np.zeros(1 << 18, np.float32))  # 1 MiB
+        with pytest.raises(ResourceExhaustedError, match="cannot be logged"):
+            for i in range(1, 16):  # 15 MiB of records: more than the disk
+                ps.assign("v", np.full(1 << 18, i, np.float32), read_value=False)
+        version = ps.info("v").version
+        value = ps.read("v").copy()
+        used = ps.server_info().used_bytes
+        with pytest.raises(ResourceExhaustedError, match="cannot be logged"):
+            ps.create("w", value=np.ones(1 << 18, np.float32))
+        with pytest.raises(ResourceExhaustedError, match="cannot be logged"):
+            ps.assign_add("v", np.ones(1 << 18, np.float32))
+        with (
+            pytest.raises(ResourceExhaustedError, match="cannot be logged"),
+            ps.pipeline(atomic=True) as pipe,
+        ):
+            pipe.assign("v", np.full(1 << 18, -1, np.float32))
+            pipe.create("x", value=np.ones(1 << 18, np.float32))
+        assert [i.name for i in ps.list()] == ["v"] and ps.info("v").version == version
+        assert np.array_equal(ps.read("v"), value) and ps.server_info().used_bytes == used
+
+
+def test_a_full_disk_fails_the_snapshot_cleanly(tmp_path: Path) -> None:
+    """A data directory on a 8 MiB tmpfs: a snapshot that does not fit is RESOURCE_EXHAUSTED, leaves no
+    partial files, the earlier snapshot intact, and the server serving (and snapshotting once there is
+    room again)."""
+    check_store = fresh_store_path()
+    # The tmpfs lives as long as its namespace: the check runs in it once the server has stopped.
+    after = f'ls -a "$0/data" >&2; {sys.executable} -c "$TENSORPS_VERIFY" "$0/data" {check_store}'
+    wrapper, data_dir = _small_disk(tmp_path, after)
     server = ServerProcess(
         "--data-dir",
         str(data_dir),
