@@ -92,6 +92,9 @@ class ServerInfo:
     used_bytes: int
     max_total_bytes: int
     version: str
+    # The cluster the server is a shard of (HOST:PORT in shard order; empty: a lone server), its index.
+    cluster: tuple[str, ...] = ()
+    shard_index: int = 0
 
 
 def _info(proto: pb.VariableInfo) -> VariableInfo:
@@ -204,7 +207,9 @@ class Client(BatchCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
-    same semantics; the connection options are checked but do not apply).
+    same semantics; the connection options are checked but do not apply), or a cluster of servers:
+    "host:port,host:port,...", a list of them, or "cluster://host:port" (one member, which names the
+    others): a ClusterClient (cluster.py) with the same API that sends each call to its variable's server.
 
     `timeout` (seconds) is one deadline per call: retries and follow-up RPCs of one call share it. The
     default, None, waits for ever, also on a server that hangs: give long-running jobs a timeout.
@@ -218,7 +223,15 @@ class Client(BatchCalls):
     the wrong type, a chain without its key or bytes that are not PEM raise UsageError at once.
     """
 
-    def __new__(cls, target: str, **options: Any) -> Client:
+    def __new__(cls, target: str | Sequence[str], **options: Any) -> Client:
+        # Several servers ("a:1,b:2", a list, or "cluster://a:1"): the router over a cluster (cluster.py).
+        clustered = isinstance(target, list | tuple) or (
+            isinstance(target, str) and ("," in target or target.startswith("cluster://"))
+        )
+        if cls is Client and clustered:
+            from tensorps.client.cluster import ClusterClient  # noqa: PLC0415 (it imports this module)
+
+            return object.__new__(ClusterClient)
         if not isinstance(target, str):
             raise UsageError(f"target must be a str such as 'localhost:50051', not {target!r:.60}")
         # "shm://PATH" opens a store on this host directly: same API, no network (local.py).
@@ -546,7 +559,17 @@ class Client(BatchCalls):
     def _server_info(self) -> ServerInfo:
         raw = self._unary("GetServerInfo", b"", idempotent=True)
         p = pb.ServerInfo.FromString(raw)
-        return ServerInfo(p.pid, p.workers, p.store, p.variables, p.used_bytes, p.max_total_bytes, p.version)
+        return ServerInfo(
+            p.pid,
+            p.workers,
+            p.store,
+            p.variables,
+            p.used_bytes,
+            p.max_total_bytes,
+            p.version,
+            tuple(p.cluster),
+            p.shard_index,
+        )
 
     # ---- reads and writes ----------------------------------------------------------------------
 

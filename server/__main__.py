@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
+from tensorps.server import cluster
 from tensorps.server.app import StartupError, serve
 from tensorps.server.config import BULK_OFF, ServerConfig
 
@@ -40,6 +41,14 @@ def bulk_port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}")
     return port
+
+
+def cluster_members(text: str) -> tuple[str, ...]:
+    """--cluster: HOST:PORT,HOST:PORT,... in shard order."""
+    try:
+        return cluster.parse_members(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _boolean(text: str) -> bool:
@@ -152,6 +161,19 @@ def parser() -> argparse.ArgumentParser:
         "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
     )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
+    flag(
+        "cluster",
+        cluster_members,
+        None,
+        "serve as one shard of a cluster: every member's HOST:PORT, comma-separated, in shard order, the "
+        "same on every member; calls on variables another shard owns get FAILED_PRECONDITION naming it",
+    )
+    flag(
+        "shard-index",
+        int,
+        None,
+        "this server's index in --cluster (default: the ordinal I of a StatefulSet hostname NAME-I)",
+    )
     return p
 
 
@@ -178,6 +200,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--port must be at most 65535")
     if values["bulk_port"] > 0 and values["bulk_port"] + values["workers"] - 1 > 65535:
         p.error(f"--bulk-port {values['bulk_port']} with {values['workers']} workers runs past port 65535")
+    values["cluster"] = values["cluster"] or ()
+    try:
+        values["shard_index"] = cluster.resolve_shard_index(values["cluster"], values["shard_index"])
+    except cluster.ClusterError as exc:
+        p.error(str(exc))
     return ServerConfig(**values)
 
 

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tensorps.server import bulk
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
+from tensorps.server.cluster import ClusterError, ClusterGate, Shard
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
 from tensorps.server.ops import Ops
@@ -113,9 +114,10 @@ def build_server(
     health_servicer: health.HealthServicer | None = None,
     bulk_listener: bulk.BulkListener | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    gate = ClusterGate(Shard(config.cluster, config.shard_index))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
-        interceptors=[auth] if auth is not None else None,
+        interceptors=[auth, gate] if auth is not None else [gate],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=grpc_options(config, reuseport=reuseport),
     )
@@ -126,6 +128,8 @@ def build_server(
         max_message_bytes=config.max_message_bytes,
         max_staging_bytes=config.max_staging_bytes,
         bulk=bulk_listener,
+        cluster=config.cluster,
+        shard_index=config.shard_index,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
@@ -580,6 +584,11 @@ def serve(config: ServerConfig) -> int:
             if value != actual[key]:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.sweep()  # what processes that died amid a change left behind (logged)
+    try:
+        Shard(config.cluster, config.shard_index).check_store(Ops(store))
+    except ClusterError as exc:
+        store.close()
+        raise StartupError(str(exc)) from None
     store.close()  # the workers map it themselves, after the fork
     try:
         code = Supervisor(config, auth=_token_auth(config)).run(signals)

@@ -43,6 +43,10 @@ class ServerConfig:
     # The bulk side channel's TCP port (bulk.py): 0 = an ephemeral port per worker, P > 0 = P + the
     # worker's index (workers 0..N-1 take P..P+N-1), BULK_OFF = none.
     bulk_port: int = 0
+    # The cluster this server is a shard of: every member's HOST:PORT in shard order (empty: a lone
+    # server), and this server's index in it (cluster.py).
+    cluster: tuple[str, ...] = ()
+    shard_index: int = 0
 
     @property
     def bulk(self) -> bool:

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -234,8 +234,12 @@ class ParameterServer:
         max_message_bytes: int = 64 << 20,
         max_staging_bytes: int | None = None,
         bulk: BulkListener | None = None,
+        cluster: Sequence[str] = (),
+        shard_index: int = 0,
     ) -> None:
         self.ops = ops
+        self.cluster = tuple(cluster)  # the members of this server's cluster (empty: a lone server)
+        self.shard_index = shard_index
         self.bulk = bulk  # this worker's bulk side channel (None: --bulk-port off)
         self.workers = workers
         self.max_message_bytes = max_message_bytes
@@ -494,6 +498,8 @@ class ParameterServer:
             used_bytes=store.used_bytes,
             max_total_bytes=store.limits.max_total_bytes,
             version=_VERSION,
+            cluster=self.cluster,
+            shard_index=self.shard_index,
         ).SerializeToString()
 
     # ---- registration --------------------------------------------------------------------------

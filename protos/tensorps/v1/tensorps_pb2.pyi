@@ -252,7 +252,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version")
+    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "cluster", "shard_index")
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,8 @@ class ServerInfo(_message.Message):
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     pid: int
     workers: int
     store: str
@@ -267,7 +269,9 @@ class ServerInfo(_message.Message):
     used_bytes: int
     max_total_bytes: int
     version: str
-    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    cluster: _containers.RepeatedScalarFieldContainer[str]
+    shard_index: int
+    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., cluster: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
