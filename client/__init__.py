@@ -22,6 +22,12 @@ from tensorps.client.errors import (
     UnknownError,
     UsageError,
 )
+from tensorps.client.placement import (
+    FixedShardsPartitioner,
+    MinSizePartitioner,
+    fixed_size_partitioner,
+    min_max_variable_partitioner,
+)
 
 __all__ = [
     "AbortedError",
@@ -32,8 +38,10 @@ __all__ = [
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "FixedShardsPartitioner",
     "InternalError",
     "InvalidArgumentError",
+    "MinSizePartitioner",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
@@ -47,4 +55,6 @@ __all__ = [
     "UnknownError",
     "UsageError",
     "VariableInfo",
+    "fixed_size_partitioner",
+    "min_max_variable_partitioner",
 ]

@@ -250,7 +250,7 @@ class Client(BatchCalls):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],  # a Sequence: a cluster (__new__ makes a ClusterClient)
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
@@ -269,7 +269,7 @@ class Client(BatchCalls):
             channels=channels,
             wait_for_ready=wait_for_ready,
         )
-        self.target = target
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
         self.wait_for_ready = bool(wait_for_ready)
         self._closed = False
@@ -280,7 +280,7 @@ class Client(BatchCalls):
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         self._channels = [self._open(credentials) for _ in range(channels)]
         self._bulk = bulk.BulkChannel(
-            target,
+            self.target,
             tls=credentials is not None,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,

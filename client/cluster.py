@@ -248,7 +248,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         full = array.shape if array is not None else dims
         if full is None or len(full) == 0:
             raise InvalidArgumentError(
-                f"variable '{name}': a partitioned variable needs a shape of rank >= 1"
+                f"variable '{name}': a partitioned variable needs a shape of rank 1 or more"
             )
         try:
             parts = placement.parts_along_axis0(partitioner, name, full, declared)

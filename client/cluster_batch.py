@@ -66,19 +66,31 @@ def join_values(values: list[Array]) -> Array:
 
 
 def logical_value(spec: PartitionSpec, value: Any, op: str) -> Array:
-    """A value for a whole partitioned variable, checked as the server checks a write of it: the dtype
-    (numpy values are never cast; Python values take the variable's), then the shape."""
+    """A value for a whole partitioned variable, checked as the server checks a write of it (see
+    refusal); numpy values are never cast, Python values take the variable's dtype."""
+    array = as_logical_array(spec, value)
+    refused = refusal(spec, array, op)
+    if refused is not None:
+        raise refused
+    return array
+
+
+def as_logical_array(spec: PartitionSpec, value: Any) -> Array:
+    """The value as an array, converted as the client converts one for a plain variable."""
     try:
         if isinstance(value, np.ndarray | np.generic):
-            array = codec.as_wire_array(np.asarray(value))
-            dtype = codec.dtype_of(array.dtype)
-        else:
-            array = codec.from_python(value, spec.dtype, name=spec.name)
-            dtype = spec.dtype
+            return codec.as_wire_array(np.asarray(value))
+        return codec.from_python(value, spec.dtype, name=spec.name)
     except CodecError as exc:
         raise InvalidArgumentError(str(exc)) from None
+
+
+def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
+    """The error a server gives a write of `array` to the whole variable: its dtype, then its shape (a
+    partitioned variable keeps its shape whatever validate_shape says)."""
+    dtype = codec.dtype_of(array.dtype)
     if dtype != spec.dtype:
-        raise InvalidArgumentError(
+        return InvalidArgumentError(
             f"{op} of variable '{spec.name}': the variable has dtype {spec.dtype.name} but the value has "
             f"dtype {dtype.name}; nothing is cast"
         )
@@ -88,8 +100,8 @@ def logical_value(spec: PartitionSpec, value: Any, op: str) -> Array:
             text = f"Assign requires shapes of both tensors to match. lhs shape= {have} rhs shape= {got}"
         else:
             text = f"Parameters and update must be the same size. lhs shape= {have} rhs shape= {got}"
-        raise InvalidArgumentError(f"{text} (variable '{spec.name}', partitioned: its shape is fixed)")
-    return array
+        return InvalidArgumentError(f"{text} (variable '{spec.name}', partitioned: its shape is fixed)")
+    return None
 
 
 class ClusterPipeline:
@@ -193,7 +205,12 @@ class ClusterPipeline:
         if spec is None:
             return self._single(name, method, value, **flags)
         read_value = self._cluster._checked_flag(flags["read_value"], "read_value")
-        parts = spec.split(logical_value(spec, value, op))
+        array = as_logical_array(spec, value)
+        refused = refusal(spec, array, op)
+        if refused is not None:
+            # As on one server: a value that converts but does not fit fails when the batch runs.
+            return self._add(name, [], lambda results: refused)
+        parts = spec.split(array)
         pieces = [
             self._on(part, method, part, part_value, **flags)
             for part, part_value in zip(spec.part_names, parts, strict=True)
