@@ -6,9 +6,24 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from support import ServerProcess, fresh_store_path, remove_store
+from tensorps.server import __main__ as server_cli
+from tensorps.server.config import ServerConfig
+
+
+def config_with_env(env: Mapping[str, str], hostname: str | None = None) -> ServerConfig:
+    """The configuration the server makes of these TENSORPS_* variables (and no flags) on host `hostname`."""
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        if hostname is not None:
+            os.environ["HOSTNAME"] = hostname
+        return server_cli.config_from_args([])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def free_ports(count: int) -> list[int]:

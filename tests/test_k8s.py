@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cluster_support import config_with_env
 
 from support import run
-from tensorps.server import __main__ as server_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -69,9 +69,9 @@ def test_statefulset_settings_fit_the_server() -> None:
     assert env["TENSORPS_CLUSTER"].split(",") == [f"ps-{i}.ps:50051" for i in range(replicas)]
     # The server takes this environment, and pod ps-I finds its shard index in its hostname.
     for index in range(replicas):
-        config = _config_in_pod(env, f"ps-{index}")
+        config = config_with_env(env, f"ps-{index}")
         assert config.shard_index == index and len(config.cluster) == replicas
-    config = _config_in_pod(env, "ps-0")
+    config = config_with_env(env, "ps-0")
     # /dev/shm is memory sized to the byte budget plus the tables, within the container's memory limit.
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -125,17 +125,6 @@ def test_disruption_budget_and_trainers_fit_the_statefulset() -> None:
     ).stdout
     for argument in trainer["args"]:
         assert argument.split("=")[0] in help_text
-
-
-def _config_in_pod(env: dict[str, str], hostname: str) -> Any:
-    saved = dict(os.environ)
-    try:
-        os.environ.update(env)
-        os.environ["HOSTNAME"] = hostname
-        return server_cli.config_from_args([])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _quantity(text: str) -> int:
