@@ -340,6 +340,9 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         """read_prefix's dicts from every shard merged, a partitioned variable once and whole."""
         merged = {name: value for found in results for name, value in found.items()}
         specs = self._specs or {}
+        if any(_is_unknown_part(name, specs) for name in merged):
+            self._load_partitions()  # another client partitioned a variable since the layouts were read
+            specs = self._specs or {}
         out = {}
         for name, value in merged.items():
             if name.startswith(placement.PARTITIONS_PREFIX):
@@ -412,6 +415,11 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tensorps-client")
             return self._executor
+
+
+def _is_unknown_part(name: str, specs: Mapping[str, PartitionSpec]) -> bool:
+    base, infix, number = name.rpartition(placement.PART_INFIX)
+    return bool(infix) and number.isdigit() and base not in specs
 
 
 def _discover(member: str, options: dict[str, Any]) -> list[str]:

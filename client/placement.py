@@ -96,6 +96,23 @@ class PartitionSpec:
         bounds = self.offsets()
         return [array[bounds[k] : bounds[k + 1]] for k in range(self.parts)]
 
+    def locate(self, rows: Any) -> list[tuple[int, np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
+        """Where logical rows live, for row-wise (sparse) operations: per part that holds any of them,
+        (part index, the rows' indices within that part, their positions in `rows`), parts in order.
+        IndexError names a row outside [0, dim0)."""
+        wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
+        dim0 = self.shape[0]
+        bad = wanted[(wanted < 0) | (wanted >= dim0)]
+        if bad.size:
+            raise IndexError(f"row {int(bad[0])} of variable '{self.name}' is not in [0, {dim0})")
+        bounds = np.asarray(self.offsets(), dtype=np.int64)
+        part_of = np.searchsorted(bounds, wanted, side="right") - 1
+        found = []
+        for part in np.unique(part_of):
+            positions = np.flatnonzero(part_of == part)
+            found.append((int(part), wanted[positions] - bounds[part], positions))
+        return found
+
     def encode(self) -> np.ndarray[Any, Any]:
         """The layout variable's value: [LAYOUT_VERSION, parts, dtype code, rank, *shape] (int64)."""
         return np.array([LAYOUT_VERSION, self.parts, self.dtype.code, len(self.shape), *self.shape], np.int64)

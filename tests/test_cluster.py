@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from cluster_support import LocalCluster
@@ -29,10 +30,13 @@ from tensorps.client import (
     UnavailableError,
     UsageError,
     VariableInfo,
+    codec,
     placement,
 )
+from tensorps.client import cluster as cluster_module
 from tensorps.client.cluster import ClusterClient
 from tensorps.client.placement import MinSizePartitioner, fixed_size_partitioner
+from tensorps.v1 import tensorps_pb2 as pb
 
 Array = np.ndarray[Any, Any]
 
@@ -130,6 +134,15 @@ def test_misrouted_calls_are_refused_naming_the_owner(cluster: LocalCluster, cc:
             refused = f"'({re.escape(theirs)}|{re.escape(fresh)})' belongs to {owner}"
             with pytest.raises(FailedPreconditionError, match=refused):
                 call()
+        # ReadStream, which the client uses for large variables, through a raw stub.
+        with grpc.insecure_channel(cluster.members[0]) as channel:
+            stream = channel.unary_stream(
+                "/tensorps.v1.ParameterServer/ReadStream", request_serializer=None, response_deserializer=None
+            )
+            with pytest.raises(grpc.RpcError) as refused_stream:
+                list(stream(pb.ReadRequest(name=theirs).SerializeToString(), timeout=30))
+            assert refused_stream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"belongs to shard 1 ({cluster.members[1]})" in str(refused_stream.value.details())
         assert one.read(mine).tolist() == [0, 0, 0, 0]  # the refused batches changed nothing
         assert theirs not in [info.name for info in one.list(prefix)]
     assert cc.read(theirs).tolist() == [0, 0, 0, 0]
@@ -330,10 +343,33 @@ def test_atomic_batches_are_atomic_per_shard(cc: ClusterClient) -> None:
 
 
 def test_new_per_variable_methods_route_by_name(cc: ClusterClient) -> None:
-    """Methods of Client the router has no code for: routed by their `name`, or refused."""
-    assert ClusterClient.is_initialized is not Client.is_initialized
+    """A method of Client the router has no code for (the sparse ops of another branch, say) is routed by
+    its `name` argument to the owner, and refused on a partitioned variable; one without `name` is refused."""
+    prefix = _unique("routed")
+    plain = _owned_by(2, 3, prefix)[0]
+    cc.create(plain, value=np.arange(3, dtype=np.float32))
+    cc.create(prefix + "parted", value=np.zeros((4, 2), np.float32), partitioner=fixed_size_partitioner(2))
+    routed = cluster_module._route_by_name("read")
+    assert routed(cc, plain).tolist() == [0, 1, 2]
+    with pytest.raises(UsageError, match="partitioned variable"):
+        routed(cc, prefix + "parted")
+    with pytest.raises(UsageError, match="not available on a client of a cluster"):
+        cluster_module._unsupported("snapshot")(cc)
     with pytest.raises(UsageError, match="cluster has no local store"):
         ClusterClient.local("/dev/shm/x")
+
+
+def test_rows_of_a_partitioned_variable_are_located_in_their_parts() -> None:
+    """PartitionSpec.locate: the routing of row-wise (sparse) operations, parts in TF's split."""
+    spec = placement.PartitionSpec("emb", codec.dtype_of(np.float32), (10, 4), 3)  # rows 4, 3, 3
+    found = spec.locate([9, 0, 4, 3, 9])
+    assert [(p, local.tolist(), where.tolist()) for p, local, where in found] == [
+        (0, [0, 3], [1, 3]),
+        (1, [0], [2]),
+        (2, [2, 2], [0, 4]),
+    ]
+    with pytest.raises(IndexError, match="row 10 of variable 'emb'"):
+        spec.locate([1, 10])
 
 
 # ---- failure ---------------------------------------------------------------------------------------
