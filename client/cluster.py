@@ -36,10 +36,8 @@ from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
     ClusterPipeline,
     first_result,
-    join_values,
     logical_info,
 )
-from tensorps.client.codec import CodecError
 from tensorps.client.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -48,6 +46,7 @@ from tensorps.client.errors import (
     UnavailableError,
     UsageError,
 )
+from tensorps.client.layouts import Layouts
 from tensorps.client.placement import PartitionSpec
 
 T = TypeVar("T")
@@ -72,10 +71,6 @@ def members_of(target: str | Sequence[str]) -> list[str]:
     return members
 
 
-def is_cluster_target(target: object) -> bool:
-    return not isinstance(target, str) or "," in target or target.startswith(SCHEME)
-
-
 class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
     """A client of a cluster of tensorps servers (see the module); the options are Client's, for every
     server. server_info() returns one ServerInfo per shard, in shard order."""
@@ -97,8 +92,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         self._executor: ThreadPoolExecutor | None = None
         self._fan = ThreadPoolExecutor(max_workers=2 * len(members), thread_name_prefix="tensorps-cluster")
         self._owners: dict[str, int] = {}
-        self._specs: dict[str, PartitionSpec] | None = None  # the partition layouts, loaded on first use
-        self._unread: set[int] = set()  # shards whose layouts could not be read last time
+        self.layouts = Layouts(self._read_layouts)
 
     def close(self) -> None:
         self._close_background()
@@ -170,63 +164,25 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
 
     # ---- partitioned variables -----------------------------------------------------------------
 
-    def partition_of(self, name: str) -> PartitionSpec | None:
-        """The layout of `name` if it is a partitioned variable this client knows of."""
-        if self._specs is None:
-            self._load_partitions()
-        assert self._specs is not None
-        return self._specs.get(name)
-
-    def remember_partition(self, spec: PartitionSpec) -> None:
-        if self._specs is None:
-            self._load_partitions()
-        assert self._specs is not None
-        self._specs[spec.name] = spec
-
-    def forget_partition(self, name: str) -> None:
-        if self._specs is not None:
-            self._specs.pop(name, None)
-
-    def _load_partitions(self) -> None:
-        """Every partition layout of the cluster (one prefix read per shard, at once); a shard that cannot
-        be reached is remembered, so that a name not found elsewhere is not taken for absent."""
+    def _read_layouts(self) -> dict[int, Any]:
         jobs = {
             shard: functools.partial(client.read_many, prefix=placement.PARTITIONS_PREFIX)
             for shard, client in enumerate(self.shards)
         }
-        specs: dict[str, PartitionSpec] = {}
-        unread = set()
-        for shard, outcome in self.fan_out(jobs).items():
-            if isinstance(outcome, BaseException):
-                unread.add(shard)
-                continue
-            for layout, value in outcome.items():
-                name = layout.removeprefix(placement.PARTITIONS_PREFIX)
-                try:
-                    specs[name] = PartitionSpec.decode(name, value)
-                except CodecError:
-                    continue  # not a layout this client writes: the name stays a plain variable
-        with self._lock:
-            self._specs, self._unread = specs, unread
-
-    def note_error(self, name: str, error: TensorPSError) -> None:
-        """A call on `name` failed: if it was not found, the layouts may have changed since they were read."""
-        if isinstance(error, NotFoundError):
-            self._specs = None
+        return self.fan_out(jobs)
 
     def _routed(self, name: str, plain: Callable[[Client], T], whole: Callable[[PartitionSpec], T]) -> T:
         """A call on `name`: to its owner, or on its parts if it is partitioned. A variable not found makes
         the client read the layouts again (another client may have partitioned it, or removed it)."""
-        spec = self.partition_of(name)
+        spec = self.layouts.get(name)
         try:
             if spec is None:
                 return self._at_owner(name, plain)
             return whole(spec)
         except NotFoundError:
-            self._load_partitions()
-            fresh = self.partition_of(name)
+            fresh = self.layouts.load().get(name)
             layout_shard = self.owner(placement.layout_name(name))
-            if fresh is None and layout_shard in self._unread:
+            if fresh is None and layout_shard in self.layouts.unread:
                 raise UnavailableError(
                     f"variable '{name}' is not on {self.describe(self.owner(name))}, and "
                     f"{self.describe(layout_shard)}, which would hold its partition layout, is unavailable"
@@ -294,7 +250,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
                     undo._single(made, "delete")
             undo.execute()
             raise failed[0]
-        self.remember_partition(spec)
+        self.layouts.remember(spec)
         return logical_info(spec, results[1:])
 
     def delete(self, name: str) -> None:
@@ -318,43 +274,10 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         self._check_open()
         if not isinstance(prefix, str):
             raise UsageError(f"prefix must be a str, not {type(prefix).__name__} ({prefix!r:.60})")
-        self._load_partitions()
         found = self._gathered({i: functools.partial(c.list, prefix) for i, c in enumerate(self.shards)})
-        infos = {info.name: info for listed in found.values() for info in listed}
-        return sorted(self._fold_infos(prefix, infos), key=lambda info: info.name)
-
-    def _fold_infos(self, prefix: str, infos: dict[str, VariableInfo]) -> builtins.list[VariableInfo]:
-        specs = self._specs or {}
-        hidden = {part for spec in specs.values() for part in spec.part_names}
-        folded = [
-            info
-            for name, info in infos.items()
-            if name not in hidden and not name.startswith(placement.PARTITIONS_PREFIX)
-        ]
-        for name, spec in specs.items():
-            if name.startswith(prefix) and all(part in infos for part in spec.part_names):
-                folded.append(logical_info(spec, [infos[part] for part in spec.part_names]))
-        return folded
-
-    def fold_values(self, prefix: str, results: builtins.list[dict[str, Array]]) -> dict[str, Array]:
-        """read_prefix's dicts from every shard merged, a partitioned variable once and whole."""
-        merged = {name: value for found in results for name, value in found.items()}
-        specs = self._specs or {}
-        if any(_is_unknown_part(name, specs) for name in merged):
-            self._load_partitions()  # another client partitioned a variable since the layouts were read
-            specs = self._specs or {}
-        out = {}
-        for name, value in merged.items():
-            if name.startswith(placement.PARTITIONS_PREFIX):
-                continue
-            owner = name.rpartition(placement.PART_INFIX)[0]
-            if owner in specs and name in specs[owner].part_names:
-                continue
-            out[name] = value
-        for name, spec in specs.items():
-            if name.startswith(prefix) and all(part in merged for part in spec.part_names):
-                out[name] = join_values([merged[part] for part in spec.part_names])
-        return dict(sorted(out.items()))
+        return self.layouts.fold_infos(
+            prefix, {info.name: info for listed in found.values() for info in listed}
+        )
 
     def server_info(self) -> builtins.list[ServerInfo]:  # type: ignore[override]
         """One ServerInfo per shard, in shard order (each from the answering worker)."""
@@ -417,11 +340,6 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
             return self._executor
 
 
-def _is_unknown_part(name: str, specs: Mapping[str, PartitionSpec]) -> bool:
-    base, infix, number = name.rpartition(placement.PART_INFIX)
-    return bool(infix) and number.isdigit() and base not in specs
-
-
 def _discover(member: str, options: dict[str, Any]) -> list[str]:
     """The cluster's members as `member` knows them (GetServerInfo); just it for a lone server."""
     with Client(member, **options) as probe:
@@ -434,7 +352,7 @@ def _route_by_name(method: str) -> Callable[..., Any]:
 
     def routed(self: ClusterClient, name: str, *args: Any, **kwargs: Any) -> Any:
         name = self._checked(name)
-        if self.partition_of(name) is not None:
+        if self.layouts.get(name) is not None:
             raise UsageError(
                 f"{method}() of partitioned variable '{name}' is not available over a cluster yet"
             )

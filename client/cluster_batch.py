@@ -19,7 +19,7 @@ import numpy as np
 from tensorps.client import codec, placement
 from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.codec import CodecError
-from tensorps.client.errors import InvalidArgumentError, TensorPSError, UsageError
+from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
 from tensorps.client.placement import PartitionSpec
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class ClusterPipeline:
         return self._add(name, [self._on(name, method, name, *args, **kwargs)], first_result)
 
     def _spec(self, name: object) -> PartitionSpec | None:
-        return self._cluster.partition_of(self._cluster._checked(name))
+        return self._cluster.layouts.get(self._cluster._checked(name))
 
     def create(
         self, name: str, *, dtype: Any = None, shape: Any = None, value: Any = None, partitioner: Any = None
@@ -161,7 +161,7 @@ class ClusterPipeline:
         if spec is None:
             return self._single(name, "create", dtype=dtype, shape=shape, value=value)
         pieces = self.create_pieces(spec, value)
-        self._cluster.remember_partition(spec)
+        self._cluster.layouts.remember(spec)
         return self._add(name, pieces, lambda results: logical_info(spec, results[1:]))
 
     def create_pieces(self, spec: PartitionSpec, value: Any) -> list[_Piece]:
@@ -228,7 +228,7 @@ class ClusterPipeline:
     def delete(self, name: str) -> ClusterPipeline:
         spec = self._spec(name)
         if spec is not None:
-            self._cluster.forget_partition(name)
+            self._cluster.layouts.forget(name)
             layout = placement.layout_name(name)
             pieces = [self._on(layout, "delete", layout)]
             pieces += [self._on(part, "delete", part) for part in spec.part_names]
@@ -253,7 +253,7 @@ class ClusterPipeline:
             pipe = self._pipe(shard)
             pipe.read_prefix(prefix)
             pieces.append(_Piece(shard, len(pipe) - 1))
-        return self._add(prefix, pieces, lambda results: self._cluster.fold_values(prefix, results))
+        return self._add(prefix, pieces, lambda results: self._cluster.layouts.fold_values(prefix, results))
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -277,7 +277,8 @@ class ClusterPipeline:
             result = failed if failed is not None else queued.join(found)
             if isinstance(result, TensorPSError):
                 errors[index] = result
-                self._cluster.note_error(queued.name, result)
+                if isinstance(result, NotFoundError):
+                    self._cluster.layouts.stale()  # another client may have (un)partitioned it
             results.append(result)
         self.results = results
         if errors and (self.raise_on_error or self.atomic):
