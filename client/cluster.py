@@ -255,10 +255,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
 
     def delete(self, name: str) -> None:
         name = self._checked(name)
-        self._routed(name, lambda c: c.delete(name), lambda spec: self._delete_whole(name))
-
-    def _delete_whole(self, name: str) -> None:
-        self.pipeline().delete(name).execute()
+        self._routed(name, lambda c: c.delete(name), lambda spec: self._one("delete", name))
 
     def info(self, name: str) -> VariableInfo:
         name = self._checked(name)
