@@ -462,3 +462,31 @@ def test_shard_index_from_a_statefulset_hostname() -> None:
     assert shard_index_from_hostname("laptop") is None
     assert resolve_shard_index(["a:1", "b:1", "c:1"], None, hostname="ps-1") == 1
     assert resolve_shard_index([], None) == 0
+
+
+def test_offline_reshard_copies_a_model_into_a_cluster_of_another_size(cluster: LocalCluster) -> None:
+    """python -m tensorps.client.reshard copies plain, partitioned, uninitialized variables, 3 shards to 2."""
+    prefix = _unique("reshard")
+    table = np.arange(60, dtype=np.float32).reshape(20, 3)
+    with Client(cluster.target, timeout=30) as old:
+        assert isinstance(old, ClusterClient)
+        old.create(prefix + "emb", value=table, partitioner=fixed_size_partitioner(4))
+        old.create_many({f"{prefix}dense{i}": {"value": np.full(i + 1, i, np.int64)} for i in range(6)})
+        old.create(prefix + "later", dtype=np.float64, shape=[2, 2])
+        with LocalCluster(2) as new:
+            command = [sys.executable, "-m", "tensorps.client.reshard", "--source", cluster.members[0]]
+            result = run([*command, "--target", new.target, "--prefix", prefix], timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "copied 8 variable(s) from 3 shards to 2" in result.stdout
+            with Client(new.target, timeout=30) as copy:
+                assert isinstance(copy, ClusterClient)
+                assert [(i.name, i.shape, i.initialized) for i in copy.list(prefix)] == [
+                    (i.name, i.shape, i.initialized) for i in old.list(prefix)
+                ]
+                got, want = copy.read_many(prefix=prefix), old.read_many(prefix=prefix)
+                assert {n: v.tolist() for n, v in got.items()} == {n: v.tolist() for n, v in want.items()}
+                spec = copy.layouts.get(prefix + "emb")
+                assert spec is not None and spec.parts == 4
+                assert {info.shard_index for info in copy.server_info()} == {0, 1}
+            again = run([*command, "--target", new.target, "--prefix", prefix], timeout=120)
+            assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
