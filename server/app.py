@@ -585,7 +585,9 @@ def serve(config: ServerConfig) -> int:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
     store.sweep()  # what processes that died amid a change left behind (logged)
     try:
-        Shard(config.cluster, config.shard_index).check_store(Ops(store))
+        shard = Shard(config.cluster, config.shard_index)
+        shard.warn_if_elsewhere(config.port)
+        shard.check_store(Ops(store))
     except ClusterError as exc:
         store.close()
         raise StartupError(str(exc)) from None

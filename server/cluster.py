@@ -113,6 +113,15 @@ class Shard:
             "current map (see README, More than one host)"
         )
 
+    def warn_if_elsewhere(self, port: int) -> None:
+        """Say so when this server's own entry in --cluster names another port (a likely mix-up)."""
+        if self.members and not self.members[self.index].endswith(f":{port}"):
+            log.warning(
+                "this server is %s in --cluster but listens on port %d: clients will look for it there",
+                self.describe(self.index),
+                port,
+            )
+
     def check_store(self, ops: Ops) -> None:
         """Refuse to start on a store holding variables another shard owns (a changed map)."""
         foreign = [info.name for info in ops.list() if placement.owner(info.name, self.size) != self.index]
