@@ -264,6 +264,10 @@ class ClusterPipeline:
         if self.atomic and len(self._shards) > 1:
             raise UsageError(self._spanning())
         per_shard = self._cluster.fan_out({shard: pipe.execute for shard, pipe in self._shards.items()})
+        failed_whole = [outcome for outcome in per_shard.values() if isinstance(outcome, BaseException)]
+        if failed_whole and len(failed_whole) == len(per_shard):
+            # No shard took the batch: the call failed whole, as one server's would (nothing applied).
+            raise failed_whole[0]
         results: list[Any] = []
         errors: dict[int, TensorPSError] = {}
         for index, queued in enumerate(self._ops):
@@ -281,9 +285,7 @@ class ClusterPipeline:
                     self._cluster.layouts.stale()  # another client may have (un)partitioned it
             results.append(result)
         self.results = results
-        if errors and (self.raise_on_error or self.atomic):
-            if self.atomic:
-                raise errors[min(errors)]  # one shard: its batch failed whole, with that error
+        if errors and self.raise_on_error:
             raise BatchError(results, errors)
         return results
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +27,9 @@ from tensorps.client import (
     Client,
     FailedPreconditionError,
     NotFoundError,
+    PermissionDeniedError,
     TensorPSError,
+    UnauthenticatedError,
     UnavailableError,
     UsageError,
     VariableInfo,
@@ -502,3 +505,23 @@ def test_offline_reshard_copies_a_model_into_a_cluster_of_another_size(cluster: 
                 assert {info.shard_index for info in copy.server_info()} == {0, 1}
             again = run([*command, "--target", new.target, "--prefix", prefix], timeout=120)
             assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
+
+
+def test_tokens_apply_to_every_shard_before_placement(tmp_path: Path) -> None:
+    """With --token-file, the client's token reaches every shard; without one, every call is
+    UNAUTHENTICATED, a misrouted one too (authentication comes before the cluster gate)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\nreader read-only\n")
+    with LocalCluster(2, "--token-file", str(tokens)) as secured:
+        prefix = _unique("tokens")
+        with Client(secured.target, token="s3cret", timeout=30) as client:
+            client.assign_many({})
+            client.create_many({f"{prefix}v{i}": {"value": np.ones(2, np.float32)} for i in range(6)})
+            assert len(client.list(prefix)) == 6
+        with Client(secured.target, token="reader", timeout=30) as reader:
+            assert len(reader.read_many([f"{prefix}v{i}" for i in range(6)])) == 6
+            with pytest.raises(PermissionDeniedError):  # every shard refused it: the call failed whole
+                reader.assign_many({f"{prefix}v{i}": np.zeros(2, np.float32) for i in range(6)})
+        (theirs,) = _owned_by(1, 2, prefix)
+        with Client(secured.members[0], timeout=30) as anonymous, pytest.raises(UnauthenticatedError):
+            anonymous.read(theirs)
