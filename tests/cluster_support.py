@@ -44,18 +44,26 @@ class LocalCluster:
     """`size` servers on loopback, each started with --cluster (all members) and its --shard-index."""
 
     def __init__(self, size: int, *args: str, workers: int = 1) -> None:
-        self.ports = free_ports(size)
-        self.members = [f"127.0.0.1:{port}" for port in self.ports]
-        self.stores = [fresh_store_path() for _ in range(size)]
         self.args = args
         self.workers = workers
+        self.stores = [fresh_store_path() for _ in range(size)]
         self.servers: list[ServerProcess | None] = [None] * size
-        try:
-            for index in range(size):
-                self.start(index)
-        except BaseException:
-            self.close()
-            raise
+        # The ports are chosen before the servers bind them (every member must know every address), so
+        # another process on the machine may take one meanwhile: then the cluster starts on new ports.
+        for attempt in range(3):
+            self.ports = free_ports(size)
+            self.members = [f"127.0.0.1:{port}" for port in self.ports]
+            try:
+                for index in range(size):
+                    self.start(index)
+                return
+            except RuntimeError:
+                self.close()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def target(self) -> str:
