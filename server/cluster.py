@@ -139,10 +139,16 @@ class Shard:
 
 
 def _names_of_batch(header: pb.BatchHeader) -> Iterator[tuple[str, str]]:
-    """(where, name) of every operation that names a variable (a prefix read names none)."""
+    """(where, name) of every variable an operation names (a prefix read names none): its `name`, and the
+    other variables an operation may use (the `slots` of optimizer operations, where the protocol has
+    them), which must live on the same shard."""
     for index, op in enumerate(header.ops):
-        if op.kind != pb.BATCH_OP_READ_PREFIX:
-            yield f"operation {index} ({_OP_NAMES.get(op.kind, op.kind)} of '{op.name}'): ", op.name
+        if op.kind == pb.BATCH_OP_READ_PREFIX:
+            continue
+        where = f"operation {index} ({_OP_NAMES.get(op.kind, op.kind)} of '{op.name}'): "
+        yield where, op.name
+        for slot in getattr(op, "slots", ()):
+            yield where, slot
 
 
 def _name_field(method: str) -> int | None:
