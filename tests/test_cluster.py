@@ -396,13 +396,26 @@ def test_a_killed_shard_fails_only_its_variables_and_comes_back(cluster: LocalCl
     prefix = _unique("killed")
     names = [n for shard in range(3) for n in _owned_by(shard, 3, prefix, 2)]
     lost = set(_owned_by(1, 3, prefix, 2))
+    # Partitioned, its six parts on every shard.
+    tables = (f"{prefix}table{i}" for i in range(1000))
+    table = next(
+        t for t in tables if {placement.owner(placement.part_name(t, k), 3) for k in range(6)} == {0, 1, 2}
+    )
     with Client(cluster.target, timeout=20) as client:
+        assert isinstance(client, ClusterClient)
         client.create_many({n: {"value": np.zeros(4, np.float32)} for n in names})
+        client.create(table, value=np.zeros((12, 2), np.float32), partitioner=fixed_size_partitioner(6))
+        spec = client.layouts.get(table)
+        assert spec is not None and {client.owner(p) for p in spec.part_names} == {0, 1, 2}
         ones = {n: np.ones(4, np.float32) for n in names}
         for _ in range(5):
             client.assign_add_many(ones)
         cluster.crash(1)
         try:
+            with pytest.raises(UnavailableError, match=re.escape(f"shard 1 ({cluster.members[1]})")):
+                client.assign_add(table, np.ones((12, 2), np.float32))
+            with pytest.raises(UnavailableError, match=re.escape(f"shard 1 ({cluster.members[1]})")):
+                client.read(table)
             with pytest.raises(BatchError) as failed:
                 client.assign_add_many(ones)
             assert set(failed.value.errors) == {names.index(n) for n in lost}
@@ -421,6 +434,10 @@ def test_a_killed_shard_fails_only_its_variables_and_comes_back(cluster: LocalCl
         assert wait_until(lambda: _reads(client, names), timeout=20)
         values = client.read_many(names)
         assert {n: values[n][0] for n in names} == {n: 5 if n in lost else 6 for n in names}
+        # The parts on the live shards took the write made while shard 1 was down; its own did not.
+        parts = zip(spec.part_names, spec.rows, strict=True)
+        rows = np.concatenate([np.full(r, client.owner(p) != 1) for p, r in parts])
+        assert client.read(table)[:, 0].tolist() == rows.astype(np.float32).tolist()
 
 
 def _reads(client: Client, names: list[str]) -> bool:
