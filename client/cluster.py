@@ -124,16 +124,16 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         return f"shard {shard} ({self.members[shard]})"
 
     def fan_out(self, jobs: Mapping[int, Callable[[], T]]) -> dict[int, T | BaseException]:
-        """Run one job per shard, all at once; each shard's result or exception (UnavailableError naming
-        the shard)."""
-        if len(jobs) == 1:
-            ((shard, job),) = jobs.items()
-            try:
-                return {shard: self._on(shard, job)}
-            except TensorPSError as exc:
-                return {shard: exc}
-        futures = {shard: self._fan.submit(self._on, shard, job) for shard, job in jobs.items()}
+        """Run one job per shard, all at once (the first on this thread); each shard's result or exception
+        (an UnavailableError names the shard)."""
+        pending = list(jobs.items())
+        futures = {shard: self._fan.submit(self._on, shard, job) for shard, job in pending[1:]}
         results: dict[int, T | BaseException] = {}
+        for shard, job in pending[:1]:
+            try:
+                results[shard] = self._on(shard, job)
+            except TensorPSError as exc:
+                results[shard] = exc
         for shard, future in futures.items():
             try:
                 results[shard] = future.result()
