@@ -542,3 +542,35 @@ def test_tokens_apply_to_every_shard_before_placement(tmp_path: Path) -> None:
         (theirs,) = _owned_by(1, 2, prefix)
         with Client(secured.members[0], timeout=30) as anonymous, pytest.raises(UnauthenticatedError):
             anonymous.read(theirs)
+
+
+def test_partitioned_variables_created_in_batches(cc: ClusterClient) -> None:
+    """create_many and pipeline().create take a partitioner too: the layout and the parts in one call per
+    shard, the variable whole afterwards for this client and a new one."""
+    prefix = _unique("batched")
+    table = np.arange(24, dtype=np.int32).reshape(8, 3)
+    infos = cc.create_many(
+        {
+            prefix + "t": {"value": table, "partitioner": fixed_size_partitioner(3)},
+            prefix + "u": {"dtype": np.float32, "shape": [5, 2], "partitioner": fixed_size_partitioner(5)},
+            prefix + "plain": {"value": np.ones(2, np.float32)},
+        }
+    )
+    assert [(i.shape, i.initialized) for i in infos.values()] == [
+        ((8, 3), True),
+        ((5, 2), False),
+        ((2,), True),
+    ]
+    (made,) = (
+        cc.pipeline().create(prefix + "p", value=table * 2, partitioner=fixed_size_partitioner(2)).execute()
+    )
+    assert made.shape == (8, 3)
+
+    def whole(client: Client) -> None:
+        assert np.array_equal(client.read(prefix + "t"), table)
+        assert np.array_equal(client.read(prefix + "p"), table * 2)
+        assert [i.name for i in client.list(prefix)] == [prefix + n for n in ("p", "plain", "t", "u")]
+
+    whole(cc)
+    with Client(cc.target, timeout=30) as fresh:
+        whole(fresh)
