@@ -152,6 +152,13 @@ def parser() -> argparse.ArgumentParser:
         "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
     )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
+    flag(
+        "no-reflection",
+        bool,
+        False,
+        "do not serve gRPC server reflection (grpc.reflection.v1alpha; by default on and, like health, "
+        "open without a token, so that grpcurl and buf curl work without the .proto)",
+    )
     return p
 
 
@@ -166,6 +173,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = vars(p.parse_args(argv))
     known = {f.name for f in fields(ServerConfig)}
     values = {key: value for key, value in args.items() if key in known}
+    values["reflection"] = not args["no_reflection"]
     for key, least in _MINIMUM.items():
         if values[key] < least:
             p.error(f"--{key.replace('_', '-')} must be at least {least}")

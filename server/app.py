@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tensorps.server import bulk
+from tensorps.server import bulk, reflection
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
@@ -130,6 +130,8 @@ def build_server(
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable(server)
     credentials = server_credentials(config)
     if credentials is None:
         server.add_insecure_port(config.address)

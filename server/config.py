@@ -43,6 +43,8 @@ class ServerConfig:
     # The bulk side channel's TCP port (bulk.py): 0 = an ephemeral port per worker, P > 0 = P + the
     # worker's index (workers 0..N-1 take P..P+N-1), BULK_OFF = none.
     bulk_port: int = 0
+    # gRPC server reflection (grpcurl, buf curl), open without a token like health; off: --no-reflection.
+    reflection: bool = True
 
     @property
     def bulk(self) -> bool:
