@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from tensorps.client import bulk, codec, wire
+from tensorps.client import arrays, bulk, codec, wire
 from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
@@ -429,11 +429,12 @@ class Client(BatchCalls):
     # ---- values --------------------------------------------------------------------------------
 
     def _as_array(self, name: str, value: Any, dtype: DType | None = None) -> Array:
-        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly
-        (`dtype`, else the cached or fetched one). The name has been checked."""
+        """Array data (numpy, `__dlpack__`, `__array__`: arrays.py) is sent as it is (never cast); Python
+        values take the variable's dtype losslessly (`dtype`, else the cached or fetched one). The name has
+        been checked. Every method that takes a value converts it here."""
         try:
-            if isinstance(value, np.ndarray | np.generic):
-                array = np.asarray(value)
+            array = arrays.as_array(value)
+            if array is not None:
                 codec.dtype_of(array.dtype)
                 return codec.as_wire_array(array)
             if dtype is None:
@@ -462,15 +463,21 @@ class Client(BatchCalls):
         """create()'s arguments checked: the dtype, the declared shape and the initial value as an array."""
         name = self._checked(name)
         try:
-            declared = codec.dtype_of(dtype) if dtype is not None else None
+            declared = arrays.dtype_of(dtype) if dtype is not None else None
             dims = codec.validate_shape(shape) if shape is not None else None
         except CodecError as exc:
             raise InvalidArgumentError(str(exc)) from None
         if value is None and declared is None:
             raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
-        if value is not None and declared is None and not isinstance(value, np.ndarray | np.generic):
-            raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
-        array = None if value is None else self._as_array(name, value, declared)
+        array = None
+        if value is not None:
+            try:
+                data = arrays.as_array(value)
+            except CodecError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            if data is None and declared is None:
+                raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
+            array = self._as_array(name, value if data is None else data, declared)
         dtype = declared if array is None else codec.dtype_of(array.dtype)
         if declared is not None and dtype != declared:
             raise InvalidArgumentError(
@@ -627,8 +634,12 @@ class Client(BatchCalls):
     def _write(self, name: str, value: Any, op: int, flags: WriteFlags) -> Any:
         """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
         name = self._checked(name)
-        if isinstance(value, np.ndarray | np.generic):
-            return self._send_write(name, self._as_array(name, value), op, flags)
+        try:
+            array = arrays.as_array(value)
+        except CodecError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        if array is not None:
+            return self._send_write(name, self._as_array(name, array), op, flags)
         with self._deadline:  # one deadline, also for a retry with a refreshed dtype
             cached = self._dtypes.get(name)
             try:
