@@ -46,6 +46,7 @@ BULK_TLS_FACTOR = 8
 _PREFIXES_KEPT = 1024
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
+_RECEIVE_LIMIT = ("tensorps-max-receive-bytes", str(_MAX_MESSAGE))
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
 # Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
@@ -350,10 +351,12 @@ class Client(BatchCalls):
         return stub
 
     def _call_metadata(self, write: bool) -> tuple[tuple[str, str], ...] | None:
-        """The call's metadata; a write carries a fresh request id, which its retries repeat."""
+        """The call's metadata; a write carries a fresh request id, which its retries repeat, and the
+        largest reply this client accepts (the server refuses, before applying, a write whose reply
+        would exceed it)."""
         if not write:
             return self._metadata
-        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)))
+        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)), _RECEIVE_LIMIT)
 
     def _unary(self, method: str, request: bytes, *, idempotent: bool = False, write: bool = False) -> bytes:
         """One unary call, retried on UNAVAILABLE if idempotent or a write (made exactly-once by its id)."""

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from tensorps.client import codec, tfproto, wire
 from tensorps.client.codec import CodecError
-from tensorps.server import batch_service
+from tensorps.server import batch_service, reply_limit
 from tensorps.server.bulk import BulkError, BulkListener
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
@@ -308,6 +308,8 @@ class ParameterServer:
             raise CodecError(f"the request for variable '{name}' has no value")
         with self.staging.reservation("a value") as staging:
             value = self._decode(name, request.value, content, staging)
+            if _replies_with_a_copy(op, request):
+                reply_limit.check_write(name, value.nbytes, context)
             info, result = self._apply(op, name, value, request, request_id(context))
             response = pb.AssignResponse(info=info_to_proto(info), value_is_request=result is value)
             prefix = response.SerializeToString()
@@ -464,6 +466,7 @@ class ParameterServer:
     @_abort_on_error
     def read(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         name = _name(pb.ReadRequest.FromString(raw).name)
+        declared = reply_limit.declared(context)
 
         def encode(info: Info, view: Array) -> bytes:
             if view.nbytes > self.max_message_bytes:
@@ -472,6 +475,7 @@ class ParameterServer:
                     f"variable '{name}' has {view.nbytes} bytes, more than one message of the server's "
                     f"--max-message-bytes {self.max_message_bytes}: read it with ReadStream"
                 )
+            reply_limit.check_read(name, view.nbytes, declared)
             prefix = pb.ReadResponse(info=info_to_proto(info)).SerializeToString()
             assert info.shape is not None
             return wire.frame(prefix, 2, codec.tensor_head(info.dtype, info.shape), 4, view)

@@ -357,9 +357,12 @@ def predict_write(
     shape: pb.TensorShapeProto | None,
     tensor: pb.TensorProto,
     world: World,
+    *,
+    unary: bool = True,
 ) -> Prediction:
     """Assign/AssignAdd/AssignSub, unary or streamed, once the tensor's bytes are known (a stream's as
-    tensor_content)."""
+    tensor_content). A unary write whose reply would carry the variable beyond gRPC's default 4 MiB (the
+    requests declare no tensorps-max-receive-bytes) is refused before it applies."""
     errors: set[grpc.StatusCode] = set()
     var = None
     if not valid_name(name):
@@ -379,6 +382,9 @@ def predict_write(
         errors |= bad_content
         if var is not None:
             errors |= write_errors(op, var, dtype, dims, flag(flags, "validate_shape", True))
+        copy = flag(flags, "read_value", True) and not (op == ASSIGN and flag(flags, "use_locking", True))
+        if unary and copy and math.prod(dims) * itemsize(dtype) + 2048 > 4 * MiB:
+            errors.add(EXHAUSTED)
     if errors:
         return Prediction(errors=frozenset(errors), odd=odd)
     assert var is not None and dims is not None
@@ -489,7 +495,7 @@ def predict_stream(messages: list[bytes], world: World) -> Prediction:
     else:
         op = header.op if header.op in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) else ASSIGN
         tensor = pb.TensorProto(tensor_content=bytes(content))
-        prediction = predict_write(op, header.name, header, header.dtype, shape, tensor, world)
+        prediction = predict_write(op, header.name, header, header.dtype, shape, tensor, world, unary=False)
     if errors:
         return Prediction(errors=frozenset(errors | prediction.errors), odd=prediction.odd)
     return prediction
