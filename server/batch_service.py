@@ -38,6 +38,9 @@ from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# The largest data message of a reply stream, and what such a message holds besides its data.
+_WHOLE = 1 << 30
+_DATA_OVERHEAD = 32
 # The bulk reply's values go to the socket in pieces of about this size as they are copied.
 _SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
@@ -268,11 +271,19 @@ def _run(
 
 
 def execute(
-    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    request: bytes | None,
+    staging: Reservation,
+    *,
+    receive_limit: int | None = None,
 ) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes."""
-    # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
-    writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
+    """Run the batch; the reply stream: every result, then the values' bytes. Without `receive_limit`
+    (the client's declared tensorps-max-receive-bytes) clients accept messages up to 2 GiB: a tensor goes
+    whole, and the client uses it in place; with it, no data message exceeds it."""
+    most = _WHOLE if receive_limit is None else max(1, min(_WHOLE, receive_limit - _DATA_OVERHEAD))
+    writer = wire.ChunkWriter(min(CHUNK_BYTES, most), most)
     yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
 

@@ -458,7 +458,10 @@ class ParameterServer:
                     planned, self.ops, self.bulk, context, idle=idle, request=request, staging=staging
                 )
             else:
-                replies = batch_service.execute(self.ops, batch, planned.header.atomic, request, staging)
+                limit = reply_limit.declared(context)
+                replies = batch_service.execute(
+                    self.ops, batch, planned.header.atomic, request, staging, receive_limit=limit
+                )
             yield from self._idle.watch_reply(replies, context)
 
     # ---- reads ---------------------------------------------------------------------------------

@@ -129,3 +129,26 @@ def test_the_reference_client_declares_its_limit(server: ServerProcess, name: st
         np.testing.assert_array_equal(ps.assign_add(name, value), value)
         np.testing.assert_array_equal(ps.assign(name, value * 2, use_locking=False), value * 2)
         assert ps.info(name).version == 3
+
+
+def test_batch_streams_cut_their_replies_to_the_declared_limit(
+    server: ServerProcess, default_channel: grpc.Channel, variable: str
+) -> None:
+    """A client with gRPC's default limit declares it, and gets a 5 MiB value in messages that fit."""
+    ones = np.ones(BIG, np.float32)
+    value = pb.TensorProto(dtype=pb.DT_FLOAT)
+    codec.shape_to_proto(ones.shape, value.tensor_shape)
+    ops = [
+        pb.BatchOp(kind=pb.BATCH_OP_ASSIGN_ADD, name=variable, value=value),
+        pb.BatchOp(kind=pb.BATCH_OP_READ, name=variable),
+    ]
+    first = pb.BatchChunk(header=pb.BatchHeader(ops=ops, atomic=True), data=ones.tobytes())
+    stream = default_channel.stream_stream(SERVICE + "BatchStream", None, None)
+    raw = list(stream(iter([first.SerializeToString()]), timeout=30, metadata=((KEY, str(4 * MiB)),)))
+    assert all(len(message) <= 4 * MiB for message in raw)
+    replies = [pb.BatchReply.FromString(message) for message in raw]
+    assert [result.code for result in replies[0].results] == [0, 0]
+    data = b"".join(reply.data for reply in replies)
+    assert len(data) == 2 * ones.nbytes
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32), np.ones(2 * BIG, np.float32))
+    assert version(server, variable) == 2
