@@ -174,7 +174,8 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AssignSub(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """As AssignAdd, subtracting the value.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
