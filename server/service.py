@@ -254,14 +254,13 @@ class ParameterServer:
         with self.staging.reservation("an initial value") as staging:
             value = None
             if request.HasField("value"):
-                value_dtype, _value_shape = codec.tensor_header_from_proto(request.value)
-                if request.dtype and request.dtype != value_dtype.code:
+                value = self._decode(name, request.value, content, staging)
+                dtype = codec.dtype_of(value.dtype)
+                if request.dtype and request.dtype != dtype.code:
                     raise CodecError(
                         f"variable '{name}' is declared {codec.dtype_from_code(request.dtype).name} but "
-                        f"its initial value is {value_dtype.name}"
+                        f"its initial value is {dtype.name}"
                     )
-                dtype = value_dtype
-                value = self._decode(name, request.value, content, staging)
             elif request.dtype == pb.DT_INVALID:
                 raise CodecError(f"variable '{name}' needs a dtype or an initial value")
             else:
@@ -273,7 +272,10 @@ class ParameterServer:
         """A request's value (tfproto: tensor_content viewed in place, or TensorFlow's typed values), its
         size checked against the server's limits first. A value built from typed values is a new array
         (a splat of one number may fill a large tensor): reserved in the worker's staging budget."""
-        dtype, shape = header = codec.tensor_header_from_proto(proto)
+        try:
+            dtype, shape = header = codec.tensor_header_from_proto(proto)
+        except CodecError as exc:
+            raise CodecError(f"variable '{name}': value: {exc}") from None
         nbytes = self.ops.check_size(name, shape, dtype)
         if not content.nbytes and nbytes:
             staging.grow(nbytes)
