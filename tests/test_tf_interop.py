@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,37 @@ def test_a_splat_beyond_the_staging_budget_is_refused() -> None:
             small = _tensor(pb.DT_FLOAT, [1 << 16], float_val=[2.5])
             unary(channel, "Assign", pb.AssignRequest(name="w", value=small).SerializeToString())
         np.testing.assert_array_equal(ps.read("w"), np.full(1 << 16, 2.5, np.float32))
+
+
+def test_bulk_batches_take_tensorflow_protos_in_their_header(
+    channel: grpc.Channel, client: Client, name: str
+) -> None:
+    """Over the bulk channel, a header-carried value takes no bytes of the data either."""
+    splat = next(case for case in CASES if case["label"] == "python float splat")  # 1.5 into [3, 4]
+    inline = pb.TensorProto.FromString(proto_bytes(splat))
+    head = pb.TensorProto(dtype=pb.DT_FLOAT)
+    codec.shape_to_proto((3, 4), head.tensor_shape)
+    ops = [
+        pb.BatchOp(kind=pb.BATCH_OP_CREATE, name=f"{name}/a", value=inline),
+        pb.BatchOp(kind=pb.BATCH_OP_CREATE, name=f"{name}/b", value=head),
+        pb.BatchOp(kind=pb.BATCH_OP_ASSIGN_ADD, name=f"{name}/b", value=inline),
+    ]
+    data = np.arange(12, dtype=np.float32).tobytes()
+    call = channel.stream_stream(SERVICE + "BatchStream", None, None)
+    first = pb.BatchChunk(header=pb.BatchHeader(ops=ops, atomic=True, bulk=True)).SerializeToString()
+    replies: Any = call(iter([first]), timeout=30)
+    offer = pb.BatchReply.FromString(next(replies))
+    with socket.create_connection(("127.0.0.1", offer.bulk_port), timeout=10) as conn:
+        conn.sendall(offer.bulk_ticket)
+        assert conn.recv(1) == b"\x01"
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(1 << 16):
+            received += chunk
+    results = pb.BatchReply.FromString(next(replies)).results
+    assert [r.code for r in results] == [0, 0, 0]
+    want = np.arange(12, dtype=np.float32).reshape(3, 4) + 1.5
+    assert received == want.tobytes()  # the AssignAdd's value, read back
+    values = client.read_many([f"{name}/a", f"{name}/b"])
+    np.testing.assert_array_equal(values[f"{name}/a"], np.full((3, 4), 1.5, np.float32))
+    np.testing.assert_array_equal(values[f"{name}/b"], want)
