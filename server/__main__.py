@@ -156,8 +156,8 @@ def parser() -> argparse.ArgumentParser:
         "no-reflection",
         bool,
         False,
-        "do not serve gRPC server reflection (grpc.reflection.v1alpha; by default on and, like health, "
-        "open without a token, so that grpcurl and buf curl work without the .proto)",
+        "do not serve gRPC server reflection (grpc.reflection.v1alpha and v1; by default on and, like "
+        "health, open without a token, so that grpcurl and buf curl work without the .proto)",
     )
     return p
 

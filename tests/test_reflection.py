@@ -75,5 +75,30 @@ def test_reflection_can_be_switched_off(how: str) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             database.get_services()
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", None, None)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(v1(iter([b""]), timeout=10))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with Client(server.address, timeout=10) as ps:
             assert ps.list() == []  # the parameter server itself serves as always
+
+
+def test_reflection_v1_answers_the_same(token_server: ServerProcess) -> None:
+    """grpc.reflection.v1 (the same messages in another package), for tools that ask it first."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(token_server.address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tensorps.v1.ParameterServer"),
+        ]
+        listing, files = list(call(iter(requests), timeout=10))
+    names = {service.name for service in listing.list_services_response.service}
+    assert "tensorps.v1.ParameterServer" in names
+    (served,) = files.file_descriptor_response.file_descriptor_proto
+    assert served == pb.DESCRIPTOR.serialized_pb
