@@ -41,6 +41,7 @@ CHUNK_BYTES = 1 << 20
 # The largest data message of a reply stream, and what such a message holds besides its data.
 _WHOLE = 1 << 30
 _DATA_OVERHEAD = 32
+_SMALLEST = 64 << 10
 # The bulk reply's values go to the socket in pieces of about this size as they are copied.
 _SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
@@ -281,8 +282,9 @@ def execute(
 ) -> Iterator[bytes]:
     """Run the batch; the reply stream: every result, then the values' bytes. Without `receive_limit`
     (the client's declared tensorps-max-receive-bytes) clients accept messages up to 2 GiB: a tensor goes
-    whole, and the client uses it in place; with it, no data message exceeds it."""
-    most = _WHOLE if receive_limit is None else max(1, min(_WHOLE, receive_limit - _DATA_OVERHEAD))
+    whole, and the client uses it in place; with it, no data message exceeds it (nor, whatever a client
+    declares, falls below 64 KiB: a message per byte would cost both sides more than the reply is worth)."""
+    most = _WHOLE if receive_limit is None else max(_SMALLEST, min(_WHOLE, receive_limit - _DATA_OVERHEAD))
     writer = wire.ChunkWriter(min(CHUNK_BYTES, most), most)
     yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
