@@ -258,3 +258,13 @@ def test_store_and_snapshot_gauges_come_from_their_sources() -> None:
         assert families["tensorps_snapshot_duration_seconds"] == 2.5
     finally:
         store.destroy()
+
+
+def test_readme_lists_every_metric(observed: tuple[ServerProcess, int, str]) -> None:
+    """Every metric family the endpoint serves is in the README's list (the Grafana-ready names)."""
+    _server, port, _directory = observed
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _labels in scrape(port)}
+    assert {"tensorps_calls_total", "tensorps_call_duration_seconds", "tensorps_stored_bytes"} <= families
+    missing = sorted(name for name in families if f"`{name}`" not in readme)
+    assert not missing, f"README's metric list lacks {missing}"
