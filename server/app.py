@@ -214,6 +214,8 @@ def run_worker(
         ops.on_lock_wait = metrics.lock_waited
     health_servicer = SupervisedHealth(status)
     listener = open_bulk(config, index)
+    if listener is not None and metrics is not None:
+        listener.on_transfer = metrics.bulk_transferred
     server, _ = build_server(
         config,
         ops,

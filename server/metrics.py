@@ -111,6 +111,8 @@ class Metrics:
         )
         self.received = Counter("tensorps_received_bytes", "Request message bytes received (gRPC)", kind)
         self.sent = Counter("tensorps_sent_bytes", "Response message bytes sent (gRPC)", kind)
+        self.bulk_received = Counter("tensorps_bulk_received_bytes", "Batch values received over bulk")
+        self.bulk_sent = Counter("tensorps_bulk_sent_bytes", "Batch values sent over the bulk channel")
         self.lock_waits = Histogram(
             "tensorps_lock_wait_seconds", "Waits for a variable's lock stripe", buckets=LOCK_BUCKETS
         )
@@ -155,6 +157,13 @@ class Metrics:
 
     def lock_waited(self, seconds: float) -> None:
         self._lock_wait(seconds)
+
+    def bulk_transferred(self, received: int, sent: int) -> None:
+        """Count one bulk batch's bytes (they travel beside gRPC, outside its message counts)."""
+        if received:
+            self.bulk_received.inc(received)
+        if sent:
+            self.bulk_sent.inc(sent)
 
     # ---- supervisor ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,6 +177,30 @@ def test_refusals_are_counted_and_logged_as_json(observed: tuple[ServerProcess, 
     for text in server.log:
         record = json.loads(text)
         assert {"time", "level", "logger", "message", "pid", "worker"} <= record.keys()
+
+
+def test_bulk_batches_count_their_bytes(observed: tuple[ServerProcess, int, str]) -> None:
+    """A batch whose values travel over the bulk channel counts them there, each way."""
+    server, port, _directory = observed
+    values = {f"m/bulk{i}": np.full(1 << 18, i, np.float32) for i in range(5)}  # 5 x 1 MiB: over bulk
+    with Client(server.address, token=WRITER, timeout=30) as ps:
+        for name, value in values.items():
+            ps.create(name, value=value)
+        before = scrape(port)
+        ps.assign_many(values, read_value=False)
+        got = ps.read_many(list(values))
+        after = scrape(port)
+        for name in values:
+            ps.delete(name)
+    for name, value in values.items():
+        np.testing.assert_array_equal(got[name], value)
+    received = value_of(after, before, "tensorps_bulk_received_bytes_total")
+    sent = value_of(after, before, "tensorps_bulk_sent_bytes_total")
+    assert (received, sent) == (5 << 20, 5 << 20)
+
+
+def value_of(after: dict[Any, float], before: dict[Any, float], name: str) -> float:
+    return value(after, name) - value(before, name)
 
 
 def test_restarted_workers_are_counted_and_counts_survive(observed: tuple[ServerProcess, int, str]) -> None:
