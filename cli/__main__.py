@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from tensorps.cli import bench as _bench  # noqa: F401  (registers its command)
 from tensorps.cli.commands import COMMANDS, Session
@@ -22,8 +23,22 @@ Targets: host:port, or shm:///dev/shm/tensorps-PORT for a server's store on this
 """
 
 
+class _UsageError(Exception):
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises on bad usage, so that --json can report it as JSON too (exit 2 either way)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.format_usage(), message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tensorps",
         description="Inspect and operate a tensorps server: list, read and write variables, server stats, "
         "health, a quick benchmark.",
@@ -43,7 +58,16 @@ def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
     """Run one command; returns its exit code (the console script exits with it)."""
-    args = parser().parse_args(argv)  # exits 2 on bad usage, as argparse does
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(arguments)
+    except _UsageError as exc:
+        err = stderr or sys.stderr
+        print(f"{exc.usage}tensorps: error: {exc.message}", file=err)
+        if "--json" in arguments:
+            error = {"code": "USAGE", "message": exc.message, "exit": USAGE}
+            print(json.dumps({"error": error}), file=stdout or sys.stdout)
+        return USAGE
     out = Output(
         as_json=args.json,
         progress_bars=getattr(args, "progress", None),

@@ -142,6 +142,10 @@ def test_errors_map_to_documented_exit_codes(target: str, name: str, npy: Path, 
     assert tensorps("--target", target, "get", "bad name").code == 1  # INVALID_ARGUMENT, before sending
     assert tensorps("--target", target, "frobnicate").code == 2
     assert tensorps("--target", target, "get").code == 2
+    usage = tensorps("--target", target, "--json", "get")
+    assert usage.code == 2 and usage.json()["error"]["code"] == "USAGE"
+    assert "the following arguments are required: name" in usage.stderr
+    assert tensorps("--target", target, "--timeout", "-1", "ls").code == 2
     assert tensorps("--target", target, "rm", name).code == 0
 
 
