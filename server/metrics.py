@@ -36,6 +36,8 @@ from tensorps.server.store import Store, StoreError
 log = logging.getLogger("tensorps.server")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# tensorps-metrics-<supervisor pid>-<random> in the temporary directory.
+DIRECTORY_PREFIX = "tensorps-metrics-"
 # From 100 µs (a small call on loopback) to 30 s (a large streamed tensor).
 LATENCY_BUCKETS = (
     *(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05),
@@ -93,6 +95,30 @@ class _StoreCollector(Collector):
             )
 
 
+def _sweep_stale_directories() -> None:
+    """Remove the metrics directories of supervisors that died without removing theirs (SIGKILL)."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid, _, rest = name.removeprefix(DIRECTORY_PREFIX).partition("-")
+        if not name.startswith(DIRECTORY_PREFIX) or not pid.isdigit() or not rest:
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its supervisor still runs (or another process has its pid: left alone)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # a process of another user: alive
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed the metrics directory %s of a server that is gone", path)
+
+
 class Metrics:
     """The metrics of one server. Made by the supervisor before it forks; workers inherit and update it.
 
@@ -125,7 +151,8 @@ class Metrics:
     @classmethod
     def enable(cls) -> Metrics:
         """Create the metrics directory and the metrics; call in the supervisor before any fork."""
-        directory = tempfile.mkdtemp(prefix="tensorps-metrics-")
+        _sweep_stale_directories()
+        directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-")
         os.environ[MULTIPROC_ENV] = directory
         # prometheus_client picks its value class when it is imported: once the directory is known, pick
         # again, so that every metric made from here on is backed by the directory's files.

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -293,3 +294,22 @@ def test_readme_lists_every_metric(observed: tuple[ServerProcess, int, str]) -> 
     assert {"tensorps_calls_total", "tensorps_call_duration_seconds", "tensorps_stored_bytes"} <= families
     missing = sorted(name for name in families if f"`{name}`" not in readme)
     assert not missing, f"README's metric list lacks {missing}"
+
+
+def test_a_dead_supervisors_metrics_directory_is_swept(tmp_path: Path) -> None:
+    """A metrics directory left by a supervisor that was killed is removed by the next server's."""
+    dead = subprocess.Popen(["true"])  # a process that has exited: its pid names no supervisor
+    dead.wait()
+    stale = tmp_path / f"tensorps-metrics-{dead.pid}-abcdef"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"")
+    alive = tmp_path / f"tensorps-metrics-{os.getpid()}-abcdef"  # this test's own pid: alive
+    alive.mkdir()
+    other = tmp_path / "tensorps-metrics-notes"
+    other.mkdir()
+    with ServerProcess("--metrics-port", "0", env={"TMPDIR": str(tmp_path)}) as server:
+        match = next(m for line in server.log if (m := METRICS.search(line)))
+        assert Path(match.group(2)).parent == tmp_path
+        assert not stale.exists()
+        assert alive.exists() and other.exists()
+    assert not Path(match.group(2)).exists()
