@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -35,7 +35,6 @@ class Session:
     out: Output
     _connection: Connection | None = None
     _client: Client | None = None
-    _closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def connection(self) -> Connection:

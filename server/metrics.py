@@ -7,8 +7,10 @@ HTTP endpoint adds up the files of every process, those of dead workers included
 down when a worker is replaced. A dead worker's live gauges are dropped (mark_process_dead).
 
 The store's gauges (bytes and variables stored, the budget) are read from the store at scrape time, so they
-are exact whichever worker made the last change. Snapshot gauges come from a function that whoever takes
-snapshots registers (`snapshot_source`): the age and duration of the last snapshot, when there is one.
+are exact whichever worker made the last change. Snapshot gauges come from a function set as the
+supervisor's `Metrics.snapshot_source` (app.serve holds the object): called at each scrape in the
+supervisor, it returns the last finished snapshot's SnapshotStatus (read from what the snapshot left on disk,
+since another process may have taken it), or None while there is none.
 
 Names are listed in the README ("Operating tensorps"); they keep to Prometheus's conventions (base units,
 `_total` counters, `_seconds` and `_bytes`).
