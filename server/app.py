@@ -135,6 +135,8 @@ def build_server(
         bulk=bulk_listener,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
+    if metrics is not None:
+        metrics.watch_staging(servicer.staging)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = server_credentials(config)

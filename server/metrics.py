@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from tensorps.server.staging import Staging
 from tensorps.server.store import Store, StoreError
 
 log = logging.getLogger("tensorps.server")
@@ -133,19 +134,38 @@ class Metrics:
         self.snapshot_source: SnapshotSource | None = None
         self._http: Any = None
         kind = ("service", "method")
-        self.calls = Counter("tensorps_calls", "Calls handled, by method and status code", (*kind, "code"))
+        self.calls = Counter(
+            "tensorps_calls", "Calls handled, by method and status code", (*kind, "code"), registry=None
+        )
         self.latency = Histogram(
-            "tensorps_call_duration_seconds", "Time to handle a call", kind, buckets=LATENCY_BUCKETS
+            "tensorps_call_duration_seconds",
+            "Time to handle a call",
+            kind,
+            buckets=LATENCY_BUCKETS,
+            registry=None,
         )
-        self.received = Counter("tensorps_received_bytes", "Request message bytes received (gRPC)", kind)
-        self.sent = Counter("tensorps_sent_bytes", "Response message bytes sent (gRPC)", kind)
-        self.bulk_received = Counter("tensorps_bulk_received_bytes", "Batch values received over bulk")
-        self.bulk_sent = Counter("tensorps_bulk_sent_bytes", "Batch values sent over the bulk channel")
+        self.received = Counter(
+            "tensorps_received_bytes", "Request message bytes received (gRPC)", kind, registry=None
+        )
+        self.sent = Counter("tensorps_sent_bytes", "Response message bytes sent (gRPC)", kind, registry=None)
+        self.bulk_received = Counter(
+            "tensorps_bulk_received_bytes", "Batch values received over bulk", registry=None
+        )
+        self.bulk_sent = Counter(
+            "tensorps_bulk_sent_bytes", "Batch values sent over the bulk channel", registry=None
+        )
         self.lock_waits = Histogram(
-            "tensorps_lock_wait_seconds", "Waits for a variable's lock stripe", buckets=LOCK_BUCKETS
+            "tensorps_lock_wait_seconds",
+            "Waits for a variable's lock stripe",
+            buckets=LOCK_BUCKETS,
+            registry=None,
         )
-        self.restarts = Counter("tensorps_worker_restarts", "Worker processes that died and were replaced")
-        self.workers = Gauge("tensorps_workers", "Worker processes running", multiprocess_mode="livemax")
+        self.restarts = Counter(
+            "tensorps_worker_restarts", "Worker processes that died and were replaced", registry=None
+        )
+        self.workers = Gauge(
+            "tensorps_workers", "Worker processes running", multiprocess_mode="livemax", registry=None
+        )
         self._per_call: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         self._per_call_lock = threading.Lock()
         self._lock_wait = self.lock_waits.observe
@@ -186,6 +206,25 @@ class Metrics:
 
     def lock_waited(self, seconds: float) -> None:
         self._lock_wait(seconds)
+
+    def watch_staging(self, staging: Staging) -> None:
+        """Follow a worker's staging budget (--max-staging-bytes) and its use (called in the worker: gauges
+        made in the supervisor would show it as one more process with nothing in transit)."""
+        limit = Gauge(
+            "tensorps_staging_limit_bytes",
+            "Each worker's staging budget",
+            multiprocess_mode="livemax",
+            registry=None,
+        )
+        used = Gauge(
+            "tensorps_staging_bytes",
+            "Tensor bytes in transit through a worker",
+            multiprocess_mode="liveall",
+            registry=None,
+        )
+        limit.set(staging.limit)
+        used.set(staging.used)
+        staging.on_change = used.set
 
     def bulk_transferred(self, received: int, sent: int) -> None:
         """Count one bulk batch's bytes (they travel beside gRPC, outside its message counts)."""

@@ -126,6 +126,13 @@ def test_scrape_counts_every_call_exactly_over_two_workers(observed: tuple[Serve
     assert value(after, "tensorps_variables") == 1
     assert value(after, "tensorps_budget_bytes") > 0
     assert value(after, "tensorps_workers") == 2
+    assert staging_by_pid(after) == {pid: 0.0 for pid in clients}  # each worker, nothing in transit now
+    assert value(after, "tensorps_staging_limit_bytes") >= 1 << 20
+
+
+def staging_by_pid(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[int, float]:
+    series = {key: v for key, v in samples.items() if key[0] == "tensorps_staging_bytes"}
+    return {int(dict(labels)["pid"]): v for (_name, labels), v in series.items()}
 
 
 def test_refusals_are_counted_and_logged_as_json(observed: tuple[ServerProcess, int, str]) -> None:
@@ -216,6 +223,7 @@ def test_restarted_workers_are_counted_and_counts_survive(observed: tuple[Server
     restarts = "tensorps_worker_restarts_total"
     assert value(after, restarts) == value(before, restarts) + 1
     assert value(after, "tensorps_workers") == 2
+    assert set(staging_by_pid(after)) == set(server.worker_pids())  # the dead worker's series is gone
     for key, old in before.items():
         if key[0] == "tensorps_calls_total":
             assert after[key] >= old, key
