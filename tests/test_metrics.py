@@ -321,3 +321,22 @@ def test_a_dead_supervisors_metrics_directory_is_swept(tmp_path: Path) -> None:
         assert not stale.exists()
         assert alive.exists() and other.exists()
     assert not Path(match.group(2)).exists()
+
+
+def test_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--metrics-port (off by default, 0, a port, off) and --log-format, also through TENSORPS_*."""
+    from tensorps.server.__main__ import config_from_args
+
+    assert config_from_args([]).metrics_port is None
+    assert config_from_args([]).log_format == "text"
+    assert config_from_args(["--metrics-port", "0"]).metrics_port == 0
+    assert config_from_args(["--metrics-port", "9100", "--log-format", "JSON"]).log_format == "json"
+    assert config_from_args(["--metrics-port", "off"]).metrics_port is None
+    monkeypatch.setenv("TENSORPS_METRICS_PORT", "9101")
+    monkeypatch.setenv("TENSORPS_LOG_FORMAT", "json")
+    config = config_from_args([])
+    assert (config.metrics_port, config.log_format) == (9101, "json")
+    for bad in (["--metrics-port", "70000"], ["--metrics-port", "x"], ["--log-format", "xml"]):
+        with pytest.raises(SystemExit) as exited:
+            config_from_args(bad)
+        assert exited.value.code == 2
