@@ -75,7 +75,8 @@ def add_connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -
     group.add_argument(
         "--timeout",
         type=_seconds,
-        default=default(_seconds(timeout_env) if timeout_env else DEFAULT_TIMEOUT),
+        # A string default goes through `type` too: a bad TENSORPS_TIMEOUT is a usage error (exit 2).
+        default=default(timeout_env or DEFAULT_TIMEOUT),
         help=f"seconds for each call [TENSORPS_TIMEOUT; {DEFAULT_TIMEOUT:g}]",
     )
     group.add_argument(

@@ -269,6 +269,17 @@ def test_tokens_and_tls_options(pki: Pki, tmp_path: Path) -> None:
         assert tensorps(*secure, "--ca-file", str(tmp_path / "none.pem"), "ls").code == 2
 
 
+def test_a_bad_timeout_variable_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, server: ServerProcess
+) -> None:
+    """TENSORPS_TIMEOUT is checked like --timeout: exit 2, with JSON under --json."""
+    monkeypatch.setenv("TENSORPS_TIMEOUT", "soon")
+    result = tensorps("--target", server.address, "--json", "ls")
+    assert result.code == 2 and "--timeout" in result.json()["error"]["message"]
+    monkeypatch.setenv("TENSORPS_TIMEOUT", "5")
+    assert tensorps("--target", server.address, "ls").code == 0
+
+
 def test_console_script_and_environment(server: ServerProcess, name: str, npy: Path) -> None:
     """The installed `tensorps` script runs, reading its target from TENSORPS_TARGET."""
     script = Path(sys.executable).parent / "tensorps"
