@@ -61,3 +61,5 @@ def configure(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python's warnings would otherwise go to stderr as plain text, between the JSON lines.
+    logging.captureWarnings(fmt == "json")
