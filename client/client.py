@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from tensorps.client import arrays, bulk, codec, wire
+from tensorps.client import arrays, bulk, codec, progress, wire
 from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
@@ -392,6 +392,7 @@ class Client(BatchCalls):
     def _read_chunks(
         self, chunks: Iterator[bytes], *, expect_value: bool = True
     ) -> tuple[VariableInfo, Array | None]:
+        report = progress.current()
         try:
             first = pb.ReadChunk.FromString(next(chunks))
             info = _info(first.info)
@@ -408,6 +409,8 @@ class Client(BatchCalls):
                     raise InvalidArgumentError("the server sent chunks out of order")
                 buffer[filled : filled + len(data)] = data
                 filled += len(data)
+                if report is not None:
+                    report(len(data), buffer.nbytes)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         except StopIteration:
@@ -694,9 +697,18 @@ class Client(BatchCalls):
         return codec.tensor_from_parts(response.value, content)
 
     def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
+        report = progress.current()  # here: gRPC consumes chunks() in a thread of its own
+
         def chunks() -> Iterator[bytes]:
             yield pb.WriteChunk(header=header).SerializeToString()
-            yield from wire.data_chunks(array, CHUNK_BYTES)
+            if report is None:
+                yield from wire.data_chunks(array, CHUNK_BYTES)
+                return
+            left = array.nbytes
+            for message in wire.data_chunks(array, CHUNK_BYTES):
+                yield message
+                report(min(CHUNK_BYTES, left), array.nbytes)
+                left -= CHUNK_BYTES
 
         metadata = self._call_metadata(write=True)
         with self._deadline:

@@ -348,6 +348,8 @@ def execute_bulk(
         sender.finish()
         listener.pool.reply_bytes = gather.nbytes
         end_of_data(conn)
+        if listener.on_transfer is not None:
+            listener.on_transfer(planned.total, gather.nbytes)
         yield results
     finally:
         ticket.close()
