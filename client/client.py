@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from tensorps.client import bulk, codec, wire
+from tensorps.client import arrays, bulk, codec, progress, wire
 from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
@@ -46,6 +46,7 @@ BULK_TLS_FACTOR = 8
 _PREFIXES_KEPT = 1024
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
+_RECEIVE_LIMIT = ("tensorps-max-receive-bytes", str(_MAX_MESSAGE))
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
 # Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
@@ -363,10 +364,12 @@ class Client(BatchCalls):
         return stub
 
     def _call_metadata(self, write: bool) -> tuple[tuple[str, str], ...] | None:
-        """The call's metadata; a write carries a fresh request id, which its retries repeat."""
+        """The call's metadata; a write carries a fresh request id, which its retries repeat, and the
+        largest reply this client accepts (the server refuses, before applying, a write whose reply
+        would exceed it)."""
         if not write:
             return self._metadata
-        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)))
+        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)), _RECEIVE_LIMIT)
 
     def _unary(self, method: str, request: bytes, *, idempotent: bool = False, write: bool = False) -> bytes:
         """One unary call, retried on UNAVAILABLE if idempotent or a write (made exactly-once by its id)."""
@@ -402,6 +405,7 @@ class Client(BatchCalls):
     def _read_chunks(
         self, chunks: Iterator[bytes], *, expect_value: bool = True
     ) -> tuple[VariableInfo, Array | None]:
+        report = progress.current()
         try:
             first = pb.ReadChunk.FromString(next(chunks))
             info = _info(first.info)
@@ -418,6 +422,8 @@ class Client(BatchCalls):
                     raise InvalidArgumentError("the server sent chunks out of order")
                 buffer[filled : filled + len(data)] = data
                 filled += len(data)
+                if report is not None:
+                    report(len(data), buffer.nbytes)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         except StopIteration:
@@ -442,11 +448,12 @@ class Client(BatchCalls):
     # ---- values --------------------------------------------------------------------------------
 
     def _as_array(self, name: str, value: Any, dtype: DType | None = None) -> Array:
-        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly
-        (`dtype`, else the cached or fetched one). The name has been checked."""
+        """Array data (numpy, `__dlpack__`, `__array__`: arrays.py) is sent as it is (never cast); Python
+        values take the variable's dtype losslessly (`dtype`, else the cached or fetched one). The name has
+        been checked. Every method that takes a value converts it here."""
         try:
-            if isinstance(value, np.ndarray | np.generic):
-                array = np.asarray(value)
+            array = arrays.as_array(value)
+            if array is not None:
                 codec.dtype_of(array.dtype)
                 return codec.as_wire_array(array)
             if dtype is None:
@@ -475,15 +482,21 @@ class Client(BatchCalls):
         """create()'s arguments checked: the dtype, the declared shape and the initial value as an array."""
         name = self._checked(name)
         try:
-            declared = codec.dtype_of(dtype) if dtype is not None else None
+            declared = arrays.dtype_of(dtype) if dtype is not None else None
             dims = codec.validate_shape(shape) if shape is not None else None
         except CodecError as exc:
             raise InvalidArgumentError(str(exc)) from None
         if value is None and declared is None:
             raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
-        if value is not None and declared is None and not isinstance(value, np.ndarray | np.generic):
-            raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
-        array = None if value is None else self._as_array(name, value, declared)
+        array = None
+        if value is not None:
+            try:
+                data = arrays.as_array(value)
+            except CodecError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            if data is None and declared is None:
+                raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
+            array = self._as_array(name, value if data is None else data, declared)
         dtype = declared if array is None else codec.dtype_of(array.dtype)
         if declared is not None and dtype != declared:
             raise InvalidArgumentError(
@@ -650,8 +663,12 @@ class Client(BatchCalls):
     def _write(self, name: str, value: Any, op: int, flags: WriteFlags) -> Any:
         """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
         name = self._checked(name)
-        if isinstance(value, np.ndarray | np.generic):
-            return self._send_write(name, self._as_array(name, value), op, flags)
+        try:
+            array = arrays.as_array(value)
+        except CodecError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        if array is not None:
+            return self._send_write(name, self._as_array(name, array), op, flags)
         with self._deadline:  # one deadline, also for a retry with a refreshed dtype
             cached = self._dtypes.get(name)
             try:
@@ -703,9 +720,18 @@ class Client(BatchCalls):
         return codec.tensor_from_parts(response.value, content)
 
     def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
+        report = progress.current()  # here: gRPC consumes chunks() in a thread of its own
+
         def chunks() -> Iterator[bytes]:
             yield pb.WriteChunk(header=header).SerializeToString()
-            yield from wire.data_chunks(array, CHUNK_BYTES)
+            if report is None:
+                yield from wire.data_chunks(array, CHUNK_BYTES)
+                return
+            left = array.nbytes
+            for message in wire.data_chunks(array, CHUNK_BYTES):
+                yield message
+                report(min(CHUNK_BYTES, left), array.nbytes)
+                left -= CHUNK_BYTES
 
         metadata = self._call_metadata(write=True)
         with self._deadline:

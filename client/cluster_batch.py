@@ -18,7 +18,6 @@ import numpy as np
 
 from tensorps.client import codec, placement
 from tensorps.client.batch import BatchError, Pipeline
-from tensorps.client.codec import CodecError
 from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
 from tensorps.client.placement import PartitionSpec
 
@@ -63,26 +62,6 @@ def join_values(values: list[Array]) -> Array:
     joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
     joined.flags.writeable = False
     return joined
-
-
-def logical_value(spec: PartitionSpec, value: Any, op: str) -> Array:
-    """A value for a whole partitioned variable, checked as the server checks a write of it (see
-    refusal); numpy values are never cast, Python values take the variable's dtype."""
-    array = as_logical_array(spec, value)
-    refused = refusal(spec, array, op)
-    if refused is not None:
-        raise refused
-    return array
-
-
-def as_logical_array(spec: PartitionSpec, value: Any) -> Array:
-    """The value as an array, converted as the client converts one for a plain variable."""
-    try:
-        if isinstance(value, np.ndarray | np.generic):
-            return codec.as_wire_array(np.asarray(value))
-        return codec.from_python(value, spec.dtype, name=spec.name)
-    except CodecError as exc:
-        raise InvalidArgumentError(str(exc)) from None
 
 
 def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
@@ -151,6 +130,11 @@ class ClusterPipeline:
         """One operation on the variable `name` (not partitioned): its result is the shard's."""
         return self._add(name, [self._on(name, method, name, *args, **kwargs)], first_result)
 
+    def _logical_array(self, spec: PartitionSpec, value: Any) -> Array:
+        """A value for a whole partitioned variable, converted as the client converts any value (array
+        data as it is, Python values to the variable's dtype)."""
+        return self._cluster.shards[0]._as_array(spec.name, value, spec.dtype)
+
     def _spec(self, name: object) -> PartitionSpec | None:
         return self._cluster.layouts.get(self._cluster._checked(name))
 
@@ -168,7 +152,12 @@ class ClusterPipeline:
         """A partitioned variable's layout and parts queued for creation (each an operation of its own)."""
         layout = placement.layout_name(spec.name)
         pieces = [self._on(layout, "create", layout, value=spec.encode())]
-        array = None if value is None else logical_value(spec, value, "Assign")
+        array = None
+        if value is not None:
+            array = self._logical_array(spec, value)
+            refused = refusal(spec, array, "Assign")
+            if refused is not None:
+                raise refused
         values: list[Array | None] = [None] * spec.parts if array is None else list(spec.split(array))
         for part, shape, part_value in zip(spec.part_names, spec.part_shapes(), values, strict=True):
             pieces.append(
@@ -205,7 +194,7 @@ class ClusterPipeline:
         if spec is None:
             return self._single(name, method, value, **flags)
         read_value = self._cluster._checked_flag(flags["read_value"], "read_value")
-        array = as_logical_array(spec, value)
+        array = self._logical_array(spec, value)
         refused = refusal(spec, array, op)
         if refused is not None:
             # As on one server: a value that converts but does not fit fails when the batch runs.

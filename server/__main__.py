@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from tensorps.server import cluster
+from tensorps.server import cluster, logs
 from tensorps.server.app import StartupError, serve
 from tensorps.server.config import BULK_OFF, ServerConfig
+from tensorps.server.logs import FORMATS
 
 _DEFAULTS = ServerConfig()
 
@@ -34,6 +34,20 @@ def bulk_port(text: str) -> int:
     cleaned = text.strip().lower()
     if cleaned in ("off", "-1", "no", "none", "false"):
         return BULK_OFF
+    try:
+        port = int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}")
+    return port
+
+
+def metrics_port(text: str) -> int | None:
+    """--metrics-port: a port number, 0 (a free one), or off."""
+    cleaned = text.strip().lower()
+    if cleaned in ("", "off", "no", "none", "false"):
+        return None
     try:
         port = int(cleaned)
     except ValueError:
@@ -150,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
         "token-file",
         str,
         None,
-        "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on "
-        "SIGHUP (a missing or broken file keeps the previous tokens); every call but health checks needs one",
+        "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on SIGHUP (a missing or "
+        "broken file keeps the previous tokens); every call but health checks and reflection needs one",
     )
     flag(
         "bulk-port",
@@ -161,6 +175,28 @@ def parser() -> argparse.ArgumentParser:
         "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
     )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
+    flag(
+        "log-format",
+        str.lower,
+        d.log_format,
+        "text, or json: one JSON object per line (time, level, logger, message, pid, worker, and fields "
+        "such as peer, method, code, reason) for log collectors",
+        choices=FORMATS,
+    )
+    flag(
+        "metrics-port",
+        metrics_port,
+        None,
+        "serve Prometheus metrics of every worker at http://HOST:PORT/metrics from the supervisor "
+        "(0: a free port, logged; off by default)",
+    )
+    flag(
+        "no-reflection",
+        bool,
+        False,
+        "do not serve gRPC server reflection (grpc.reflection.v1alpha and v1; by default on and, like "
+        "health, open without a token, so that grpcurl and buf curl work without the .proto)",
+    )
     flag(
         "cluster",
         cluster_members,
@@ -188,6 +224,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = vars(p.parse_args(argv))
     known = {f.name for f in fields(ServerConfig)}
     values = {key: value for key, value in args.items() if key in known}
+    values["reflection"] = not args["no_reflection"]
     for key, least in _MINIMUM.items():
         if values[key] < least:
             p.error(f"--{key.replace('_', '-')} must be at least {least}")
@@ -210,11 +247,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s tensorps[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
     try:
         code = serve(config)
     except StartupError as exc:

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
+import numpy as np
 
-from tensorps.client import codec, wire
+from tensorps.client import codec, tfproto, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.server.batch import (
     ASSIGN,
@@ -37,6 +38,10 @@ from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# The largest data message of a reply stream, and what such a message holds besides its data.
+_WHOLE = 1 << 30
+_DATA_OVERHEAD = 32
+_SMALLEST = 64 << 10
 # The bulk reply's values go to the socket in pieces of about this size as they are copied.
 _SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
@@ -44,13 +49,16 @@ _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
 
 class _Layout(NamedTuple):
     """Where an operation's value lies in the batch's data; `refused`: the op's own limit error (a batch in
-    order answers it for that operation alone, as its single call would)."""
+    order answers it for that operation alone, as its single call would). `inline`: a value the header
+    carries itself (tensor_content or TensorFlow's typed values, checked: tfproto.values), which takes no
+    bytes of the data (nbytes 0) and is filled to its shape once the batch's staging holds room for it."""
 
     dtype: DType
     shape: Shape
     offset: int
     nbytes: int
     refused: ResourceExhausted | None = None
+    inline: np.ndarray[Any, Any] | None = None
 
 
 def _flag(op: pb.BatchOp, field: str, default: bool) -> bool:
@@ -61,10 +69,13 @@ def _where(index: int, op: pb.BatchOp) -> str:
     return f"operation {index} ({OP_NAMES.get(op.kind, f'kind {op.kind}')} of '{op.name}')"
 
 
-def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[list[_Layout | None], int]:
-    """Every operation's value layout and the batch's total bytes, refused before any data is received."""
+def plan_header(
+    header: pb.BatchHeader, ops: Ops, *, read_only: bool
+) -> tuple[list[_Layout | None], int, int]:
+    """Every operation's value layout, the bytes of values the data carries and those of the values the
+    header carries (inline), refused before any data is received."""
     layouts: list[_Layout | None] = []
-    total = 0
+    total = inline_total = 0
     for index, op in enumerate(header.ops):
         try:
             if op.kind not in OP_NAMES:
@@ -78,8 +89,6 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
                 continue
             if op.kind not in (ASSIGN, *_UPDATES, CREATE):
                 raise CodecError("this operation takes no value")
-            if op.value.tensor_content:
-                raise CodecError("a batch value's bytes belong in the stream's data, not in tensor_content")
             dtype, shape = codec.tensor_header_from_proto(op.value)
             refused = None
             try:
@@ -88,6 +97,13 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
                 if header.atomic:
                     raise
                 refused, nbytes = exc, codec.nbytes_of(shape, dtype)
+            if tfproto.has_values(op.value):
+                # TensorFlow's own encoding in the header (tf.make_tensor_proto's output as it is).
+                content = op.value.tensor_content
+                inline = None if refused else tfproto.values(op.value, content, dtype, shape, what="value")
+                layouts.append(_Layout(dtype, shape, total, 0, refused, inline))
+                inline_total += 0 if refused else nbytes
+                continue
             layouts.append(_Layout(dtype, shape, total, nbytes, refused))
             total += nbytes
         except CodecError as exc:
@@ -95,11 +111,11 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
         except (PermissionDenied, ResourceExhausted) as exc:
             raise type(exc)(f"{_where(index, op)}: {exc}") from None
     budget = ops.store.limits.max_total_bytes
-    if total > budget:
+    if total + inline_total > budget:
         raise ResourceExhausted(
-            f"the batch holds {total} bytes of values, more than the server's budget {budget}"
+            f"the batch holds {total + inline_total} bytes of values, more than the server's budget {budget}"
         )
-    return layouts, total
+    return layouts, total, inline_total
 
 
 def decode_ops(
@@ -113,7 +129,9 @@ def decode_ops(
             if layout is not None and layout.refused is not None:
                 decoded.append(BatchOp(op.kind, op.name, refused=layout.refused))
                 continue
-            if layout is not None:
+            if layout is not None and layout.inline is not None:
+                value = tfproto.expand(layout.inline, layout.dtype, layout.shape)
+            elif layout is not None:
                 value = codec.array_from_buffer(
                     view(layout.offset, layout.nbytes), layout.dtype, layout.shape
                 )
@@ -149,12 +167,12 @@ def decode_ops(
 
 def _header(
     chunk: pb.BatchChunk, ops: Ops, *, read_only: bool
-) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
+) -> tuple[pb.BatchHeader, list[_Layout | None], int, int]:
     """The first message's header, every operation checked and its value placed (no data taken yet)."""
     if not chunk.HasField("header"):
         raise CodecError("the first message of a batch has no header")
-    layouts, total = plan_header(chunk.header, ops, read_only=read_only)
-    return chunk.header, layouts, total
+    layouts, total, inline = plan_header(chunk.header, ops, read_only=read_only)
+    return chunk.header, layouts, total, inline
 
 
 class Planned(NamedTuple):
@@ -163,6 +181,7 @@ class Planned(NamedTuple):
     header: pb.BatchHeader
     layouts: list[_Layout | None]
     total: int  # bytes of values the data carries
+    inline: int  # bytes of the values the header carries, once filled to their shapes
 
 
 def start(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[Planned, bytes]:
@@ -187,10 +206,10 @@ def receive_rest(
 ) -> list[BatchOp]:
     """The operations of a started batch stream, their values received from the stream's data (their bytes
     reserved in `staging` before they are taken in)."""
-    header, layouts, total = planned
+    header, layouts, total, inline = planned
     # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
     # whole), until ops copy them into the store: memory in transit.
-    staging.grow(total)
+    staging.grow(total + inline)
     received = wire.Received(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
@@ -203,10 +222,10 @@ def receive_rest(
     return decode_ops(header, layouts, received.view)
 
 
-def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
+def receive_one(raw: bytes, ops: Ops, *, read_only: bool, staging: Reservation) -> tuple[list[BatchOp], bool]:
     """A batch sent as one message (Batch): the header and every value's bytes at once."""
     chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
-    header, layouts, total = _header(chunk, ops, read_only=read_only)
+    header, layouts, total, inline = _header(chunk, ops, read_only=read_only)
     if header.bulk:
         raise CodecError("a Batch call cannot use the bulk channel: send a bulk batch with BatchStream")
     if chunk.offset or data.nbytes != total:
@@ -214,6 +233,7 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
             f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
             f"its header needs {total} at 0"
         )
+    staging.grow(inline)
     return decode_ops(header, layouts, lambda offset, nbytes: data[offset : offset + nbytes]), header.atomic
 
 
@@ -252,11 +272,20 @@ def _run(
 
 
 def execute(
-    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    request: bytes | None,
+    staging: Reservation,
+    *,
+    receive_limit: int | None = None,
 ) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes."""
-    # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
-    writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
+    """Run the batch; the reply stream: every result, then the values' bytes. Without `receive_limit`
+    (the client's declared tensorps-max-receive-bytes) clients accept messages up to 2 GiB: a tensor goes
+    whole, and the client uses it in place; with it, no data message exceeds it (nor, whatever a client
+    declares, falls below 64 KiB: a message per byte would cost both sides more than the reply is worth)."""
+    most = _WHOLE if receive_limit is None else max(_SMALLEST, min(_WHOLE, receive_limit - _DATA_OVERHEAD))
+    writer = wire.ChunkWriter(min(CHUNK_BYTES, most), most)
     yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
 
@@ -298,7 +327,7 @@ def execute_bulk(
                 f"no bulk connection presented this call's ticket within {idle:.1f} s", "DEADLINE_EXCEEDED"
             )
         accept(conn, idle)
-        staging.grow(planned.total)  # the pooled buffer counts in the worker's staging budget
+        staging.grow(planned.total + planned.inline)  # the pooled buffer counts in the staging budget
         buffer = listener.pool.take(planned.total)
         receive_into(conn, buffer, idle)
         view = buffer.data
@@ -319,6 +348,8 @@ def execute_bulk(
         sender.finish()
         listener.pool.reply_bytes = gather.nbytes
         end_of_data(conn)
+        if listener.on_transfer is not None:
+            listener.on_transfer(planned.total, gather.nbytes)
         yield results
     finally:
         ticket.close()
