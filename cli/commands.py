@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -21,6 +21,8 @@ from tensorps.cli.options import Connection
 from tensorps.cli.output import Output, info_json, nbytes, shape_text, summary, summary_text, table
 from tensorps.client import AlreadyExistsError, Client, NotFoundError, VariableInfo
 from tensorps.client import codec as tensor_codec
+from tensorps.client.cluster import ClusterClient, members_of
+from tensorps.client.cluster import is_cluster_target as is_cluster
 from tensorps.client.codec import CodecError
 from tensorps.client.errors import from_rpc_error
 
@@ -281,6 +283,9 @@ def _worker_pids(session: Session, workers: int) -> list[int]:
 
 @command("stats", "server info: version, store, variables, bytes and budget, workers and their pids")
 def stats(session: Session) -> int | None:
+    if isinstance(session.client, ClusterClient):
+        _cluster_stats(session, session.client)
+        return None
     served = session.client.server_info()
     local = session.connection.local
     pids = [] if local else _worker_pids(session, served.workers)
@@ -313,25 +318,62 @@ def stats(session: Session) -> int | None:
     return None
 
 
+def _cluster_stats(session: Session, client: ClusterClient) -> None:
+    """stats of a cluster target ("a,b,c" or cluster://a): one entry per shard."""
+    shards = [
+        {
+            "shard": index,
+            "member": member,
+            "version": served.version,
+            "store": served.store,
+            "variables": served.variables,
+            "used_bytes": served.used_bytes,
+            "max_total_bytes": served.max_total_bytes,
+            "workers": served.workers,
+        }
+        for index, (member, served) in enumerate(zip(client.members, client.server_info(), strict=True))
+    ]
+    lines = [f"target:     {session.connection.target} (a cluster of {len(shards)})"]
+    lines += [
+        f"shard {s['shard']}:    {s['member']}: {s['variables']} variables, {s['used_bytes']} of "
+        f"{s['max_total_bytes']} bytes, {s['workers']} workers, store {s['store']}"
+        for s in shards
+    ]
+    session.out.result({"target": session.connection.target, "shards": shards}, "\n".join(lines))
+
+
 def _health_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service", default="", help="service to check ('' is the whole server)")
+
+
+def _health_of(connection: Connection, service: str) -> str:
+    with connection.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = stub.Check(request, timeout=connection.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 @command("health", "grpc.health.v1 check: exit 0 if SERVING, 5 if not", _health_arguments)
 def health(session: Session) -> int | None:
     connection = session.connection
+    members = members_of(connection.target) if is_cluster(connection.target) else []
+    if members:
+        # A cluster: every member is checked; it serves when they all do.
+        statuses = {m: _health_of(replace(connection, target=m), session.args.service) for m in members}
+        serving = all(status == "SERVING" for status in statuses.values())
+        status = "SERVING" if serving else "NOT_SERVING"
+        text = "\n".join(f"{m}: {s}" for m, s in statuses.items())
+        session.out.result({"target": connection.target, "status": status, "shards": statuses}, text)
+        return None if serving else UNREACHABLE
     if connection.local:
         # No server in between: the store itself is what must be there (the client checks it opens).
         session.client.server_info()
         status = "SERVING"
     else:
-        with connection.channel() as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service=session.args.service)
-            try:
-                reply = stub.Check(request, timeout=connection.timeout)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
-        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        status = _health_of(connection, session.args.service)
     session.out.result({"target": connection.target, "status": status}, f"{connection.target}: {status}")
     return None if status == "SERVING" else UNREACHABLE

@@ -71,6 +71,11 @@ def members_of(target: str | Sequence[str]) -> list[str]:
     return members
 
 
+def is_cluster_target(target: object) -> bool:
+    """Whether Client(target) is a ClusterClient: a list, "a:1,b:2" or "cluster://a:1"."""
+    return not isinstance(target, str) or "," in target or target.startswith(SCHEME)
+
+
 class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
     """A client of a cluster of tensorps servers (see the module); the options are Client's, for every
     server. server_info() returns one ServerInfo per shard, in shard order."""

@@ -574,3 +574,26 @@ def test_partitioned_variables_created_in_batches(cc: ClusterClient) -> None:
     whole(cc)
     with Client(cc.target, timeout=30) as fresh:
         whole(fresh)
+
+
+def test_admin_cli_on_a_cluster_target(cluster: LocalCluster, cc: ClusterClient) -> None:
+    """The admin CLI with a cluster target: ls and get see partitioned variables whole, stats reports
+    every shard, health checks every member."""
+    prefix = _unique("cli")
+    cc.create(
+        prefix + "emb",
+        value=np.arange(12, dtype=np.float32).reshape(6, 2),
+        partitioner=fixed_size_partitioner(3),
+    )
+    cli = [sys.executable, "-m", "tensorps.cli", "--target", cluster.target]
+    listed = run([*cli, "ls", prefix], timeout=60)
+    assert listed.returncode == 0 and re.search(
+        rf"^{re.escape(prefix)}emb +float32 +\(6, 2\)", listed.stdout, re.M
+    )
+    got = run([*cli, "get", prefix + "emb"], timeout=60)
+    assert got.returncode == 0 and "max: 11.0" in got.stdout, got.stdout + got.stderr
+    stats = run([*cli, "stats"], timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    assert [f"shard {i}:    {m}" in stats.stdout for i, m in enumerate(cluster.members)] == [True] * 3
+    health = run([*cli, "health"], timeout=60)
+    assert health.returncode == 0 and health.stdout.count(": SERVING") == 3, health.stdout + health.stderr
