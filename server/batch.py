@@ -32,9 +32,10 @@ from tensorps.client.codec import (
     dtype_of,
     validate_name,
 )
-from tensorps.server import commits
+from tensorps.server import commits, row_ops
 from tensorps.server.ops import (
     NO_REQUEST,
+    Aborted,
     AlreadyExists,
     Info,
     InvalidArgument,
@@ -48,6 +49,7 @@ from tensorps.server.ops import (
     created_descriptor,
 )
 from tensorps.server.requests import INLINE, Applied, pack_applied
+from tensorps.server.row_ops import GATHER, ROW_KINDS, ROW_WRITES, RowArgs
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -68,7 +70,7 @@ READ, INFO, DELETE, READ_PREFIX = (
     pb.BATCH_OP_DELETE,
     pb.BATCH_OP_READ_PREFIX,
 )
-WRITES = frozenset((CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB, DELETE))
+WRITES = frozenset((CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB, DELETE, *ROW_WRITES))
 OP_NAMES: dict[int, str] = {
     CREATE: "CreateVariable",
     ASSIGN: "Assign",
@@ -78,6 +80,7 @@ OP_NAMES: dict[int, str] = {
     INFO: "GetVariable",
     DELETE: "DeleteVariable",
     READ_PREFIX: "Read prefix",
+    **row_ops.OP_NAMES,
 }
 
 
@@ -94,6 +97,7 @@ class BatchOp(NamedTuple):
     read_value: bool = True
     request: bytes | None = None  # this operation's request id (exactly-once retries), if any
     refused: OpError | None = None  # refused before it ran (a limit of its value): its outcome
+    rows: RowArgs | None = None  # a row op's or optimizer's slots, inputs and attributes
 
 
 class Result(NamedTuple):
@@ -187,6 +191,8 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                     continue  # deleted or reset since the listing
         return found
     name = _checked_name(op.name)
+    if kind in ROW_KINDS:
+        return [_run_row(ops, index, op, consume)]
     if kind == CREATE:
         assert op.dtype is not None
         return [Result(index, ops.create(name, op.dtype, op.shape, op.value, request=op.request))]
@@ -223,6 +229,21 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
     raise InvalidArgument(f"unknown batch operation kind {kind}")
 
 
+def _run_row(ops: Ops, index: int, op: BatchOp, consume: Consume) -> Result:
+    """A row op or optimizer as its single call (row_ops)."""
+    args = op.rows or RowArgs()
+    for slot in args.slots:
+        _checked_name(slot)
+    row_ops.check_names(op.kind, op.name, args)
+    if op.kind == GATHER:
+        info, found = row_ops.gather(ops, op.name, args)
+        return Result(index, info, consume(info, found))
+    info, value = row_ops.update(
+        ops, op.kind, op.name, args, use_locking=op.use_locking, read_value=op.read_value, request=op.request
+    )
+    return Result(index, info, None if value is None else consume(info, value))
+
+
 @dataclass
 class _Var:
     """A variable as the batch leaves it so far."""
@@ -255,10 +276,15 @@ class _Atomic:
             if op.kind != READ_PREFIX:
                 try:
                     _checked_name(op.name)
+                    if op.rows is not None:
+                        for slot in op.rows.slots:
+                            _checked_name(slot)
+                        row_ops.check_names(op.kind, op.name, op.rows)
                 except OpError as error:
                     raise BatchFailed(index, op, error) from None
         prefixes = [op.name for op in self.batch if op.kind == READ_PREFIX]
         named = {op.name for op in self.batch if op.kind != READ_PREFIX}
+        named.update(slot for op in self.batch if op.rows is not None for slot in op.rows.slots)
         locks = self.ops.locks
         writes = any(op.kind in WRITES for op in self.batch)
         listed = {prefix: self.store.names(prefix) for prefix in prefixes}
@@ -329,6 +355,20 @@ class _Atomic:
                 made = op.value is not None
                 current = current._replace(version=found[0].version if found else int(made), initialized=made)
             self.results.append(Result(index, _info(name, current)))
+        elif op.kind == GATHER:
+            self._plan_row(index, op)  # a read: reads anew
+        elif op.kind in ROW_WRITES:
+            var, d = self._existing(name)
+            found = self.ops.applied(name, slot, op.request)
+            version = found[0].version if found else d.version
+            info = _info(name, d)._replace(version=version)
+            if op.read_value and not (found and found[1]):
+                raise Aborted(
+                    f"{OP_NAMES[op.kind]} of variable '{name}' was applied already (version {version}); the "
+                    "value it produced is no longer known: read the variable"
+                )
+            value = self.consume(info, self._value(var, d)) if op.read_value else None
+            self.results.append(Result(index, info, value))
         elif op.kind == READ:
             var, d = self._existing(name)
             check_readable(name, d)
@@ -410,8 +450,33 @@ class _Atomic:
                 raise BatchFailed(index, op, error) from None
         return last_write
 
+    def _plan_row(self, index: int, op: BatchOp) -> None:
+        """A row op or optimizer: computed against the batch's state so far, its writes kept pending."""
+        written, found = row_ops.plan_atomic(
+            op.kind, op.name, op.rows or RowArgs(), self._existing, self._value
+        )
+        if found is not None:
+            _var, d = self._existing(op.name)
+            info = _info(op.name, d)
+            self.results.append(Result(index, info, self.consume(info, found)))
+            return
+        infos = []
+        for position, (name, var, current, new) in enumerate(written):
+            self._supersede(name, var)
+            request = (op.request or NO_REQUEST) if position == 0 else NO_REQUEST
+            var.value = new
+            var.d = Descriptor(
+                current.dtype, True, new.shape, current.version + 1, new.nbytes, request=request
+            )
+            infos.append(_info(name, var.d))
+        info = infos[0]
+        self.results.append(Result(index, info, self.consume(info, written[0][3]) if op.read_value else None))
+
     def _plan_one(self, index: int, op: BatchOp) -> None:
         name, kind = op.name, op.kind
+        if kind in ROW_KINDS:
+            self._plan_row(index, op)
+            return
         if kind == CREATE:
             var = self._var(name)
             if var.d is not None:
