@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,7 +74,7 @@ def test_scatter_kinds_with_duplicates(ps: Client, name: str, kind: str) -> None
     info = getattr(ps, f"scatter_{kind}")(name, idx, upd)
     assert isinstance(info, VariableInfo) and info.version == 2 and info.shape == (6, 2)
     expected = value.copy()
-    combine = {
+    combine: Callable[[Any, Any], Any] = {  # type: ignore[assignment]
         "update": lambda a, b: b,
         "add": np.add,
         "sub": np.subtract,
