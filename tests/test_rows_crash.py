@@ -1,0 +1,123 @@
+"""Locked sparse updates and crashes: a process killed at any instant leaves all or none of its rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import ServerProcess, fresh_store_path
+from tensorps.client import Client, TensorPSError
+from tensorps.client.codec import dtype_of
+from tensorps.server.ops import Ops
+from tensorps.server.store import Store
+
+CHILD = str(Path(__file__).with_name("rows_child.py"))
+KILLS = 12 if os.environ.get("TENSORPS_SLOW") == "1" else 3
+SHAPE = (4000, 8)
+
+
+@pytest.fixture
+def ops() -> Iterator[Ops]:
+    store = Store.open(fresh_store_path(), max_total_bytes=1 << 28)
+    ops = Ops(store)
+    for name in ("t", "t/accum"):
+        ops.create(name, dtype_of("float32"), None, np.full(SHAPE, 1.0, np.float32))
+    yield ops
+    store.destroy()
+
+
+def _die(ops: Ops, where: str, *names: str) -> None:
+    child = subprocess.run([sys.executable, CHILD, ops.store.path, where, *names], check=False, timeout=60)
+    assert child.returncode == 9, "the child should have died inside the update"
+
+
+def _value(ops: Ops, name: str) -> np.ndarray:
+    return ops.read(name, lambda _info, view: view.copy())
+
+
+def _records(ops: Ops) -> list[str]:
+    return [n for n in os.listdir(ops.store.path) if n.startswith(("undo-", "new-undo-"))]
+
+
+@pytest.mark.parametrize("names", [("t",), ("t", "t/accum")], ids=["scatter_add", "sparse_apply_adagrad"])
+def test_death_amid_the_rows_restores_every_old_row(ops: Ops, names: tuple[str, ...]) -> None:
+    """Killed with half its rows written: the next holder of the stripe puts back every old row of the
+    variable and its slot, and counts no version."""
+    _die(ops, "ready", *names)
+    for name in names:
+        np.testing.assert_array_equal(_value(ops, name), np.ones(SHAPE, np.float32))
+        assert ops.info(name).version == 1
+    assert not _records(ops)
+
+
+@pytest.mark.parametrize("names", [("t",), ("t", "t/accum")], ids=["scatter_add", "sparse_apply_adagrad"])
+def test_death_after_the_last_row_counts_the_update(ops: Ops, names: tuple[str, ...]) -> None:
+    """Killed after its last row, before its versions: the update stands whole and is counted once."""
+    _die(ops, "written", *names)
+    rows = np.arange(0, 2000, 2)
+    value = _value(ops, names[0])
+    assert len({float(x) for x in value[rows].ravel()}) == 1 and value[rows[0], 0] != 1.0
+    np.testing.assert_array_equal(np.delete(value, rows, axis=0), 1.0)
+    for name in names:
+        assert ops.info(name).version == 2
+    assert not _records(ops)
+
+
+def test_death_while_saving_the_old_rows_changes_nothing(ops: Ops) -> None:
+    """Killed while writing its undo record: no row was touched; the half record is dropped."""
+    _die(ops, "prepare", "t")
+    np.testing.assert_array_equal(_value(ops, "t"), np.ones(SHAPE, np.float32))
+    assert ops.info("t").version == 1
+    ops.store.sweep()
+    assert not _records(ops)
+
+
+def test_sigkilled_worker_during_large_locked_scatters_leaves_all_or_none() -> None:
+    """A worker SIGKILLed at random moments while it applies locked scatter_adds of 200,000 rows: every
+    touched row holds the same count (all or none of each update), untouched rows none (3 kills; 12 in the
+    slow profile)."""
+    rows = np.arange(0, 400_000, 2, dtype=np.int64)
+    with ServerProcess(workers=1) as server, Client(server.address, timeout=60) as ps:
+        ps.create("emb", value=np.zeros((400_000, 4), np.float32))
+        rng = np.random.default_rng(5)
+        for round_ in range(KILLS):
+            pid = ps.server_info().pid
+            writer = threading.Thread(target=_scatter, args=(server.address, rows))
+            writer.start()
+            time.sleep(float(rng.uniform(0.0, 0.3)))
+            os.kill(pid, signal.SIGKILL)
+            writer.join(60)
+            value = _wait_for_table(server.address)
+            touched = {float(x) for x in value[rows].ravel()}
+            assert len(touched) == 1, f"round {round_}: a partial update {sorted(touched)[:5]}"
+            assert not value[1::2].any()
+
+
+def _scatter(address: str, rows: np.ndarray) -> None:
+    try:
+        with Client(address, timeout=60) as ps:
+            for _ in range(50):
+                ps.scatter_add("emb", rows, np.float32(1), use_locking=True)
+    except TensorPSError:
+        pass
+
+
+def _wait_for_table(address: str) -> np.ndarray:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with Client(address, timeout=30) as ps:
+                return ps.read("emb")
+        except TensorPSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
