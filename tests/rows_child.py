@@ -48,7 +48,7 @@ def main() -> None:
             os._exit(9)
         original_add(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    undo.UndoRecord.state = state  # type: ignore[method-assign]
+    undo.UndoRecord.state = state  # type: ignore[method-assign,assignment]
     undo.UndoRecord.add = add  # type: ignore[method-assign]
     width = ops.read(name, lambda info, view: view.shape[1])
     grad = np.ones((len(ROWS), width), np.float32)
