@@ -18,7 +18,7 @@ from tensorps.client import codec
 from tensorps.client.codec import DType
 from tensorps.client.errors import InvalidArgumentError, TensorPSError, UsageError
 from tensorps.client.queued import QueuedOp
-from tensorps.client.rows import ROW_KINDS, RowCalls, returns_value
+from tensorps.client.rows import GATHER, ROW_KINDS, RowCalls, returns_value
 from tensorps.v1 import tensorps_pb2 as pb
 
 if TYPE_CHECKING:
@@ -186,6 +186,8 @@ class Pipeline(RowCalls):
             result = _result(op, found)
             if isinstance(result, TensorPSError):
                 errors[index] = result
+            elif op.kind == GATHER:
+                self._client._note_rows(op, result)
             results.append(result)
         self.results = results
         if errors and self.raise_on_error:

@@ -886,10 +886,16 @@ class Client(BatchCalls, RowCalls):
         (outcome,) = self._run_batch([op], atomic=False)[0]
         if outcome.error is not None:
             raise outcome.error
-        if op.kind == GATHER and outcome.value is not None and op.inputs[0].size:
-            with self._lock:
-                self._row_sizes[op.name] = outcome.value.nbytes // op.inputs[0].size
+        if op.kind == GATHER:
+            self._note_rows(op, outcome.value)
         return outcome.value if returns_value(op) else outcome.info
+
+    def _note_rows(self, op: QueuedOp, rows: Array | None) -> None:
+        """Remember a gather's bytes per index: the next gather's reply size is then known (a small one
+        goes as one message, not over the bulk channel)."""
+        if rows is not None and op.inputs[0].size:
+            with self._lock:
+                self._row_sizes[op.name] = rows.nbytes // op.inputs[0].size
 
     def _row_value(self, name: str, value: Any) -> Array:
         return self._as_array(name, value)
