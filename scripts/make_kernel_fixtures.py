@@ -51,7 +51,7 @@ def case(name: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         put(f"{name}/out/{key}", value)
 
 
-ROW_DTYPES = [np.float32, np.float64, np.float16, BF16, np.int32, np.int64, np.uint8, np.complex64]
+ROW_DTYPES = [np.float32, np.float64, np.float16, BF16, np.int32, np.int64, np.uint8, np.complex64, np.bool_]
 
 
 def scatters(rng: np.random.Generator) -> None:
@@ -68,7 +68,7 @@ def scatters(rng: np.random.Generator) -> None:
     for kind, fn in raw.items():
         for dtype in ROW_DTYPES:
             dt = np.dtype(dtype)
-            if kind in ("min", "max") and dt.kind == "c":
+            if (kind in ("min", "max") and dt.kind == "c") or (dt.kind == "b" and kind != "update"):
                 continue
             for li, (shape, ishape) in enumerate(layouts):
                 for idt in (np.int32, np.int64):
@@ -230,12 +230,78 @@ def optimizers(rng: np.random.Generator) -> None:
                         case(label, inputs, outputs)
 
 
+ALL_DTYPES = [np.float16, BF16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8]
+ALL_DTYPES += [np.uint16, np.uint32, np.uint64, np.complex64, np.complex128, np.bool_]
+
+
+def _supported(run: Any) -> bool:
+    try:
+        run()
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, TypeError):
+        return False
+    return True
+
+
+def dtype_matrix() -> None:
+    """matrix/<kernel>: the dtypes TF's CPU kernel runs for (tried on small inputs of each dtype)."""
+    scatter_raw = {
+        "scatter_update": R.ResourceScatterUpdate,
+        "scatter_add": R.ResourceScatterAdd,
+        "scatter_sub": R.ResourceScatterSub,
+        "scatter_mul": R.ResourceScatterMul,
+        "scatter_div": R.ResourceScatterDiv,
+        "scatter_min": R.ResourceScatterMin,
+        "scatter_max": R.ResourceScatterMax,
+    }
+    nd_raw = {
+        "scatter_nd_update": R.ResourceScatterNdUpdate,
+        "scatter_nd_add": R.ResourceScatterNdAdd,
+        "scatter_nd_sub": R.ResourceScatterNdSub,
+    }
+    found: dict[str, list[str]] = {}
+    for dtype in ALL_DTYPES:
+        dt = np.dtype(dtype)
+        one = np.ones((2, 2), dtype)
+        row = np.ones((1, 2), dtype)
+        for key, fn in scatter_raw.items():
+            v = tf.Variable(one)
+            if _supported(lambda fn=fn, v=v, row=row: fn(resource=v.handle, indices=[0], updates=row)):
+                found.setdefault(key, []).append(dt.name)
+        for key, fn in nd_raw.items():
+            v = tf.Variable(one)
+            row = np.ones((1, 2), dtype)
+            if _supported(lambda fn=fn, v=v, row=row: fn(ref=v.handle, indices=[[0]], updates=row)):
+                found.setdefault(key, []).append(dt.name)
+        for kind, slots in SLOTS.items():
+            for sparse in (False, True):
+                name = ("sparse_" if sparse else "") + kind
+                if name not in RAW:
+                    continue
+                vs = [tf.Variable(one) for _ in range(1 + len(slots))]
+                args: dict[str, Any] = {"var": vs[0].handle}
+                for slot_name, slot_var in zip(slots, vs[1:], strict=True):
+                    args[slot_name] = slot_var.handle
+                args.update({k: np.ones((), dtype) for k in HYPER[kind]})
+                if "lr_power" in args:
+                    args["lr_power"] = np.zeros((), dtype)
+                args["delta" if kind == "apply_gradient_descent" else "grad"] = np.ones(
+                    (1, 2) if sparse else (2, 2), dtype
+                )
+                if sparse:
+                    args["indices"] = [0]
+                if _supported(lambda name=name, args=args: RAW[name](**args)):
+                    found.setdefault(name, []).append(dt.name)
+    for key, names in found.items():
+        data[f"matrix/{key}"] = np.array(names)
+
+
 def main() -> None:
     rng = np.random.default_rng(20261130)
     scatters(rng)
     scatter_nds(rng)
     gathers(rng)
     optimizers(rng)
+    dtype_matrix()
     data["cases"] = np.array(cases)
     data["tensorflow_version"] = np.array(tf.__version__)
     np.savez_compressed(OUT, **data)

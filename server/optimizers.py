@@ -104,9 +104,11 @@ def check(
     *,
     grad: Array,
     indices: Array | None,
+    flags: Flags | None = None,
 ) -> None:
     """Every check of the op, in TF's order, with its texts; raises InvalidArgument/FailedPrecondition."""
     spec = SPECS[kind]
+    flags = flags or Flags()
     if len(slots) != len(spec.slots):
         raise InvalidArgument(f"{spec.op} takes slot variables {', '.join(spec.slots) or 'none'}")
     check_kernel_dtype(spec.op, var.name, var.dtype, spec.dtypes)
@@ -128,7 +130,15 @@ def check(
     shape = var.shape
     assert shape is not None  # initialized
     if spec.sparse:
-        _check_sparse(spec, var, slots, hyper, grad=grad, indices=indices)
+        _check_sparse(
+            spec,
+            var,
+            slots,
+            hyper,
+            grad=grad,
+            indices=indices,
+            multiply_linear_by_lr=flags.multiply_linear_by_lr,
+        )
         return
     for what in spec.hyper:
         _check_scalar(what, hyper[what])
@@ -140,6 +150,22 @@ def check(
 def _check_scalar(what: str, value: Array) -> None:
     if value.ndim != 0:
         raise InvalidArgument(f"{_SCALAR_TEXT.get(what, what)} is not a scalar: {format_shape(value.shape)}")
+
+
+def _check_sparse_ftrl(hyper: Mapping[str, Array], *, multiply_linear_by_lr: bool) -> None:
+    """SparseApplyFtrl checks its hyperparameters' values too (the dense kernel does not)."""
+    lr, l1, l2, lr_power = (hyper[k] for k in ("lr", "l1", "l2", "lr_power"))
+    if lr.ndim or not (lr >= 0 if multiply_linear_by_lr else lr > 0):
+        raise InvalidArgument(
+            "lr is not a positive scalar (or zero if multiply_linear_by_lr is set): " + format_shape(lr.shape)
+        )
+    for what, value in (("l1", l1), ("l2", l2)):
+        if value.ndim or not value >= 0:
+            raise InvalidArgument(
+                f"{_SCALAR_TEXT[what]} is not a non-negative scalar: {format_shape(value.shape)}"
+            )
+    if lr_power.ndim or not lr_power <= 0:
+        raise InvalidArgument(f"lr_power is not a non-positive scalar: {format_shape(lr_power.shape)}")
 
 
 def _same_shape(what: str, var: Shape, other: Shape | None) -> None:
@@ -158,6 +184,7 @@ def _check_sparse(
     *,
     grad: Array,
     indices: Array | None,
+    multiply_linear_by_lr: bool,
 ) -> None:
     assert var.shape is not None
     if indices is None:
@@ -167,6 +194,8 @@ def _check_sparse(
         _same_shape(what, var.shape, operand.shape)
     if len(var.shape) < 1:
         raise InvalidArgument("var must be at least 1 dimensional")
+    if spec.op == "ResourceSparseApplyFtrl":
+        _check_sparse_ftrl(hyper, multiply_linear_by_lr=multiply_linear_by_lr)
     for what in spec.hyper:
         _check_scalar(what, hyper[what])
     if indices.ndim != 1:

@@ -148,7 +148,7 @@ def plan(kind: int, values: Sequence[tuple[str, Descriptor, Array | None]], args
     hyper = dict(zip(spec.hyper, args.inputs[: len(spec.hyper)], strict=True))
     grad = args.inputs[len(spec.hyper)]
     positions = args.inputs[len(spec.hyper) + 1] if spec.sparse else None
-    optimizers.check(key, operands[0], operands[1:], hyper, grad=grad, indices=positions)
+    optimizers.check(key, operands[0], operands[1:], hyper, grad=grad, indices=positions, flags=args.flags)
     scalars = {k: v[()] for k, v in hyper.items()}
     arrays: list[Array] = []
     for _, _, v in values:

@@ -38,10 +38,11 @@ SCATTER_DTYPES: dict[str, tuple[str, ...]] = {
     "min": _REAL,
     "max": _REAL,
 }
+# ScatterNdAdd/Sub run for bool too: Eigen's bool sum is a logical or, a bool difference a logical xor.
 SCATTER_ND_DTYPES: dict[str, tuple[str, ...]] = {
     "update": (*_NUMBER, "bool"),
-    "add": _NUMBER,
-    "sub": _NUMBER,
+    "add": (*_NUMBER, "bool"),
+    "sub": (*_NUMBER, "bool"),
 }
 OP_NAMES = {kind: "ResourceScatter" + kind.capitalize() for kind in SCATTER_DTYPES}
 ND_OP_NAMES = {kind: "ResourceScatterNd" + kind.capitalize() for kind in SCATTER_ND_DTYPES}
@@ -287,6 +288,8 @@ def apply_scatter(kind: str, patch: Patch, old: Array) -> Array:
 
 
 def _combine(kind: str, old: Array, value: Array) -> Array:
+    if old.dtype == np.bool_ and kind in ("add", "sub"):
+        return np.asarray((np.logical_or if kind == "add" else np.logical_xor)(old, value))
     if kind == "div":
         if old.dtype.kind in "iu":
             return _trunc_div(old, np.broadcast_to(value, old.shape))

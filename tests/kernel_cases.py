@@ -22,7 +22,7 @@ def load() -> dict[str, dict[str, Array]]:
     raw = np.load(FIXTURES)
     found: dict[str, dict[str, Array]] = {}
     for key in raw.files:
-        if key in ("cases", "tensorflow_version"):
+        if key in ("cases", "tensorflow_version") or key.startswith("matrix/"):
             continue
         value = raw[key]
         plain = key
@@ -89,7 +89,9 @@ def run_case(name: str, case: dict[str, Array]) -> dict[str, tuple[Array, Array]
     dtype = dtype_of(var.dtype).name
     operands = [optimizers.Operand(n, dtype, var.shape, True) for n in ("var", *spec.slots)]
     indices = case.get("in/indices")
-    optimizers.check(kind, operands[0], operands[1:], hyper, grad=case["in/grad"], indices=indices)
+    optimizers.check(
+        kind, operands[0], operands[1:], hyper, grad=case["in/grad"], indices=indices, flags=flags
+    )
     scalars = {h: v[()] for h, v in hyper.items()}
     if spec.sparse:
         assert indices is not None
@@ -107,6 +109,14 @@ def run_case(name: str, case: dict[str, Array]) -> dict[str, tuple[Array, Array]
         new = optimizers.apply_dense(kind, var, slots, scalars, grad=case["in/grad"], flags=flags)
     names = ["var"] + [f"slot{i}" for i in range(len(slots))]
     return {n: (np.asarray(v), case[f"out/{n}"]) for n, v in zip(names, new, strict=True)}
+
+
+def dtype_matrix() -> dict[str, set[str]]:
+    """kernel -> the dtypes TensorFlow's CPU kernel ran for."""
+    raw = np.load(FIXTURES)
+    return {
+        key.removeprefix("matrix/"): set(raw[key].tolist()) for key in raw.files if key.startswith("matrix/")
+    }
 
 
 def all_cases() -> Iterator[tuple[str, dict[str, Array]]]:

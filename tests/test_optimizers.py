@@ -238,3 +238,37 @@ def test_model_step_in_one_atomic_batch(ps: Client, name: str) -> None:
         bad.execute()
     for layer in layers:
         assert ps.info(layer).version == 2 and ps.info(f"{layer}/Adam_1").version == 2
+
+
+def test_sparse_ftrl_checks_its_hyperparameters(ps: Client, name: str) -> None:
+    """SparseApplyFtrl refuses lr <= 0 (0 is allowed with multiply_linear_by_lr), negative l1 and l2 and a
+    positive lr_power, with TF's texts (the dense ApplyFtrl checks only that they are scalars)."""
+    f32 = np.float32
+    for n in (name, f"{name}/accum", f"{name}/linear"):
+        ps.create(n, value=np.ones((3, 2), f32))
+    g = np.ones((1, 2), f32)
+
+    def ftrl(lr: float, l1: float, l2: float, lr_power: float, **flags: Any) -> Any:
+        return ps.sparse_apply_ftrl(
+            name, f"{name}/accum", f"{name}/linear", g, [0], f32(lr), f32(l1), f32(l2), f32(lr_power), **flags
+        )
+
+    text = r"lr is not a positive scalar \(or zero if multiply_linear_by_lr is set\): \[\]"
+    with pytest.raises(InvalidArgumentError, match=text):
+        ftrl(0, 0, 0, -0.5)
+    with pytest.raises(
+        InvalidArgumentError, match=r"l1 regularization strength is not a non-negative scalar"
+    ):
+        ftrl(1, -1, 0, -0.5)
+    with pytest.raises(
+        InvalidArgumentError, match=r"l2 regularization strength is not a non-negative scalar"
+    ):
+        ftrl(1, 0, -1, -0.5)
+    with pytest.raises(InvalidArgumentError, match=r"lr_power is not a non-positive scalar: \[\]"):
+        ftrl(1, 0, 0, 0.5)
+    assert ps.info(name).version == 1
+    ftrl(0, 0, 0, -0.5, multiply_linear_by_lr=True)
+    ps.apply_ftrl(
+        name, f"{name}/accum", f"{name}/linear", np.ones((3, 2), f32), f32(0), f32(-1), f32(0), f32(1)
+    )
+    assert ps.info(name).version == 3

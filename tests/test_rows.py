@@ -255,3 +255,18 @@ def test_rows_in_pipelines(ps: Client, name: str) -> None:
     with pytest.raises(InvalidArgumentError, match=r"operation 1 .*indices\[0\] = 7 is not in \[0, 5\)"):
         failing.execute()
     np.testing.assert_array_equal(ps.gather(name, [0]), [value[0] + 1])
+
+
+def test_scatter_nd_on_bools(ps: Client, name: str) -> None:
+    """ScatterNdAdd and ScatterNdSub run on bools, as TF's: a sum is a logical or, a difference a logical
+    xor, duplicates applied in order (ScatterAdd refuses bool)."""
+    ps.create(name, value=np.array([False, False, True, True]))
+    idx = np.array([[0], [1], [2], [3], [1]])
+    upd = np.array([False, True, False, True, True])
+    np.testing.assert_array_equal(
+        ps.scatter_nd_add(name, idx, upd, read_value=True), [False, True, True, True]
+    )
+    ps.assign(name, np.array([False, False, True, True]))
+    np.testing.assert_array_equal(
+        ps.scatter_nd_sub(name, idx, upd, read_value=True), [False, False, True, False]
+    )

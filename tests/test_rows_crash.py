@@ -17,8 +17,12 @@ import pytest
 from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, TensorPSError
 from tensorps.client.codec import dtype_of
+from tensorps.server import row_ops
 from tensorps.server.ops import Ops
+from tensorps.server.optimizers import Flags
+from tensorps.server.row_ops import RowArgs
 from tensorps.server.store import Store
+from tensorps.v1 import tensorps_pb2 as pb
 
 CHILD = str(Path(__file__).with_name("rows_child.py"))
 KILLS = 12 if os.environ.get("TENSORPS_SLOW") == "1" else 3
@@ -121,3 +125,33 @@ def _wait_for_table(address: str) -> np.ndarray:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["unlocked", "locked"])
+def test_a_retried_update_applies_once(ops: Ops, locked: bool) -> None:
+    """The same request id twice (a client retrying after UNAVAILABLE): the second answers with the first's
+    version and applies nothing, for a scatter and for a sparse apply with its slot."""
+    rows = np.array([1, 5, 5], np.int64)
+    ones = np.ones((3, SHAPE[1]), np.float32)
+    scatter = RowArgs((), (rows, ones))
+    first = row_ops.update(
+        ops, pb.BATCH_OP_SCATTER_ADD, "t", scatter, use_locking=locked, read_value=False, request=b"a" * 16
+    )
+    again = row_ops.update(
+        ops, pb.BATCH_OP_SCATTER_ADD, "t", scatter, use_locking=locked, read_value=False, request=b"a" * 16
+    )
+    assert first[0].version == again[0].version == 2
+    np.testing.assert_array_equal(_value(ops, "t")[[1, 5]], [[2] * SHAPE[1], [3] * SHAPE[1]])
+    adagrad = RowArgs(("t/accum",), (np.asarray(0.5, np.float32), ones, rows), 0, Flags())
+    for _ in range(2):
+        row_ops.update(
+            ops,
+            pb.BATCH_OP_SPARSE_APPLY_ADAGRAD,
+            "t",
+            adagrad,
+            use_locking=locked,
+            read_value=False,
+            request=b"b" * 16,
+        )
+    assert ops.info("t").version == 3 and ops.info("t/accum").version == 2
+    np.testing.assert_array_equal(_value(ops, "t/accum")[5], np.full(SHAPE[1], 3, np.float32))
