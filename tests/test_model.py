@@ -3,12 +3,12 @@
 Random sequences of create (declared, unknown shape, with a value, zero-element shapes), assign (random
 validate_shape, use_locking and read_value; matching and mismatching shapes and dtypes), assign_add,
 assign_sub, read, info, delete, list, gather, scatter_add and scatter_update (duplicate, out-of-range and
-int32/int64 indices, scalar updates) over a few colliding names. The model says, for every call, either
-which exception class it must raise (a set where DESIGN leaves the order of two checks open) or exactly what
-it returns; a failed call changes nothing, every successful write adds 1 to the version, zero-element
-variables count as initialized, an unknown shape takes the first assigned one, integers wrap around and
-float results are compared exactly (numpy computes them on both sides). After every step the server's
-variables must equal the model's.
+int32/int64 indices, scalar updates) and apply_gradient_descent over a few colliding names. The model says,
+for every call, either which exception class it must raise (a set where DESIGN leaves the order of two
+checks open) or exactly what it returns; a failed call changes nothing, every successful write adds 1 to
+the version, zero-element variables count as initialized, an unknown shape takes the first assigned one,
+integers wrap around and float results are compared exactly (numpy computes them on both sides). After
+every step the server's variables must equal the model's.
 
 TENSORPS_FUZZ=long selects a profile with many more and longer runs.
 """
@@ -392,6 +392,37 @@ class StoreMachine(RuleBasedStateMachine):
             with np.errstate(all="ignore"):
                 for i, row in enumerate(rows):
                     value[row] = value[row] + per_row[i] if add else per_row[i]
+            new = Entry(entry.dtype, entry.shape, True, entry.version + 1, value)
+            self.check_result(result, name, new, read_value)
+            self.model[name] = new
+
+    @rule(data=st.data(), use_locking=st.booleans(), read_value=st.booleans())
+    def apply_gradient_descent(self, data: st.DataObject, use_locking: bool, read_value: bool) -> None:
+        """apply_gradient_descent: var - delta * alpha for floating and complex variables (no kernel for the
+        others), initialized, the same dtype and shape."""
+        name = self.pick(data)
+        delta = self.draw_value(data, name)
+        entry = self.model.get(name)
+        alpha = np.asarray(data.draw(st.sampled_from([0.5, -2.0, 0.0])), delta.dtype)[()]
+        errors: Errors = frozenset()
+        if entry is None:
+            errors = NOT_FOUND
+        elif entry.dtype.kind not in "fc":
+            errors = INVALID
+        elif not entry.initialized:
+            errors = PRECONDITION
+        elif delta.dtype != entry.dtype or delta.shape != entry.shape:
+            errors = INVALID
+        result = self.call(
+            errors,
+            lambda: self.client.apply_gradient_descent(
+                name, alpha, delta, use_locking=use_locking, read_value=read_value
+            ),
+        )
+        if not errors:
+            assert entry is not None and entry.value is not None
+            with np.errstate(all="ignore"):
+                value = entry.value - delta * alpha
             new = Entry(entry.dtype, entry.shape, True, entry.version + 1, value)
             self.check_result(result, name, new, read_value)
             self.model[name] = new
