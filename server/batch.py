@@ -32,7 +32,7 @@ from tensorps.client.codec import (
     dtype_of,
     validate_name,
 )
-from tensorps.server import commits, row_ops
+from tensorps.server import commits, row_ops, row_patches
 from tensorps.server.ops import (
     NO_REQUEST,
     Aborted,
@@ -253,6 +253,7 @@ class _Var:
     value: Array | None = None  # bytes the batch wrote; None: the store's (or none)
     created: bool = False  # the variable now is one the batch created
     drop_slot: bool = False  # the variable that existed before the batch is deleted
+    patch: row_patches.Patch | None = None  # rows a sparse write changes, in place at commit
 
 
 def _info(name: str, d: Descriptor) -> Info:
@@ -413,6 +414,12 @@ class _Atomic:
     def _value(self, var: _Var, d: Descriptor) -> Array:
         if var.value is not None:
             return var.value
+        if var.patch is not None:  # read after a sparse write: from now on the batch holds the whole value
+            assert var.slot is not None
+            current = self.ops._view(var.slot, self.store.active(var.slot))
+            var.value = row_patches.materialize(current, var.patch.rows, var.patch.new)
+            var.patch = None
+            return var.value
         if var.slot is None:  # created by this batch without a value: zero elements, or never read
             assert d.shape is not None
             return np.empty(d.shape, dtype_from_code(d.dtype).numpy)
@@ -451,8 +458,9 @@ class _Atomic:
         return last_write
 
     def _plan_row(self, index: int, op: BatchOp) -> None:
-        """A row op or optimizer: computed against the batch's state so far, its writes kept pending."""
-        written, found = row_ops.plan_atomic(
+        """A row op or optimizer: computed against the batch's state so far, its writes kept pending. A
+        sparse write of variables the batch has not written yet keeps only its rows (row_patches.py)."""
+        written, planned, found = row_ops.plan_atomic(
             op.kind, op.name, op.rows or RowArgs(), self._existing, self._value
         )
         if found is not None:
@@ -460,17 +468,27 @@ class _Atomic:
             info = _info(op.name, d)
             self.results.append(Result(index, info, self.consume(info, found)))
             return
-        infos = []
-        for position, (name, var, current, new) in enumerate(written):
+        assert planned is not None
+        rows = planned.rows
+        patch = rows is not None and all(
+            var.value is None and var.patch is None and var.slot is not None and not var.created
+            for _name, var, _d, _value in written
+        )
+        for position, ((name, var, current, value), new) in enumerate(zip(written, planned.new, strict=True)):
             self._supersede(name, var)
             request = (op.request or NO_REQUEST) if position == 0 else NO_REQUEST
-            var.value = new
-            var.d = Descriptor(
-                current.dtype, True, new.shape, current.version + 1, new.nbytes, request=request
-            )
-            infos.append(_info(name, var.d))
-        info = infos[0]
-        self.results.append(Result(index, info, self.consume(info, written[0][3]) if op.read_value else None))
+            if patch:
+                assert rows is not None and var.slot is not None
+                var.patch = row_patches.Patch(name, var.slot, rows, new, request)
+            else:
+                var.value = new if rows is None else row_patches.materialize(value, rows, new)
+            version = current.version + 1
+            var.d = Descriptor(current.dtype, True, current.shape, version, current.nbytes, request=request)
+        name, var, _current, _value = written[0]
+        assert var.d is not None
+        info = _info(name, var.d)
+        kept = self.consume(info, self._value(var, var.d)) if op.read_value else None
+        self.results.append(Result(index, info, kept))
 
     def _plan_one(self, index: int, op: BatchOp) -> None:
         name, kind = op.name, op.kind
@@ -543,10 +561,11 @@ class _Atomic:
             d is not None
             and d.request != NO_REQUEST
             and name in self.vars
-            and (var.created or var.value is not None)
+            and (var.created or var.value is not None or var.patch is not None)
         ):
             kept = var.value.tobytes() if var.value is not None and var.value.nbytes <= INLINE else None
             self.superseded.append((name, d.request, d.version, kept))
+        var.patch = None  # replaced (or made whole by _value before)
 
     def _read_prefix(self, index: int, prefix: str, listed: list[str]) -> None:
         names = set(listed)
@@ -565,6 +584,14 @@ class _Atomic:
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = published = False
+        patches = row_patches.Patches(
+            self.ops,
+            [
+                var.patch
+                for var in self.vars.values()
+                if var.patch is not None and var.d is not None and not var.created and not var.drop_slot
+            ],
+        )
         try:
             flips: list[tuple[int, int]] = []
             for name, var in self.vars.items():
@@ -606,6 +633,8 @@ class _Atomic:
                 self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
+            if patches.patches:
+                patches.apply(record)
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,
@@ -617,8 +646,11 @@ class _Atomic:
                 store.delete_slot(slot)
             for name, request, version, value in self.superseded:
                 store.requests.record(self.ops.locks.stripe(name), request, version, value)
+            patches.count()
             published = True
         finally:
+            # The undo record goes before the commit record (see row_patches).
+            patches.finish(committed=committed, published=published)
             if committed and not published:
                 record.abandon()
             else:

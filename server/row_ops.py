@@ -271,7 +271,7 @@ def _write_rows(
     assert planned.rows is not None
     count = len(planned.rows)
     try:
-        record = store.undo_record(request or NO_REQUEST)
+        record = store.undo_record()
     except OSError as exc:
         raise _no_room(targets[0].name, exc) from None
     store.mark_in_commit(stripes, True)
@@ -291,6 +291,7 @@ def _write_rows(
                     row_bytes=inner * t.view.itemsize,
                     rows=planned.rows,
                     old=old,
+                    request=(request or NO_REQUEST) if t is targets[0] else NO_REQUEST,
                 )
             except OSError as exc:
                 raise _no_room(t.name, exc) from None
@@ -374,16 +375,16 @@ def plan_atomic(
     args: RowArgs,
     existing: Callable[[str], tuple[Any, Descriptor]],
     value_of: Callable[[Any, Descriptor], Array],
-) -> tuple[list[tuple[str, Any, Descriptor, Array]], Array | None]:
-    """An op of an atomic batch against the state the batch's earlier ops leave: per written variable
-    (name, the batch's record of it, its descriptor now, its new whole value); or, for a gather, the rows.
-    A sparse write copies its table here: the batch publishes every variable it writes together."""
+) -> tuple[list[tuple[str, Any, Descriptor, Array]], Planned | None, Array | None]:
+    """An op of an atomic batch against the state the batch's earlier ops leave: the variables it writes
+    (name, the batch's record of it, its descriptor now, its value now) and what it computed; or, for a
+    gather, the rows."""
     if kind == GATHER:
         _var, d = existing(name)
         check_readable(name, d)
         (indices,) = args.inputs
         rows.check_indices_dtype(indices)
-        return [], rows.gather(name, value_of(_var, d), indices, args.batch_dims)
+        return [], None, rows.gather(name, value_of(_var, d), indices, args.batch_dims)
     names = names_of(name, args)
     if len(set(names)) != len(names):
         raise InvalidArgument(f"{OP_NAMES[kind]}: a variable is named twice among {names}")
@@ -391,15 +392,10 @@ def plan_atomic(
     values = [(n, d, value_of(var, d) if d.initialized else None) for n, var, d in found]
     planned = plan(kind, values, args)
     written = []
-    for (n, var, d), (_n, _d, current), computed in zip(found, values, planned.new, strict=True):
+    for (n, var, d), (_n, _d, current) in zip(found, values, strict=True):
         assert current is not None
-        whole = computed
-        if planned.rows is not None:
-            whole = current.copy()
-            if whole.size and len(planned.rows):
-                whole.reshape(-1, computed.shape[1])[planned.rows] = computed
-        written.append((n, var, d, whole))
-    return written, None
+        written.append((n, var, d, current))
+    return written, planned, None
 
 
 def check_names(kind: int, name: str, args: RowArgs) -> None:

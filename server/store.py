@@ -587,6 +587,8 @@ class Store:
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:
                         if slot == entry.slot:
                             self._delete_slot(entry.slot)
+                    elif state == commits.COMMITTED and entry.kind == commits.ROWS:
+                        undo.mark_written(self._dir_fd, entry.payload.decode())
                     elif state == commits.COMMITTED and entry.kind == commits.REQUEST:
                         self.requests.record(self.locks.stripe(entry.name), *unpack_applied(entry.payload))
                     elif (
@@ -609,10 +611,10 @@ class Store:
         table = raw.reshape(-1, section.row_bytes)
         table[section.rows] = np.frombuffer(section.old, np.uint8).reshape(-1, section.row_bytes)
 
-    def _count_rows(self, section: undo.Section, request: bytes) -> None:
+    def _count_rows(self, section: undo.Section) -> None:
         """Count the version of a locked sparse update that died after its last row."""
         if self.active(section.slot).version == section.version:
-            self.bump_version(section.slot, request)
+            self.bump_version(section.slot, section.request)
 
     def set_request(self, slot: int, request: bytes) -> None:
         """Name the write that made the active descriptor (an unlocked write, once its copy is done)."""
@@ -706,10 +708,10 @@ class Store:
         except FileNotFoundError:
             raise self._gone() from None
 
-    def undo_record(self, request: bytes) -> undo.UndoRecord:
-        """A new undo record (a locked sparse update by `request`) in this handle's store."""
+    def undo_record(self) -> undo.UndoRecord:
+        """A new undo record (a locked sparse update) in this handle's store."""
         try:
-            return undo.UndoRecord(self._dir_fd, request)
+            return undo.UndoRecord(self._dir_fd)
         except FileNotFoundError:
             raise self._gone() from None
 

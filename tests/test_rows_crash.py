@@ -18,6 +18,7 @@ from support import ServerProcess, fresh_store_path
 from tensorps.client import Client, TensorPSError
 from tensorps.client.codec import dtype_of
 from tensorps.server import row_ops
+from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Ops
 from tensorps.server.optimizers import Flags
 from tensorps.server.row_ops import RowArgs
@@ -73,6 +74,59 @@ def test_death_after_the_last_row_counts_the_update(ops: Ops, names: tuple[str, 
     np.testing.assert_array_equal(np.delete(value, rows, axis=0), 1.0)
     for name in names:
         assert ops.info(name).version == 2
+    assert not _records(ops)
+
+
+@pytest.mark.parametrize("names", [("t",), ("t", "t/accum")], ids=["scatter_add", "sparse_apply_adagrad"])
+def test_atomic_batch_killed_before_its_commit_point_restores_the_rows(
+    ops: Ops, names: tuple[str, ...]
+) -> None:
+    """An atomic batch writes a sparse update's rows in place before its commit point: killed there, the
+    next holder of a stripe undoes the batch and puts every old row back."""
+    _die(ops, "batch-commit", *names)
+    for name in names:
+        np.testing.assert_array_equal(_value(ops, name), np.ones(SHAPE, np.float32))
+        assert ops.info(name).version == 1
+    assert not _records(ops)
+    assert not [n for n in os.listdir(ops.store.path) if n.startswith("commit-")]
+
+
+@pytest.mark.parametrize("names", [("t",), ("t", "t/accum")], ids=["scatter_add", "sparse_apply_adagrad"])
+def test_atomic_batch_killed_after_its_commit_point_keeps_the_rows(ops: Ops, names: tuple[str, ...]) -> None:
+    """Killed after the commit point, before it counted the versions: the batch's rows stay, counted once."""
+    _die(ops, "batch-count", *names)
+    rows = np.arange(0, 2000, 2)
+    value = _value(ops, names[0])
+    assert len({float(x) for x in value[rows].ravel()}) == 1 and value[rows[0], 0] != 1.0
+    np.testing.assert_array_equal(np.delete(value, rows, axis=0), 1.0)
+    for name in names:
+        assert ops.info(name).version == 2
+    assert not _records(ops)
+
+
+def test_sparse_writes_in_atomic_batches_copy_no_table(ops: Ops) -> None:
+    """A sparse write in an atomic batch allocates no second buffer (the store's bytes in use stay put),
+    and the batch's results are the single calls'."""
+    rows = np.array([3, 3, 7], np.int64)
+    ones = np.ones((3, SHAPE[1]), np.float32)
+    batch = [
+        BatchOp(pb.BATCH_OP_SCATTER_ADD, "t", read_value=False, rows=RowArgs((), (rows, ones))),
+        BatchOp(
+            pb.BATCH_OP_SPARSE_APPLY_ADAGRAD,
+            "t/accum",
+            read_value=False,
+            rows=RowArgs(("t/accum2",), (np.asarray(0.5, np.float32), ones, rows), 0, Flags()),
+        ),
+    ]
+    ops.create("t/accum2", dtype_of("float32"), None, np.full(SHAPE, 1.0, np.float32))
+    used = ops.store.used_bytes
+    results = run_batch(ops, batch, atomic=True, consume=lambda info, view: view.copy())
+    assert [r.info.version for r in results if r.info is not None] == [2, 2]
+    assert ops.store.used_bytes == used
+    value = _value(ops, "t")
+    np.testing.assert_array_equal(value[3], np.full(SHAPE[1], 3.0, np.float32))
+    np.testing.assert_array_equal(value[7], np.full(SHAPE[1], 2.0, np.float32))
+    assert ops.info("t/accum2").version == 2
     assert not _records(ops)
 
 

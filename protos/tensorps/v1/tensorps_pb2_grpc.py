@@ -26,26 +26,7 @@ if _version_not_supported:
 
 
 class ParameterServerStub:
-    """---- Rows and optimizers: embedding tables and server-side training ops --------------------------
-
-    TensorFlow's ResourceGather, ResourceScatter*, ResourceScatterNd*, ResourceApply* and
-    ResourceSparseApply*, as batch operations (BatchOp kinds GATHER and later; a single call is a batch of
-    one). Semantics, checks, error texts and status codes are those of TF's CPU kernels (training_ops.cc,
-    scatter_op.cc, scatter_nd_op.cc, resource_variable_ops.cc), results equal TF's bit for bit except where
-    README says. Indices are int32 or int64; a failed operation changes nothing (every index is checked
-    before the first row is written, unlike TF's CPU loops). Slot variables are ordinary variables named in
-    BatchOp.slots; all must exist, be initialized and have the variable's dtype.
-    - read_value unset means false (a table can be gigabytes): the result carries the variable's info only;
-    true adds the variable's value after the update. GATHER always returns the gathered rows.
-    - use_locking=true holds the lock stripes of the variable and its slots (taken once each, in sorted
-    order) for the whole update. A locked sparse update (Scatter*, ScatterNd*, SparseApply*) writes the
-    touched rows in place after saving their old values in an undo record in the store: a process killed
-    at any instant leaves all or none of its rows (the next holder of the stripe restores them). A locked
-    dense apply fills the second buffers of the variable and its slots and publishes them together (a
-    commit record, as an atomic batch). Unlocked updates write in place, as TF's do.
-    - In an atomic batch every write goes to second buffers and publishes with the batch (a sparse write
-    there copies its table).
-    Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
     BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
     logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
     store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
@@ -131,26 +112,7 @@ class ParameterServerStub:
 
 
 class ParameterServerServicer:
-    """---- Rows and optimizers: embedding tables and server-side training ops --------------------------
-
-    TensorFlow's ResourceGather, ResourceScatter*, ResourceScatterNd*, ResourceApply* and
-    ResourceSparseApply*, as batch operations (BatchOp kinds GATHER and later; a single call is a batch of
-    one). Semantics, checks, error texts and status codes are those of TF's CPU kernels (training_ops.cc,
-    scatter_op.cc, scatter_nd_op.cc, resource_variable_ops.cc), results equal TF's bit for bit except where
-    README says. Indices are int32 or int64; a failed operation changes nothing (every index is checked
-    before the first row is written, unlike TF's CPU loops). Slot variables are ordinary variables named in
-    BatchOp.slots; all must exist, be initialized and have the variable's dtype.
-    - read_value unset means false (a table can be gigabytes): the result carries the variable's info only;
-    true adds the variable's value after the update. GATHER always returns the gathered rows.
-    - use_locking=true holds the lock stripes of the variable and its slots (taken once each, in sorted
-    order) for the whole update. A locked sparse update (Scatter*, ScatterNd*, SparseApply*) writes the
-    touched rows in place after saving their old values in an undo record in the store: a process killed
-    at any instant leaves all or none of its rows (the next holder of the stripe restores them). A locked
-    dense apply fills the second buffers of the variable and its slots and publishes them together (a
-    commit record, as an atomic batch). Unlocked updates write in place, as TF's do.
-    - In an atomic batch every write goes to second buffers and publishes with the batch (a sparse write
-    there copies its table).
-    Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
     BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
     logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
     store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
@@ -328,26 +290,7 @@ def add_ParameterServerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ParameterServer:
-    """---- Rows and optimizers: embedding tables and server-side training ops --------------------------
-
-    TensorFlow's ResourceGather, ResourceScatter*, ResourceScatterNd*, ResourceApply* and
-    ResourceSparseApply*, as batch operations (BatchOp kinds GATHER and later; a single call is a batch of
-    one). Semantics, checks, error texts and status codes are those of TF's CPU kernels (training_ops.cc,
-    scatter_op.cc, scatter_nd_op.cc, resource_variable_ops.cc), results equal TF's bit for bit except where
-    README says. Indices are int32 or int64; a failed operation changes nothing (every index is checked
-    before the first row is written, unlike TF's CPU loops). Slot variables are ordinary variables named in
-    BatchOp.slots; all must exist, be initialized and have the variable's dtype.
-    - read_value unset means false (a table can be gigabytes): the result carries the variable's info only;
-    true adds the variable's value after the update. GATHER always returns the gathered rows.
-    - use_locking=true holds the lock stripes of the variable and its slots (taken once each, in sorted
-    order) for the whole update. A locked sparse update (Scatter*, ScatterNd*, SparseApply*) writes the
-    touched rows in place after saving their old values in an undo record in the store: a process killed
-    at any instant leaves all or none of its rows (the next holder of the stripe restores them). A locked
-    dense apply fills the second buffers of the variable and its slots and publishes them together (a
-    commit record, as an atomic batch). Unlocked updates write in place, as TF's do.
-    - In an atomic batch every write goes to second buffers and publishes with the batch (a sparse write
-    there copies its table).
-    Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
+    """Exactly-once writes. A write call (CreateVariable, DeleteVariable, Assign*, WriteStream, a Batch or
     BatchStream holding a write) may carry the metadata `tensorps-request-id`: 32 hex digits, random per
     logical call and repeated by its retries. The server remembers recent ids with their outcomes in the
     store (shared by every worker, surviving a worker's crash; the newest ~8192 per lock stripe), so a
