@@ -47,6 +47,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: the profile's)")
     p.add_argument(
+        "--sparse-rows",
+        type=int,
+        default=sparse.ROWS,
+        help=f"rows of the sparse workload's table (default {sparse.ROWS:,}; at least {sparse.BATCH})",
+    )
+    p.add_argument(
         "--workers-scaling",
         action="store_true",
         help="also compare --workers 1 and 2 under concurrent clients (starts both tensorps servers)",
@@ -59,6 +65,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.workers_scaling:
         keys += [k for k in ("tensorps1", "tensorps2") if k not in keys]
     args.keys = [k for k in runner.STARTERS if k in keys]
+    if args.sparse_rows < sparse.BATCH:
+        p.error(f"--sparse-rows must be at least {sparse.BATCH}")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not args.workloads or any(w not in WORKLOADS for w in args.workloads):
         p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS)}")
@@ -113,11 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 one, two = by_label[tps.label(1)], by_label[tps.label(2)]
                 print(report.scaling_table(runner.scaling(one, two, profile, fleet), profile) + "\n")
             if "sparse" in args.workloads:
-                rows, targets = sparse.run(servers, profile, runner.progress)
-                print(
-                    sparse.table(rows, targets, [s.reason and f"{s.label}: {s.reason}" for s in skipped])
-                    + "\n"
-                )
+                rows, targets = sparse.run(servers, profile, runner.progress, table_rows=args.sparse_rows)
+                reasons = [f"{s.label}: {s.reason}" for s in skipped]
+                print(sparse.table(rows, targets, reasons, table_rows=args.sparse_rows) + "\n")
             # Measured while the servers and clients still run: the CPU of exited processes is not found.
             print(report.foreign_load(foreign.fraction()), flush=True)
         except VerificationError as exc:

@@ -25,7 +25,7 @@ from bench.backends import Server, connect, rediskv, tps
 from bench.backends.tps import TensorpsEndpoint
 from bench.profiles import Profile
 
-ROWS, WIDTH, BATCH = 1_000_000, 64, 1024
+ROWS, WIDTH, BATCH = 1_000_000, 64, 1024  # ROWS: the default of --sparse-rows
 TABLE = "bench/emb"
 Array = np.ndarray[Any, Any]
 
@@ -57,9 +57,9 @@ def _timed(call: Callable[..., object], batches: Sequence[Array], *args: Any, **
     return statistics.median(times)
 
 
-def _verify(label: str, endpoint: Any) -> None:
+def _verify(label: str, endpoint: Any, table_rows: int) -> None:
     rng = np.random.default_rng(7)
-    idx = rng.choice(ROWS, BATCH, replace=False).astype(np.int64)
+    idx = rng.choice(table_rows, BATCH, replace=False).astype(np.int64)
     before = np.array(endpoint.gather(TABLE, idx))
     endpoint.scatter_add(TABLE, idx, np.ones((BATCH, WIDTH), np.float32), use_locking=False)
     after = endpoint.gather(TABLE, idx)
@@ -67,10 +67,10 @@ def _verify(label: str, endpoint: Any) -> None:
 
 
 def run(
-    servers: Sequence[Server], profile: Profile, progress: Callable[[str], None]
+    servers: Sequence[Server], profile: Profile, progress: Callable[[str], None], *, table_rows: int = ROWS
 ) -> tuple[list[SparseResult], Targets | None]:
     """Every server (and shm:// on the first tensorps store), round-robin, `profile.rounds` rounds."""
-    table = np.random.default_rng(1).standard_normal((ROWS, WIDTH), dtype=np.float32)
+    table = np.random.default_rng(1).standard_normal((table_rows, WIDTH), dtype=np.float32)
     endpoints: list[tuple[str, Any]] = []
     first_tps: Server | None = None
     for server in servers:
@@ -87,35 +87,34 @@ def run(
         for label, endpoint in endpoints:
             if label == tps.SHM_LABEL:
                 continue  # the same store as the remote tensorps
-            progress(f"sparse: loading the {ROWS:,}-row table into {label}")
+            progress(f"sparse: loading the {table_rows:,}-row table into {label}")
             if isinstance(endpoint, rediskv.RedisEndpoint):
                 endpoint.put_table(TABLE, table)
             else:
                 endpoint.put(TABLE, table)
         for label, endpoint in endpoints:
-            _verify(label, endpoint)
+            _verify(label, endpoint, table_rows)
         for index in range(profile.rounds):
             shift = index % len(endpoints)
             order = list(zip(endpoints, results, strict=True))
             order = order[shift:] + order[:shift]
             progress(f"sparse round {index + 1}/{profile.rounds}")
             for (_label, endpoint), result in order:
-                batches = [rng.integers(0, ROWS, BATCH) for _ in range(calls)]
+                batches = [rng.integers(0, table_rows, BATCH) for _ in range(calls)]
                 result.gather.append(_timed(endpoint.gather, batches))
                 result.scatter.append(_timed(endpoint.scatter_add, batches, updates, use_locking=False))
                 if isinstance(endpoint, TensorpsEndpoint):
                     result.locked.append(_timed(endpoint.scatter_add, batches, updates, use_locking=True))
         if first_tps is not None:
-            targets = _targets(
-                first_tps, next(e for label, e in endpoints if label == first_tps.label), updates
-            )
+            remote = next(e for label, e in endpoints if label == first_tps.label)
+            targets = _targets(first_tps, remote, updates, table_rows)
     finally:
         for _label, endpoint in endpoints:
             endpoint.close()
     return results, targets
 
 
-def _targets(server: Server, endpoint: TensorpsEndpoint, updates: Array) -> Targets:
+def _targets(server: Server, endpoint: TensorpsEndpoint, updates: Array, table_rows: int) -> Targets:
     small = workloads.payload(4 << 10, seed=3)
     large = workloads.payload(16 << 20, seed=4)
     endpoint.put("bench/sparse-small", small)
@@ -127,21 +126,28 @@ def _targets(server: Server, endpoint: TensorpsEndpoint, updates: Array) -> Targ
     rss = procstat.tree_memory(server.process.pid).rss
     rng = np.random.default_rng(9)
     for _ in range(20):
-        client.scatter_add(TABLE, rng.integers(0, ROWS, BATCH), updates, use_locking=True)
+        client.scatter_add(TABLE, rng.integers(0, table_rows, BATCH), updates, use_locking=True)
     return Targets(
         latency.p50,
         speed,
         client.server_info().used_bytes - used,
         procstat.tree_memory(server.process.pid).rss - rss,
-        ROWS * WIDTH * 4,
+        table_rows * WIDTH * 4,
     )
 
 
-def table(results: Sequence[SparseResult], targets: Targets | None, skipped: Sequence[str]) -> str:
+def table(
+    results: Sequence[SparseResult],
+    targets: Targets | None,
+    skipped: Sequence[str],
+    *,
+    table_rows: int = ROWS,
+) -> str:
     rows_bytes = BATCH * WIDTH * 4
     lines = [
         f"Sparse rows: gather and scatter_add of {BATCH:,} random rows x {WIDTH} float32 "
-        f"({rows_bytes >> 10} KiB) from a {ROWS:,}-row table ({ROWS * WIDTH * 4 / 1e6:.0f} MB), one client, "
+        f"({rows_bytes >> 10} KiB) from a {table_rows:,}-row table ({table_rows * WIDTH * 4 / 1e6:.0f} MB), "
+        "one client, "
         "medians of rounds.",
         "",
         "| system | gather calls/s | gather rows/s | gather ms | scatter_add calls/s | rows/s | ms "
