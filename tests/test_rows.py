@@ -270,3 +270,28 @@ def test_scatter_nd_on_bools(ps: Client, name: str) -> None:
     np.testing.assert_array_equal(
         ps.scatter_nd_sub(name, idx, upd, read_value=True), [False, False, True, False]
     )
+
+
+def test_unlocked_concurrent_updates_never_break_the_table(ps: Client, name: str) -> None:
+    """Unlocked scatter_adds race as TF's do (an update may be lost), but never fail, change the shape or
+    write outside their rows; every write is counted in the version."""
+    ps.create(name, value=np.zeros((50, 3), np.float32))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                ps.scatter_add(name, [7, 9], np.ones((2, 3), np.float32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    value = ps.read(name)
+    assert value.shape == (50, 3) and ps.info(name).version == 41
+    assert ((value[[7, 9]] >= 1) & (value[[7, 9]] <= 40)).all()
+    np.testing.assert_array_equal(np.delete(value, [7, 9], axis=0), 0)
