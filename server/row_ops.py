@@ -31,7 +31,8 @@ from tensorps.server.ops import (
     ResourceExhausted,
     check_readable,
 )
-from tensorps.server.optimizers import Flags, Operand
+from tensorps.server.optimizer_checks import Operand, check
+from tensorps.server.optimizers import Flags
 from tensorps.server.requests import Applied
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -107,10 +108,6 @@ class _Target(NamedTuple):
     view: Array
 
 
-def _operand(target: _Target) -> Operand:
-    return Operand(target.name, dtype_from_code(target.d.dtype).name, target.d.shape, target.d.initialized)
-
-
 def _info(name: str, d: Descriptor, version: int | None = None) -> Info:
     version = d.version if version is None else version
     return Info(name, dtype_from_code(d.dtype), d.shape, d.initialized, version)
@@ -148,7 +145,7 @@ def plan(kind: int, values: Sequence[tuple[str, Descriptor, Array | None]], args
     hyper = dict(zip(spec.hyper, args.inputs[: len(spec.hyper)], strict=True))
     grad = args.inputs[len(spec.hyper)]
     positions = args.inputs[len(spec.hyper) + 1] if spec.sparse else None
-    optimizers.check(key, operands[0], operands[1:], hyper, grad=grad, indices=positions, flags=args.flags)
+    check(key, operands[0], operands[1:], hyper, grad=grad, indices=positions, flags=args.flags)
     scalars = {k: v[()] for k, v in hyper.items()}
     arrays: list[Array] = []
     for _, _, v in values:

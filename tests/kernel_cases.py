@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from tensorps.client.codec import dtype_of
-from tensorps.server import optimizers, rows
+from tensorps.server import optimizer_checks, optimizers, rows
 
 Array = np.ndarray[Any, Any]
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "kernels.npz")
@@ -87,9 +87,9 @@ def run_case(name: str, case: dict[str, Array]) -> dict[str, tuple[Array, Array]
         **{k[len("in/flag/") :]: bool(v) for k, v in case.items() if k.startswith("in/flag/")}
     )
     dtype = dtype_of(var.dtype).name
-    operands = [optimizers.Operand(n, dtype, var.shape, True) for n in ("var", *spec.slots)]
+    operands = [optimizer_checks.Operand(n, dtype, var.shape, True) for n in ("var", *spec.slots)]
     indices = case.get("in/indices")
-    optimizers.check(
+    optimizer_checks.check(
         kind, operands[0], operands[1:], hyper, grad=case["in/grad"], indices=indices, flags=flags
     )
     scalars = {h: v[()] for h, v in hyper.items()}
