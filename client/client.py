@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from tensorps.client import arrays, bulk, codec, progress, wire
-from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
+from tensorps.client.batch import BatchCalls, Outcome, Outcomes, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
     InternalError,
@@ -29,6 +29,8 @@ from tensorps.client.errors import (
     from_rpc_error,
     from_status,
 )
+from tensorps.client.queued import QueuedOp
+from tensorps.client.rows import GATHER, ROW_KINDS, RowCalls, reply_estimate, returns_value
 from tensorps.v1 import tensorps_pb2 as pb
 
 Array = np.ndarray[Any, Any]
@@ -51,7 +53,7 @@ _RETRIES = 3
 _RETRY_BACKOFF = 0.05
 # Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
 REQUEST_ID_KEY = "tensorps-request-id"
-_READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX))
+_READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX, GATHER))
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # gRPC reconnects to a server that went away after 1 s, then 1.6x longer each time up to 120 s: after a
 # 15 s outage a client noticed the server was back 8 s late. Retry connecting within a second instead.
@@ -204,7 +206,7 @@ class _CallDeadline:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class Client(BatchCalls):
+class Client(BatchCalls, RowCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
@@ -292,6 +294,7 @@ class Client(BatchCalls):
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._prefix_sizes: dict[str, int] = {}  # bytes a read_prefix batch's prefix read last time
+        self._row_sizes: dict[str, int] = {}  # bytes per index of a variable's last gather
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -917,9 +920,40 @@ class Client(BatchCalls):
                 if size is None:
                     return None
                 total += size
+            elif op.kind in ROW_KINDS:
+                size = reply_estimate(op, self._sizes, self._row_sizes)
+                if size is None:
+                    return None
+                total += size
             elif op.array is not None and op.read_value:
                 total += op.array.nbytes
         return total
+
+    # ---- rows and optimizers (rows.py): each call is a batch of one operation ---------------------
+
+    def _row_op(self, op: QueuedOp) -> Any:
+        (outcome,) = self._run_batch([op], atomic=False)[0]
+        if outcome.error is not None:
+            raise outcome.error
+        if op.kind == GATHER:
+            self._note_rows(op, outcome.value)
+        return outcome.value if returns_value(op) else outcome.info
+
+    def _note_rows(self, op: QueuedOp, rows: Array | None) -> None:
+        """Remember a gather's bytes per index: the next gather's reply size is then known (a small one
+        goes as one message, not over the bulk channel)."""
+        if rows is not None and op.inputs[0].size:
+            with self._lock:
+                self._row_sizes[op.name] = rows.nbytes // op.inputs[0].size
+
+    def _row_value(self, name: str, value: Any) -> Array:
+        return self._as_array(name, value)
+
+    def _row_name(self, name: Any) -> str:
+        return self._checked(name)
+
+    def _row_flag(self, value: Any, what: str) -> bool:
+        return self._checked_flag(value, what)
 
     def _batch_outcomes(
         self, reply: pb.BatchReply, view: Callable[[int, int], Any], ops: Sequence[QueuedOp]

@@ -34,6 +34,8 @@ from tensorps.server.batch import (
 from tensorps.server.bulk import BulkError, BulkListener, Sender, accept, end_of_data, receive_into
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
+from tensorps.server.optimizers import Flags
+from tensorps.server.row_ops import ROW_KINDS, RowArgs, input_count, slot_count
 from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -59,6 +61,8 @@ class _Layout(NamedTuple):
     nbytes: int
     refused: ResourceExhausted | None = None
     inline: np.ndarray[Any, Any] | None = None
+    # A row op's or optimizer's inputs (BatchOp.inputs): dtype, shape, offset, bytes each.
+    inputs: tuple[tuple[DType, Shape, int, int], ...] = ()
 
 
 def _flag(op: pb.BatchOp, field: str, default: bool) -> bool:
@@ -82,6 +86,13 @@ def plan_header(
                 raise CodecError(f"unknown batch operation kind {op.kind}")
             if read_only and op.kind in WRITES:
                 raise PermissionDenied("a read-only token may not write")
+            if op.kind in ROW_KINDS:
+                layout = _row_layout(op, ops, total, atomic=header.atomic)
+                layouts.append(layout)
+                total += layout.nbytes
+                continue
+            if op.inputs or op.slots:
+                raise CodecError("only row operations and optimizers take inputs or slots")
             if op.kind in (ASSIGN, *_UPDATES) and not op.HasField("value"):
                 raise CodecError("the operation has no value")
             if not op.HasField("value"):
@@ -118,6 +129,56 @@ def plan_header(
     return layouts, total, inline_total
 
 
+def _row_layout(op: pb.BatchOp, ops: Ops, offset: int, *, atomic: bool) -> _Layout:
+    """Where a row op's inputs lie in the batch's data; their sizes checked against the server's limits."""
+    if op.HasField("value"):
+        raise CodecError("a row operation or optimizer takes `inputs`, not `value`")
+    if len(op.inputs) != input_count(op.kind):
+        raise CodecError(f"the operation takes {input_count(op.kind)} inputs, got {len(op.inputs)}")
+    if len(op.slots) != slot_count(op.kind):
+        raise CodecError(f"the operation takes {slot_count(op.kind)} slot variables, got {len(op.slots)}")
+    placed = []
+    start = offset
+    refused = None
+    for tensor in op.inputs:
+        if tensor.tensor_content or tfproto.has_values(tensor):
+            raise CodecError(
+                "a row operation's or optimizer's inputs carry their bytes in the batch's data, not in "
+                "tensor_content or typed values"
+            )
+        dtype, shape = codec.tensor_header_from_proto(tensor)
+        try:
+            nbytes = ops.check_size(op.name, shape, dtype)
+        except ResourceExhausted as exc:
+            if atomic:
+                raise
+            refused, nbytes = exc, codec.nbytes_of(shape, dtype)
+        placed.append((dtype, shape, offset, nbytes))
+        offset += nbytes
+    first = placed[0]
+    return _Layout(first[0], first[1], start, offset - start, refused, inputs=tuple(placed))
+
+
+def _row_op(op: pb.BatchOp, layout: _Layout, view: Callable[[int, int], Any]) -> BatchOp:
+    inputs = tuple(
+        codec.array_from_buffer(view(offset, nbytes), dtype, shape)
+        for dtype, shape, offset, nbytes in layout.inputs
+    )
+    flags = Flags(
+        use_nesterov=op.use_nesterov,
+        update_slots=_flag(op, "update_slots", True),
+        multiply_linear_by_lr=op.multiply_linear_by_lr,
+    )
+    write_locks = op.kind in (pb.BATCH_OP_SCATTER_UPDATE, pb.BATCH_OP_SCATTER_ND_UPDATE)
+    return BatchOp(
+        kind=op.kind,
+        name=op.name,
+        use_locking=_flag(op, "use_locking", write_locks),
+        read_value=_flag(op, "read_value", False),
+        rows=RowArgs(tuple(op.slots), inputs, op.batch_dims, flags),
+    )
+
+
 def decode_ops(
     header: pb.BatchHeader, layouts: list[_Layout | None], view: Callable[[int, int], Any]
 ) -> list[BatchOp]:
@@ -128,6 +189,10 @@ def decode_ops(
             value = None
             if layout is not None and layout.refused is not None:
                 decoded.append(BatchOp(op.kind, op.name, refused=layout.refused))
+                continue
+            if op.kind in ROW_KINDS:
+                assert layout is not None
+                decoded.append(_row_op(op, layout, view))
                 continue
             if layout is not None and layout.inline is not None:
                 value = tfproto.expand(layout.inline, layout.dtype, layout.shape)
@@ -261,8 +326,8 @@ def _run(
         else:
             staging.grow(view.nbytes)
         writer.add(view)
-        assert info.shape is not None
-        return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
+        # The value's own shape: a gather's rows are not the variable's shape.
+        return pb.TensorProto.FromString(codec.tensor_head(info.dtype, view.shape))
 
     results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request, reserve=reserve)
     reply = pb.BatchReply()

@@ -45,6 +45,27 @@ class BatchOpKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BATCH_OP_INFO: _ClassVar[BatchOpKind]
     BATCH_OP_DELETE: _ClassVar[BatchOpKind]
     BATCH_OP_READ_PREFIX: _ClassVar[BatchOpKind]
+    BATCH_OP_GATHER: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_UPDATE: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ADD: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_SUB: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MUL: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_DIV: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MIN: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MAX: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_UPDATE: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_ADD: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_SUB: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_GRADIENT_DESCENT: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_MOMENTUM: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_ADAGRAD: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_ADAM: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_RMS_PROP: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_FTRL: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_ADAGRAD: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_MOMENTUM: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_FTRL: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_RMS_PROP: _ClassVar[BatchOpKind]
 DT_INVALID: DataType
 DT_FLOAT: DataType
 DT_DOUBLE: DataType
@@ -75,6 +96,27 @@ BATCH_OP_READ: BatchOpKind
 BATCH_OP_INFO: BatchOpKind
 BATCH_OP_DELETE: BatchOpKind
 BATCH_OP_READ_PREFIX: BatchOpKind
+BATCH_OP_GATHER: BatchOpKind
+BATCH_OP_SCATTER_UPDATE: BatchOpKind
+BATCH_OP_SCATTER_ADD: BatchOpKind
+BATCH_OP_SCATTER_SUB: BatchOpKind
+BATCH_OP_SCATTER_MUL: BatchOpKind
+BATCH_OP_SCATTER_DIV: BatchOpKind
+BATCH_OP_SCATTER_MIN: BatchOpKind
+BATCH_OP_SCATTER_MAX: BatchOpKind
+BATCH_OP_SCATTER_ND_UPDATE: BatchOpKind
+BATCH_OP_SCATTER_ND_ADD: BatchOpKind
+BATCH_OP_SCATTER_ND_SUB: BatchOpKind
+BATCH_OP_APPLY_GRADIENT_DESCENT: BatchOpKind
+BATCH_OP_APPLY_MOMENTUM: BatchOpKind
+BATCH_OP_APPLY_ADAGRAD: BatchOpKind
+BATCH_OP_APPLY_ADAM: BatchOpKind
+BATCH_OP_APPLY_RMS_PROP: BatchOpKind
+BATCH_OP_APPLY_FTRL: BatchOpKind
+BATCH_OP_SPARSE_APPLY_ADAGRAD: BatchOpKind
+BATCH_OP_SPARSE_APPLY_MOMENTUM: BatchOpKind
+BATCH_OP_SPARSE_APPLY_FTRL: BatchOpKind
+BATCH_OP_SPARSE_APPLY_RMS_PROP: BatchOpKind
 
 class TensorShapeProto(_message.Message):
     __slots__ = ("dim", "unknown_rank")
@@ -322,7 +364,7 @@ class BatchHeader(_message.Message):
     def __init__(self, atomic: _Optional[bool] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class BatchOp(_message.Message):
-    __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value")
+    __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value", "inputs", "slots", "batch_dims", "use_nesterov", "update_slots", "multiply_linear_by_lr")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +373,12 @@ class BatchOp(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_DIMS_FIELD_NUMBER: _ClassVar[int]
+    USE_NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_LINEAR_BY_LR_FIELD_NUMBER: _ClassVar[int]
     kind: BatchOpKind
     name: str
     validate_shape: bool
@@ -339,7 +387,13 @@ class BatchOp(_message.Message):
     dtype: DataType
     shape: TensorShapeProto
     value: TensorProto
-    def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorProto]
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    batch_dims: int
+    use_nesterov: bool
+    update_slots: bool
+    multiply_linear_by_lr: bool
+    def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorProto, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., batch_dims: _Optional[int] = ..., use_nesterov: _Optional[bool] = ..., update_slots: _Optional[bool] = ..., multiply_linear_by_lr: _Optional[bool] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("op", "code", "message", "info", "value", "value_is_request")
