@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos check lint protos protos-check bench clean system-deps
+.PHONY: run test chaos check lint protos protos-check bench bench-cluster clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ protos-check: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench $(ARGS)
+
+bench-cluster: $(STAMP)
+	$(PY) -m bench.clusterstep $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
 
-from bench import durability, modelstep, procstat, report, runner
+from bench import durability, modelstep, procstat, report, runner, sparse
 from bench.backends import Server, Skipped, tps
 from bench.backends.process import StartError
 from bench.fleet import Fleet
@@ -23,8 +23,10 @@ from bench.models import MODELS
 from bench.profiles import PROFILES
 from bench.workloads import VerificationError
 
-WORKLOADS = ("calls", "model")
-OPT_IN = ("durability",)  # run only when named: snapshots of 1 GiB, the write-ahead log against Redis AOF
+WORKLOADS = ("calls", "model", "sparse", "durability")
+# sparse is opt-in: it loads a 256 MB table into every system; durability too: snapshots of 1 GiB, the
+# write-ahead log against Redis's append-only file.
+DEFAULT_WORKLOADS = ("calls", "model")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,11 +43,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help="comma-separated subset of calls (single-call table), model (model steps), durability "
-        "(opt-in: snapshot and write-ahead log costs, beside Redis's append-only file)",
+        default=",".join(DEFAULT_WORKLOADS),
+        help="comma-separated subset of calls (single-call table), model (model steps), sparse (gather and "
+        "scatter_add of embedding rows; not run by default), durability (snapshot and write-ahead log costs "
+        "beside Redis's append-only file; not run by default)",
     )
     p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: the profile's)")
+    p.add_argument(
+        "--sparse-rows",
+        type=int,
+        default=sparse.ROWS,
+        help=f"rows of the sparse workload's table (default {sparse.ROWS:,}; at least {sparse.BATCH})",
+    )
     p.add_argument(
         "--workers-scaling",
         action="store_true",
@@ -59,9 +68,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.workers_scaling:
         keys += [k for k in ("tensorps1", "tensorps2") if k not in keys]
     args.keys = [k for k in runner.STARTERS if k in keys]
+    if args.sparse_rows < sparse.BATCH:
+        p.error(f"--sparse-rows must be at least {sparse.BATCH}")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not args.workloads or any(w not in WORKLOADS + OPT_IN for w in args.workloads):
-        p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS + OPT_IN)}")
+    if not args.workloads or any(w not in WORKLOADS for w in args.workloads):
+        p.error(f"unknown workloads {args.workloads}; choose from {','.join(WORKLOADS)}")
     if args.models is not None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not args.models or any(m not in MODELS for m in args.models):
@@ -123,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 by_label = {s.label: s for s in servers}
                 one, two = by_label[tps.label(1)], by_label[tps.label(2)]
                 print(report.scaling_table(runner.scaling(one, two, profile, fleet), profile) + "\n")
+            if "sparse" in args.workloads:
+                rows, targets = sparse.run(servers, profile, runner.progress, table_rows=args.sparse_rows)
+                reasons = [f"{s.label}: {s.reason}" for s in skipped]
+                print(sparse.table(rows, targets, reasons, table_rows=args.sparse_rows) + "\n")
             # Measured while the servers and clients still run: the CPU of exited processes is not found.
             print(report.foreign_load(foreign.fraction()), flush=True)
         except VerificationError as exc:

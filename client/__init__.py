@@ -22,6 +22,12 @@ from tensorps.client.errors import (
     UnknownError,
     UsageError,
 )
+from tensorps.client.placement import (
+    FixedShardsPartitioner,
+    MinSizePartitioner,
+    fixed_size_partitioner,
+    min_max_variable_partitioner,
+)
 from tensorps.client.snapshot import SnapshotInfo
 
 __all__ = [
@@ -33,8 +39,10 @@ __all__ = [
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "FixedShardsPartitioner",
     "InternalError",
     "InvalidArgumentError",
+    "MinSizePartitioner",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
@@ -49,4 +57,6 @@ __all__ = [
     "UnknownError",
     "UsageError",
     "VariableInfo",
+    "fixed_size_partitioner",
+    "min_max_variable_partitioner",
 ]

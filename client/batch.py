@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from tensorps.client import codec
-from tensorps.client.codec import DType, Shape
+from tensorps.client.codec import DType
 from tensorps.client.errors import InvalidArgumentError, TensorPSError, UsageError
+from tensorps.client.queued import QueuedOp
+from tensorps.client.rows import GATHER, ROW_KINDS, RowCalls, returns_value
 from tensorps.v1 import tensorps_pb2 as pb
 
 if TYPE_CHECKING:
@@ -43,19 +45,6 @@ class BatchError(TensorPSError):
         self.errors = errors
 
 
-class QueuedOp(NamedTuple):
-    """One operation as the client sends it; flags are explicit (None: the op has no such flag)."""
-
-    kind: int
-    name: str
-    array: Array | None = None
-    dtype: DType | None = None
-    shape: Shape | None = None
-    validate_shape: bool | None = None
-    use_locking: bool | None = None
-    read_value: bool = True
-
-
 class Outcome(NamedTuple):
     """One result of a batch: an info and a value, or an error."""
 
@@ -68,7 +57,7 @@ class Outcome(NamedTuple):
 Outcomes = list[list[Outcome]]
 
 
-class Pipeline:
+class Pipeline(RowCalls):
     """Operations queued for one Batch call; use it as a context manager, or call execute()/submit().
 
     Each queueing method returns the pipeline, so calls chain. `execute()` returns the results in order:
@@ -158,6 +147,19 @@ class Pipeline:
     def read(self, name: str) -> Pipeline:
         return self._queue(QueuedOp(pb.BATCH_OP_READ, self._client._checked(name)))
 
+    # The row operations and optimizers of RowCalls (gather, scatter_*, apply_*, ...) queue themselves.
+    def _row_op(self, op: QueuedOp) -> Pipeline:
+        return self._queue(op)
+
+    def _row_value(self, name: str, value: Any) -> Array:
+        return self._client._as_array(name, value, self._created.get(name))
+
+    def _row_name(self, name: Any) -> str:
+        return self._client._checked(name)
+
+    def _row_flag(self, value: Any, what: str) -> bool:
+        return self._client._checked_flag(value, what)
+
     def info(self, name: str) -> Pipeline:
         return self._queue(QueuedOp(pb.BATCH_OP_INFO, self._client._checked(name)))
 
@@ -184,6 +186,8 @@ class Pipeline:
             result = _result(op, found)
             if isinstance(result, TensorPSError):
                 errors[index] = result
+            elif op.kind == GATHER:
+                self._client._note_rows(op, result)
             results.append(result)
         self.results = results
         if errors and self.raise_on_error:
@@ -204,6 +208,8 @@ def _result(op: QueuedOp, found: list[Outcome]) -> Any:
     (outcome,) = found
     if outcome.error is not None:
         return outcome.error
+    if op.kind in ROW_KINDS:
+        return outcome.value if returns_value(op) else outcome.info
     if op.kind == pb.BATCH_OP_DELETE:
         return None
     if op.kind == pb.BATCH_OP_READ or (
@@ -337,4 +343,18 @@ def encode_header(ops: Sequence[QueuedOp], atomic: bool) -> tuple[pb.BatchHeader
             op.value.dtype = codec.dtype_of(queued.array.dtype).code  # type: ignore[assignment]
             codec.shape_to_proto(queued.array.shape, op.value.tensor_shape)
             arrays.append(queued.array)
+        if queued.kind in ROW_KINDS:
+            _encode_row(queued, op)
+            arrays.extend(queued.inputs)
     return header, arrays
+
+
+def _encode_row(queued: QueuedOp, op: pb.BatchOp) -> None:
+    for array in queued.inputs:
+        tensor = op.inputs.add(dtype=codec.dtype_of(array.dtype).code)
+        codec.shape_to_proto(array.shape, tensor.tensor_shape)
+    op.slots.extend(queued.slots)
+    op.batch_dims = queued.batch_dims
+    op.use_nesterov = queued.use_nesterov
+    op.update_slots = queued.update_slots
+    op.multiply_linear_by_lr = queued.multiply_linear_by_lr

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from tensorps.client import bulk, codec, wire
-from tensorps.client.batch import BatchCalls, Outcome, Outcomes, QueuedOp, encode_header
+from tensorps.client import arrays, bulk, codec, progress, wire
+from tensorps.client.batch import BatchCalls, Outcome, Outcomes, encode_header
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.client.errors import (
     InternalError,
@@ -29,6 +29,8 @@ from tensorps.client.errors import (
     from_rpc_error,
     from_status,
 )
+from tensorps.client.queued import QueuedOp
+from tensorps.client.rows import GATHER, ROW_KINDS, RowCalls, reply_estimate, returns_value
 from tensorps.client.snapshot import SnapshotCalls
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -47,11 +49,12 @@ BULK_TLS_FACTOR = 8
 _PREFIXES_KEPT = 1024
 CHUNK_BYTES = 1 << 20
 _MAX_MESSAGE = 2**31 - 1
+_RECEIVE_LIMIT = ("tensorps-max-receive-bytes", str(_MAX_MESSAGE))
 _RETRIES = 3
 _RETRY_BACKOFF = 0.05
 # Metadata carrying a write's request id (32 hex digits), repeated by its retries (see the .proto).
 REQUEST_ID_KEY = "tensorps-request-id"
-_READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX))
+_READ_KINDS = frozenset((pb.BATCH_OP_READ, pb.BATCH_OP_INFO, pb.BATCH_OP_READ_PREFIX, GATHER))
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # gRPC reconnects to a server that went away after 1 s, then 1.6x longer each time up to 120 s: after a
 # 15 s outage a client noticed the server was back 8 s late. Retry connecting within a second instead.
@@ -93,6 +96,9 @@ class ServerInfo:
     used_bytes: int
     max_total_bytes: int
     version: str
+    # The cluster the server is a shard of (HOST:PORT in shard order; empty: a lone server), its index.
+    cluster: tuple[str, ...] = ()
+    shard_index: int = 0
     # Persistence: the data directory ("" without one), the --wal mode, and the newest snapshot this server
     # took (unix time of its cut, 0: none yet; seconds it took; how long writes were paused).
     data_dir: str = ""
@@ -208,11 +214,13 @@ class _CallDeadline:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class Client(BatchCalls, SnapshotCalls):
+class Client(BatchCalls, RowCalls, SnapshotCalls):
     """A connection to a tensorps server; use it as a context manager, from any number of threads.
 
     `target` is "host:port", or "shm://STORE" for the store directory of a server on this host (no network,
-    same semantics; the connection options are checked but do not apply).
+    same semantics; the connection options are checked but do not apply), or a cluster of servers:
+    "host:port,host:port,...", a list of them, or "cluster://host:port" (one member, which names the
+    others): a ClusterClient (cluster.py) with the same API that sends each call to its variable's server.
 
     `timeout` (seconds) is one deadline per call: retries and follow-up RPCs of one call share it. The
     default, None, waits for ever, also on a server that hangs: give long-running jobs a timeout.
@@ -226,7 +234,15 @@ class Client(BatchCalls, SnapshotCalls):
     the wrong type, a chain without its key or bytes that are not PEM raise UsageError at once.
     """
 
-    def __new__(cls, target: str, **options: Any) -> Client:
+    def __new__(cls, target: str | Sequence[str], **options: Any) -> Client:
+        # Several servers ("a:1,b:2", a list, or "cluster://a:1"): the router over a cluster (cluster.py).
+        clustered = isinstance(target, list | tuple) or (
+            isinstance(target, str) and ("," in target or target.startswith("cluster://"))
+        )
+        if cls is Client and clustered:
+            from tensorps.client.cluster import ClusterClient  # noqa: PLC0415 (it imports this module)
+
+            return object.__new__(ClusterClient)
         if not isinstance(target, str):
             raise UsageError(f"target must be a str such as 'localhost:50051', not {target!r:.60}")
         # "shm://PATH" opens a store on this host directly: same API, no network (local.py).
@@ -245,7 +261,7 @@ class Client(BatchCalls, SnapshotCalls):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],  # a Sequence: a cluster (__new__ makes a ClusterClient)
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
@@ -264,7 +280,7 @@ class Client(BatchCalls, SnapshotCalls):
             channels=channels,
             wait_for_ready=wait_for_ready,
         )
-        self.target = target
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
         self.wait_for_ready = bool(wait_for_ready)
         self._closed = False
@@ -275,7 +291,7 @@ class Client(BatchCalls, SnapshotCalls):
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         self._channels = [self._open(credentials) for _ in range(channels)]
         self._bulk = bulk.BulkChannel(
-            target,
+            self.target,
             tls=credentials is not None,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
@@ -286,6 +302,7 @@ class Client(BatchCalls, SnapshotCalls):
         self._dtypes: dict[str, DType] = {}
         self._sizes: dict[str, int] = {}
         self._prefix_sizes: dict[str, int] = {}  # bytes a read_prefix batch's prefix read last time
+        self._row_sizes: dict[str, int] = {}  # bytes per index of a variable's last gather
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -358,10 +375,12 @@ class Client(BatchCalls, SnapshotCalls):
         return stub
 
     def _call_metadata(self, write: bool) -> tuple[tuple[str, str], ...] | None:
-        """The call's metadata; a write carries a fresh request id, which its retries repeat."""
+        """The call's metadata; a write carries a fresh request id, which its retries repeat, and the
+        largest reply this client accepts (the server refuses, before applying, a write whose reply
+        would exceed it)."""
         if not write:
             return self._metadata
-        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)))
+        return (*(self._metadata or ()), (REQUEST_ID_KEY, secrets.token_hex(16)), _RECEIVE_LIMIT)
 
     def _unary(self, method: str, request: bytes, *, idempotent: bool = False, write: bool = False) -> bytes:
         """One unary call, retried on UNAVAILABLE if idempotent or a write (made exactly-once by its id)."""
@@ -397,6 +416,7 @@ class Client(BatchCalls, SnapshotCalls):
     def _read_chunks(
         self, chunks: Iterator[bytes], *, expect_value: bool = True
     ) -> tuple[VariableInfo, Array | None]:
+        report = progress.current()
         try:
             first = pb.ReadChunk.FromString(next(chunks))
             info = _info(first.info)
@@ -413,6 +433,8 @@ class Client(BatchCalls, SnapshotCalls):
                     raise InvalidArgumentError("the server sent chunks out of order")
                 buffer[filled : filled + len(data)] = data
                 filled += len(data)
+                if report is not None:
+                    report(len(data), buffer.nbytes)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         except StopIteration:
@@ -437,11 +459,12 @@ class Client(BatchCalls, SnapshotCalls):
     # ---- values --------------------------------------------------------------------------------
 
     def _as_array(self, name: str, value: Any, dtype: DType | None = None) -> Array:
-        """numpy input is sent as it is (never cast); Python values take the variable's dtype losslessly
-        (`dtype`, else the cached or fetched one). The name has been checked."""
+        """Array data (numpy, `__dlpack__`, `__array__`: arrays.py) is sent as it is (never cast); Python
+        values take the variable's dtype losslessly (`dtype`, else the cached or fetched one). The name has
+        been checked. Every method that takes a value converts it here."""
         try:
-            if isinstance(value, np.ndarray | np.generic):
-                array = np.asarray(value)
+            array = arrays.as_array(value)
+            if array is not None:
                 codec.dtype_of(array.dtype)
                 return codec.as_wire_array(array)
             if dtype is None:
@@ -470,15 +493,21 @@ class Client(BatchCalls, SnapshotCalls):
         """create()'s arguments checked: the dtype, the declared shape and the initial value as an array."""
         name = self._checked(name)
         try:
-            declared = codec.dtype_of(dtype) if dtype is not None else None
+            declared = arrays.dtype_of(dtype) if dtype is not None else None
             dims = codec.validate_shape(shape) if shape is not None else None
         except CodecError as exc:
             raise InvalidArgumentError(str(exc)) from None
         if value is None and declared is None:
             raise InvalidArgumentError(f"variable '{name}' needs a dtype or a value")
-        if value is not None and declared is None and not isinstance(value, np.ndarray | np.generic):
-            raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
-        array = None if value is None else self._as_array(name, value, declared)
+        array = None
+        if value is not None:
+            try:
+                data = arrays.as_array(value)
+            except CodecError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            if data is None and declared is None:
+                raise InvalidArgumentError(f"variable '{name}': give a dtype for a Python initial value")
+            array = self._as_array(name, value if data is None else data, declared)
         dtype = declared if array is None else codec.dtype_of(array.dtype)
         if declared is not None and dtype != declared:
             raise InvalidArgumentError(
@@ -562,6 +591,8 @@ class Client(BatchCalls, SnapshotCalls):
             p.used_bytes,
             p.max_total_bytes,
             p.version,
+            tuple(p.cluster),
+            p.shard_index,
             p.data_dir,
             p.wal,
             p.last_snapshot_time,
@@ -648,8 +679,12 @@ class Client(BatchCalls, SnapshotCalls):
     def _write(self, name: str, value: Any, op: int, flags: WriteFlags) -> Any:
         """One write op (Assign, AssignAdd or AssignSub) of a value converted for the variable."""
         name = self._checked(name)
-        if isinstance(value, np.ndarray | np.generic):
-            return self._send_write(name, self._as_array(name, value), op, flags)
+        try:
+            array = arrays.as_array(value)
+        except CodecError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        if array is not None:
+            return self._send_write(name, self._as_array(name, array), op, flags)
         with self._deadline:  # one deadline, also for a retry with a refreshed dtype
             cached = self._dtypes.get(name)
             try:
@@ -701,9 +736,18 @@ class Client(BatchCalls, SnapshotCalls):
         return codec.tensor_from_parts(response.value, content)
 
     def _write_stream(self, array: Array, header: pb.WriteHeader) -> Any:
+        report = progress.current()  # here: gRPC consumes chunks() in a thread of its own
+
         def chunks() -> Iterator[bytes]:
             yield pb.WriteChunk(header=header).SerializeToString()
-            yield from wire.data_chunks(array, CHUNK_BYTES)
+            if report is None:
+                yield from wire.data_chunks(array, CHUNK_BYTES)
+                return
+            left = array.nbytes
+            for message in wire.data_chunks(array, CHUNK_BYTES):
+                yield message
+                report(min(CHUNK_BYTES, left), array.nbytes)
+                left -= CHUNK_BYTES
 
         metadata = self._call_metadata(write=True)
         with self._deadline:
@@ -889,9 +933,40 @@ class Client(BatchCalls, SnapshotCalls):
                 if size is None:
                     return None
                 total += size
+            elif op.kind in ROW_KINDS:
+                size = reply_estimate(op, self._sizes, self._row_sizes)
+                if size is None:
+                    return None
+                total += size
             elif op.array is not None and op.read_value:
                 total += op.array.nbytes
         return total
+
+    # ---- rows and optimizers (rows.py): each call is a batch of one operation ---------------------
+
+    def _row_op(self, op: QueuedOp) -> Any:
+        (outcome,) = self._run_batch([op], atomic=False)[0]
+        if outcome.error is not None:
+            raise outcome.error
+        if op.kind == GATHER:
+            self._note_rows(op, outcome.value)
+        return outcome.value if returns_value(op) else outcome.info
+
+    def _note_rows(self, op: QueuedOp, rows: Array | None) -> None:
+        """Remember a gather's bytes per index: the next gather's reply size is then known (a small one
+        goes as one message, not over the bulk channel)."""
+        if rows is not None and op.inputs[0].size:
+            with self._lock:
+                self._row_sizes[op.name] = rows.nbytes // op.inputs[0].size
+
+    def _row_value(self, name: str, value: Any) -> Array:
+        return self._as_array(name, value)
+
+    def _row_name(self, name: Any) -> str:
+        return self._checked(name)
+
+    def _row_flag(self, value: Any, what: str) -> bool:
+        return self._checked_flag(value, what)
 
     def _batch_outcomes(
         self, reply: pb.BatchReply, view: Callable[[int, int], Any], ops: Sequence[QueuedOp]

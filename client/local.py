@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from tensorps.client.batch import Outcome, Outcomes, QueuedOp
+from tensorps.client.batch import Outcome, Outcomes
 from tensorps.client.client import (
     Array,
     Client,
@@ -28,11 +28,15 @@ from tensorps.client.client import (
 )
 from tensorps.client.codec import DType, Shape
 from tensorps.client.errors import InternalError, NotFoundError, from_status
+from tensorps.client.queued import QueuedOp
+from tensorps.client.rows import ROW_KINDS
 from tensorps.client.snapshot import SnapshotInfo
 from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Info, Ops
+from tensorps.server.optimizers import Flags
 from tensorps.server.persist.snapshot import SnapshotError
 from tensorps.server.persist_service import status_of_snapshot, take_snapshot
+from tensorps.server.row_ops import RowArgs
 from tensorps.server.service import status_of
 from tensorps.server.store import Store, StoreError
 from tensorps.v1 import tensorps_pb2 as pb
@@ -48,6 +52,13 @@ def _read_only(array: Array) -> Array:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def _row_args(op: QueuedOp) -> RowArgs | None:
+    if op.kind not in ROW_KINDS:
+        return None
+    flags = Flags(op.use_nesterov, op.update_slots, op.multiply_linear_by_lr)
+    return RowArgs(op.slots, op.inputs, op.batch_dims, flags)
 
 
 def _copy_out(info: Info, view: Array) -> Array:
@@ -108,6 +119,7 @@ class LocalClient(Client):
             raise InternalError(f"cannot open the store {path}: {exc}") from None
         self._ops = Ops(store)
         self._dtypes: dict[str, DType] = {}
+        self._row_sizes: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._executor = None
@@ -228,6 +240,7 @@ class LocalClient(Client):
                 validate_shape=op.validate_shape is not False,
                 use_locking=op.use_locking if op.use_locking is not None else op.kind == pb.BATCH_OP_ASSIGN,
                 read_value=op.read_value,
+                rows=_row_args(op),
             )
             for op in ops
         ]

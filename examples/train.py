@@ -164,12 +164,14 @@ def read_file(path: str) -> bytes:
 
 def _connect(args: argparse.Namespace) -> None:
     trust = read_file(args.ca_file) if args.ca_file else None
-    serving, description = wait_until_serving(args.target, args.connect_timeout, root_certificates=trust)
-    if not serving:
-        raise TrainingError(
-            f"cannot reach a serving tensorps server at {args.target} within {args.connect_timeout:g} s "
-            f"({description}); start one or set --target / TENSORPS_TARGET"
-        )
+    # A cluster target ("a:1,b:2,..." or "cluster://a:1") waits for every server it names.
+    for target in args.target.removeprefix("cluster://").split(","):
+        serving, description = wait_until_serving(target, args.connect_timeout, root_certificates=trust)
+        if not serving:
+            raise TrainingError(
+                f"cannot reach a serving tensorps server at {target} within {args.connect_timeout:g} s "
+                f"({description}); start one or set --target / TENSORPS_TARGET"
+            )
 
 
 def _claim_index(ps: Client, names: Names, num_workers: int) -> int:
@@ -378,7 +380,11 @@ def parser() -> argparse.ArgumentParser:
         description="Asynchronous SGD on a synthetic linear regression through a tensorps server.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--target", default=default_target(), help="server host:port (env TENSORPS_TARGET)")
+    p.add_argument(
+        "--target",
+        default=default_target(),
+        help="server host:port, or a cluster's host:port,host:port,... (env TENSORPS_TARGET)",
+    )
     p.add_argument("--role", choices=("all", "coordinator", "worker"), default="all")
     p.add_argument("--num-workers", type=int, default=2, help="K: worker processes (all) or shards (worker)")
     p.add_argument("--worker-index", type=_index, default="auto", help="this worker's shard, or 'auto'")

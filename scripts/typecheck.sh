@@ -9,7 +9,7 @@ mkdir -p "$tree/tensorps"
 root=$(pwd)
 ln -s "$root/protos/tensorps/__init__.py" "$root/protos/tensorps/py.typed" "$tree/tensorps/"
 ln -s "$root/protos/tensorps/v1" "$tree/tensorps/v1"
-for pkg in client server examples; do
+for pkg in client server examples cli; do
   [ -d "$pkg" ] && ln -s "$root/$pkg" "$tree/tensorps/$pkg"
 done
 targets=("$tree/tensorps" tests)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
+from tensorps.server import cluster, logs
 from tensorps.server.app import StartupError, serve
 from tensorps.server.config import BULK_OFF, ServerConfig
+from tensorps.server.logs import FORMATS
 
 _DEFAULTS = ServerConfig()
 
@@ -40,6 +41,28 @@ def bulk_port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}")
     return port
+
+
+def metrics_port(text: str) -> int | None:
+    """--metrics-port: a port number, 0 (a free one), or off."""
+    cleaned = text.strip().lower()
+    if cleaned in ("", "off", "no", "none", "false"):
+        return None
+    try:
+        port = int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port, 0 or off: {text!r}")
+    return port
+
+
+def cluster_members(text: str) -> tuple[str, ...]:
+    """--cluster: HOST:PORT,HOST:PORT,... in shard order."""
+    try:
+        return cluster.parse_members(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _boolean(text: str) -> bool:
@@ -141,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
         "token-file",
         str,
         None,
-        "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on "
-        "SIGHUP (a missing or broken file keeps the previous tokens); every call but health checks needs one",
+        "bearer tokens, one per line, 'TOKEN' or 'TOKEN read-only'; reloaded on SIGHUP (a missing or "
+        "broken file keeps the previous tokens); every call but health checks and reflection needs one",
     )
     flag(
         "bulk-port",
@@ -152,6 +175,41 @@ def parser() -> argparse.ArgumentParser:
         "TLS as the gRPC port); 0: an ephemeral port per worker; P: worker i listens on P+i; off: none",
     )
     flag("log-level", str.upper, d.log_level, "DEBUG, INFO, WARNING or ERROR", choices=_LEVELS)
+    flag(
+        "log-format",
+        str.lower,
+        d.log_format,
+        "text, or json: one JSON object per line (time, level, logger, message, pid, worker, and fields "
+        "such as peer, method, code, reason) for log collectors",
+        choices=FORMATS,
+    )
+    flag(
+        "metrics-port",
+        metrics_port,
+        None,
+        "serve Prometheus metrics of every worker at http://HOST:PORT/metrics from the supervisor "
+        "(0: a free port, logged; off by default)",
+    )
+    flag(
+        "no-reflection",
+        bool,
+        False,
+        "do not serve gRPC server reflection (grpc.reflection.v1alpha and v1; by default on and, like "
+        "health, open without a token, so that grpcurl and buf curl work without the .proto)",
+    )
+    flag(
+        "cluster",
+        cluster_members,
+        None,
+        "serve as one shard of a cluster: every member's HOST:PORT, comma-separated, in shard order, the "
+        "same on every member; calls on variables another shard owns get FAILED_PRECONDITION naming it",
+    )
+    flag(
+        "shard-index",
+        int,
+        None,
+        "this server's index in --cluster (default: the ordinal I of a StatefulSet hostname NAME-I)",
+    )
     flag(
         "data-dir",
         str,
@@ -191,6 +249,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = vars(p.parse_args(argv))
     known = {f.name for f in fields(ServerConfig)}
     values = {key: value for key, value in args.items() if key in known}
+    values["reflection"] = not args["no_reflection"]
     for key, least in _MINIMUM.items():
         if values[key] < least:
             p.error(f"--{key.replace('_', '-')} must be at least {least}")
@@ -203,6 +262,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--port must be at most 65535")
     if values["bulk_port"] > 0 and values["bulk_port"] + values["workers"] - 1 > 65535:
         p.error(f"--bulk-port {values['bulk_port']} with {values['workers']} workers runs past port 65535")
+    values["cluster"] = values["cluster"] or ()
+    try:
+        values["shard_index"] = cluster.resolve_shard_index(values["cluster"], values["shard_index"])
+    except cluster.ClusterError as exc:
+        p.error(str(exc))
     if values["data_dir"] is None:
         for key in ("restore",):
             if values[key] is not None:
@@ -220,11 +284,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s tensorps[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
     try:
         code = serve(config)
     except StartupError as exc:

@@ -27,10 +27,13 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tensorps.server import bulk
+from tensorps.server import bulk, logs, reflection
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
+from tensorps.server.calls import CallObserver
+from tensorps.server.cluster import ClusterError, ClusterGate, Shard
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
+from tensorps.server.metrics import Metrics
 from tensorps.server.ops import Ops
 from tensorps.server.persist import lifecycle
 from tensorps.server.persist_service import PersistenceService
@@ -114,10 +117,17 @@ def build_server(
     auth: TokenAuth | None = None,
     health_servicer: health.HealthServicer | None = None,
     bulk_listener: bulk.BulkListener | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    # The observer first: it sees every call's final status, the token check's refusals included; the
+    # cluster gate last, so that a call is authenticated before it is told which shard owns its variable.
+    interceptors: list[grpc.ServerInterceptor] = [CallObserver(metrics)]  # type: ignore[type-arg]
+    if auth is not None:
+        interceptors.append(auth)
+    interceptors.append(ClusterGate(Shard(config.cluster, config.shard_index)))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
-        interceptors=[auth] if auth is not None else None,
+        interceptors=interceptors,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=grpc_options(config, reuseport=reuseport),
     )
@@ -128,10 +138,16 @@ def build_server(
         max_message_bytes=config.max_message_bytes,
         max_staging_bytes=config.max_staging_bytes,
         bulk=bulk_listener,
+        cluster=config.cluster,
+        shard_index=config.shard_index,
     )
     server.add_generic_rpc_handlers((servicer.handler(), PersistenceService(ops).handler()))
+    if metrics is not None:
+        metrics.watch_staging(servicer.staging)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable(server)
     credentials = server_credentials(config)
     if credentials is None:
         server.add_insecure_port(config.address)
@@ -188,6 +204,7 @@ def run_worker(
     mask: Sequence[int],
     *,
     index: int = 0,
+    metrics: Metrics | None = None,
 ) -> int:
     """Serve until SIGTERM, then finish in-flight calls within the grace period. Returns 0.
 
@@ -201,15 +218,26 @@ def run_worker(
     signals = SignalPipe((signal.SIGTERM, signal.SIGHUP))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; a terminal's ^C reaches all
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    logs.set_worker(index)
     store = Store.attach(config.store_path)  # never a new store: the supervisor made or found it
     ops = Ops(store, max_variable_bytes=config.max_variable_bytes)
+    if metrics is not None:
+        ops.on_lock_wait = metrics.lock_waited
     periodic = None
     if index == 0 and ops.persistence is not None and config.snapshot_every > 0:
         periodic = lifecycle.Periodic(ops, config.snapshot_every)
     health_servicer = SupervisedHealth(status)
     listener = open_bulk(config, index)
+    if listener is not None and metrics is not None:
+        listener.on_transfer = metrics.bulk_transferred
     server, _ = build_server(
-        config, ops, reuseport=True, auth=auth, health_servicer=health_servicer, bulk_listener=listener
+        config,
+        ops,
+        reuseport=True,
+        auth=auth,
+        health_servicer=health_servicer,
+        bulk_listener=listener,
+        metrics=metrics,
     )
     server.start()
     if listener is not None:
@@ -306,6 +334,7 @@ class Supervisor:
     force: bool = False
     # One byte shared with the workers (inherited through fork): 1 while every worker is up.
     status: mmap.mmap = field(default_factory=lambda: mmap.mmap(-1, 1))
+    metrics: Metrics | None = None
 
     def _spawn(self, slot: int, failures: int = 0) -> None:
         ready_r, ready_w = os.pipe()
@@ -317,6 +346,17 @@ class Supervisor:
         os.close(ready_w)
         self.workers[slot] = _Worker(pid, time.monotonic(), failures)
         self._ready_fds.append(ready_r)
+        self._count_workers()
+
+    def _count_workers(self) -> None:
+        if self.metrics is not None:
+            self.metrics.workers.set(len(self.workers))
+
+    def _worker_died(self, slot: int, *, replaced: bool) -> None:
+        pid = self.workers.pop(slot).pid
+        if self.metrics is not None:
+            self.metrics.worker_died(pid, replaced=replaced)
+        self._count_workers()
 
     def _become_worker(
         self, parent: int, ready_r: int, ready_w: int, mask: Sequence[int], slot: int
@@ -329,7 +369,9 @@ class Supervisor:
             # A worker must not outlive its supervisor (SIGKILLed, say): it would keep the port and the
             # store, and a new server would refuse to start. The kernel sends SIGTERM when it dies.
             if die_with_parent(parent):
-                code = run_worker(self.config, ready_w, self.status, self.auth, mask, index=slot)
+                code = run_worker(
+                    self.config, ready_w, self.status, self.auth, mask, index=slot, metrics=self.metrics
+                )
             else:
                 log.warning("worker %d: the supervisor died before it started; exiting", os.getpid())
         except BaseException:
@@ -455,7 +497,7 @@ class Supervisor:
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
             Store.sweep_path(self.config.store_path)  # it may have died amid a create or a delete
             self.status[0] = 0
-            del self.workers[slot]
+            self._worker_died(slot, replaced=True)
             self._sleep(delay)
             if not self.stopping:
                 self._spawn(slot, failures)
@@ -473,7 +515,7 @@ class Supervisor:
                     pid, status = worker.pid, 0
                 if pid:
                     log.info("worker %d %s", worker.pid, _describe_exit(status))
-                    del self.workers[slot]
+                    self._worker_died(slot, replaced=False)
             if time.monotonic() > deadline and not self.force:
                 log.warning("workers still running after the grace period: killing them")
                 self.force = True
@@ -551,6 +593,21 @@ def _token_auth(config: ServerConfig) -> TokenAuth | None:
         raise StartupError(str(exc)) from None
 
 
+def _serve_metrics(config: ServerConfig) -> Metrics | None:
+    """The metrics of every process, served by this one (None with --metrics-port off)."""
+    if config.metrics_port is None:
+        return None
+    metrics = Metrics.enable()
+    try:
+        port = metrics.serve(config.host, config.metrics_port, config.store_path)
+    except OSError as exc:
+        metrics.close()
+        raise StartupError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror}") from None
+    host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+    log.info("metrics on http://%s:%d/metrics (worker files in %s)", host, port, metrics.directory)
+    return metrics
+
+
 def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
     check_security(config)
@@ -595,12 +652,27 @@ def serve(config: ServerConfig) -> int:
         if created:
             Store.remove_files(config.store_path)
         raise StartupError(str(exc)) from None
-    store.close()  # the workers map it themselves, after the fork
     try:
-        code = Supervisor(config, auth=_token_auth(config)).run(signals)
+        shard = Shard(config.cluster, config.shard_index)
+        shard.warn_if_elsewhere(config.port)
+        shard.check_store(Ops(store))
+    except ClusterError as exc:
+        store.close()
+        if data_dir_held is not None:
+            os.close(data_dir_held)
+        raise StartupError(str(exc)) from None
+    store.close()  # the workers map it themselves, after the fork
+    metrics = None
+    try:
+        metrics = _serve_metrics(config)
+        if metrics is not None and config.data_dir is not None:
+            metrics.snapshot_source = lifecycle.snapshot_status(config.store_path)
+        code = Supervisor(config, auth=_token_auth(config), metrics=metrics).run(signals)
         if config.data_dir is not None and not config.no_snapshot_on_exit:
             lifecycle.snapshot_now(config.store_path, why="at exit")
     finally:
+        if metrics is not None:
+            metrics.close()
         if data_dir_held is not None:
             os.close(data_dir_held)
         if created and not config.keep_store:

@@ -2,8 +2,9 @@
 
 Token file: one token per line, optionally followed by `read-only` (or `ro`); blank lines and lines starting
 with '#' are ignored. Read-only tokens may call Read, ReadStream, GetVariable, ListVariables,
-GetServerInfo, and Batch/BatchStream without writes; other calls get PERMISSION_DENIED. The health service
-stays open so that orchestrators can probe without a token.
+GetServerInfo, and Batch/BatchStream without writes; other calls get PERMISSION_DENIED. The health and
+reflection services stay open, so that orchestrators can probe and generic clients (grpcurl) can discover
+the protocol without a token.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 import grpc
 
+from tensorps.server.reflection import OPEN_SERVICES
+
 log = logging.getLogger("tensorps.server")
 
-_OPEN_PREFIX = "/grpc.health.v1.Health/"
+_OPEN_PREFIXES = tuple(f"/{service}/" for service in OPEN_SERVICES)
 _READ_ONLY_METHODS = frozenset(
     f"/tensorps.v1.ParameterServer/{m}"
     for m in ("Read", "ReadStream", "GetVariable", "ListVariables", "GetServerInfo")
@@ -78,7 +81,7 @@ def _abort_handler(
 
 
 class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Checks `authorization: Bearer <token>` on every call but health checks."""
+    """Checks `authorization: Bearer <token>` on every call but health checks and reflection."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -118,7 +121,7 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(_OPEN_PREFIX):
+        if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
         header = ""
         for key, value in details.invocation_metadata or ():

@@ -32,9 +32,10 @@ from tensorps.client.codec import (
     dtype_of,
     validate_name,
 )
-from tensorps.server import commits
+from tensorps.server import commits, row_ops, row_patches
 from tensorps.server.ops import (
     NO_REQUEST,
+    Aborted,
     AlreadyExists,
     Info,
     InvalidArgument,
@@ -50,6 +51,7 @@ from tensorps.server.ops import (
 from tensorps.server.persist import records
 from tensorps.server.persist.records import Entry
 from tensorps.server.requests import INLINE, Applied, pack_applied
+from tensorps.server.row_ops import GATHER, ROW_KINDS, ROW_WRITES, RowArgs
 from tensorps.server.store import Descriptor, StoreFullError
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -70,7 +72,7 @@ READ, INFO, DELETE, READ_PREFIX = (
     pb.BATCH_OP_DELETE,
     pb.BATCH_OP_READ_PREFIX,
 )
-WRITES = frozenset((CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB, DELETE))
+WRITES = frozenset((CREATE, ASSIGN, ASSIGN_ADD, ASSIGN_SUB, DELETE, *ROW_WRITES))
 OP_NAMES: dict[int, str] = {
     CREATE: "CreateVariable",
     ASSIGN: "Assign",
@@ -80,6 +82,7 @@ OP_NAMES: dict[int, str] = {
     INFO: "GetVariable",
     DELETE: "DeleteVariable",
     READ_PREFIX: "Read prefix",
+    **row_ops.OP_NAMES,
 }
 
 
@@ -96,6 +99,7 @@ class BatchOp(NamedTuple):
     read_value: bool = True
     request: bytes | None = None  # this operation's request id (exactly-once retries), if any
     refused: OpError | None = None  # refused before it ran (a limit of its value): its outcome
+    rows: RowArgs | None = None  # a row op's or optimizer's slots, inputs and attributes
 
 
 class Result(NamedTuple):
@@ -192,6 +196,8 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
                     continue  # deleted or reset since the listing
         return found
     name = _checked_name(op.name)
+    if kind in ROW_KINDS:
+        return [_run_row(ops, index, op, consume)]
     if kind == CREATE:
         assert op.dtype is not None
         return [Result(index, ops.create(name, op.dtype, op.shape, op.value, request=op.request))]
@@ -228,6 +234,21 @@ def _run_one(ops: Ops, index: int, op: BatchOp, consume: Consume) -> list[Result
     raise InvalidArgument(f"unknown batch operation kind {kind}")
 
 
+def _run_row(ops: Ops, index: int, op: BatchOp, consume: Consume) -> Result:
+    """A row op or optimizer as its single call (row_ops)."""
+    args = op.rows or RowArgs()
+    for slot in args.slots:
+        _checked_name(slot)
+    row_ops.check_names(op.kind, op.name, args)
+    if op.kind == GATHER:
+        info, found = row_ops.gather(ops, op.name, args)
+        return Result(index, info, consume(info, found))
+    info, value = row_ops.update(
+        ops, op.kind, op.name, args, use_locking=op.use_locking, read_value=op.read_value, request=op.request
+    )
+    return Result(index, info, None if value is None else consume(info, value))
+
+
 @dataclass
 class _Var:
     """A variable as the batch leaves it so far."""
@@ -237,6 +258,7 @@ class _Var:
     value: Array | None = None  # bytes the batch wrote; None: the store's (or none)
     created: bool = False  # the variable now is one the batch created
     drop_slot: bool = False  # the variable that existed before the batch is deleted
+    patch: row_patches.Patch | None = None  # rows a sparse write changes, in place at commit
 
 
 def _info(name: str, d: Descriptor) -> Info:
@@ -260,10 +282,15 @@ class _Atomic:
             if op.kind != READ_PREFIX:
                 try:
                     _checked_name(op.name)
+                    if op.rows is not None:
+                        for slot in op.rows.slots:
+                            _checked_name(slot)
+                        row_ops.check_names(op.kind, op.name, op.rows)
                 except OpError as error:
                     raise BatchFailed(index, op, error) from None
         prefixes = [op.name for op in self.batch if op.kind == READ_PREFIX]
         named = {op.name for op in self.batch if op.kind != READ_PREFIX}
+        named.update(slot for op in self.batch if op.rows is not None for slot in op.rows.slots)
         locks = self.ops.locks
         writes = any(op.kind in WRITES for op in self.batch)
         listed = {prefix: self.store.names(prefix) for prefix in prefixes}
@@ -334,6 +361,20 @@ class _Atomic:
                 made = op.value is not None
                 current = current._replace(version=found[0].version if found else int(made), initialized=made)
             self.results.append(Result(index, _info(name, current)))
+        elif op.kind == GATHER:
+            self._plan_row(index, op)  # a read: reads anew
+        elif op.kind in ROW_WRITES:
+            var, d = self._existing(name)
+            found = self.ops.applied(name, slot, op.request)
+            version = found[0].version if found else d.version
+            info = _info(name, d)._replace(version=version)
+            if op.read_value and not (found and found[1]):
+                raise Aborted(
+                    f"{OP_NAMES[op.kind]} of variable '{name}' was applied already (version {version}); the "
+                    "value it produced is no longer known: read the variable"
+                )
+            value = self.consume(info, self._value(var, d)) if op.read_value else None
+            self.results.append(Result(index, info, value))
         elif op.kind == READ:
             var, d = self._existing(name)
             check_readable(name, d)
@@ -378,6 +419,12 @@ class _Atomic:
     def _value(self, var: _Var, d: Descriptor) -> Array:
         if var.value is not None:
             return var.value
+        if var.patch is not None:  # read after a sparse write: from now on the batch holds the whole value
+            assert var.slot is not None
+            current = self.ops._view(var.slot, self.store.active(var.slot))
+            var.value = row_patches.materialize(current, var.patch.rows, var.patch.new)
+            var.patch = None
+            return var.value
         if var.slot is None:  # created by this batch without a value: zero elements, or never read
             assert d.shape is not None
             return np.empty(d.shape, dtype_from_code(d.dtype).numpy)
@@ -415,8 +462,44 @@ class _Atomic:
                 raise BatchFailed(index, op, error) from None
         return last_write
 
+    def _plan_row(self, index: int, op: BatchOp) -> None:
+        """A row op or optimizer: computed against the batch's state so far, its writes kept pending. A
+        sparse write of variables the batch has not written yet keeps only its rows (row_patches.py)."""
+        written, planned, found = row_ops.plan_atomic(
+            op.kind, op.name, op.rows or RowArgs(), self._existing, self._value
+        )
+        if found is not None:
+            _var, d = self._existing(op.name)
+            info = _info(op.name, d)
+            self.results.append(Result(index, info, self.consume(info, found)))
+            return
+        assert planned is not None
+        rows = planned.rows
+        patch = rows is not None and all(
+            var.value is None and var.patch is None and var.slot is not None and not var.created
+            for _name, var, _d, _value in written
+        )
+        for position, ((name, var, current, value), new) in enumerate(zip(written, planned.new, strict=True)):
+            self._supersede(name, var)
+            request = (op.request or NO_REQUEST) if position == 0 else NO_REQUEST
+            if patch:
+                assert rows is not None and var.slot is not None
+                var.patch = row_patches.Patch(name, var.slot, rows, new, request)
+            else:
+                var.value = new if rows is None else row_patches.materialize(value, rows, new)
+            version = current.version + 1
+            var.d = Descriptor(current.dtype, True, current.shape, version, current.nbytes, request=request)
+        name, var, _current, _value = written[0]
+        assert var.d is not None
+        info = _info(name, var.d)
+        kept = self.consume(info, self._value(var, var.d)) if op.read_value else None
+        self.results.append(Result(index, info, kept))
+
     def _plan_one(self, index: int, op: BatchOp) -> None:
         name, kind = op.name, op.kind
+        if kind in ROW_KINDS:
+            self._plan_row(index, op)
+            return
         if kind == CREATE:
             var = self._var(name)
             if var.d is not None:
@@ -483,10 +566,11 @@ class _Atomic:
             d is not None
             and d.request != NO_REQUEST
             and name in self.vars
-            and (var.created or var.value is not None)
+            and (var.created or var.value is not None or var.patch is not None)
         ):
             kept = var.value.tobytes() if var.value is not None and var.value.nbytes <= INLINE else None
             self.superseded.append((name, d.request, d.version, kept))
+        var.patch = None  # replaced (or made whole by _value before)
 
     def _read_prefix(self, index: int, prefix: str, listed: list[str]) -> None:
         names = set(listed)
@@ -505,6 +589,15 @@ class _Atomic:
         store.mark_in_commit(stripes, True)
         inserted: list[int] = []
         committed = published = False
+        self._unpatch_pinned()
+        patches = row_patches.Patches(
+            self.ops,
+            [
+                var.patch
+                for var in self.vars.values()
+                if var.patch is not None and var.d is not None and not var.created and not var.drop_slot
+            ],
+        )
         try:
             flips: list[tuple[int, int]] = []
             for name, var in self.vars.items():
@@ -547,6 +640,8 @@ class _Atomic:
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
             self._log(last_write)
+            if patches.patches:
+                patches.apply(record)
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,
@@ -558,8 +653,11 @@ class _Atomic:
                 store.delete_slot(slot)
             for name, request, version, value in self.superseded:
                 store.requests.record(self.ops.locks.stripe(name), request, version, value)
+            patches.count()
             published = True
         finally:
+            # The undo record goes before the commit record (see row_patches).
+            patches.finish(committed=committed, published=published)
             if committed and not published:
                 record.abandon()
             else:
@@ -570,6 +668,19 @@ class _Atomic:
                 # takes such a stripe finds nothing to replay), never a finished batch's record to replay.
                 record.finish()
                 store.mark_in_commit(stripes, False)
+
+    def _unpatch_pinned(self) -> None:
+        """A variable whose buffer a snapshot pinned gets its patch as a whole new value (a fresh buffer)
+        rather than rows written in place."""
+        for var in self.vars.values():
+            if var.patch is None or var.slot is None or var.created or var.drop_slot:
+                continue
+            d = self.store.active(var.slot)
+            if self.store.pinned(var.slot, d.segment):
+                var.value = row_patches.materialize(
+                    self.ops._view(var.slot, d), var.patch.rows, var.patch.new
+                )
+                var.patch = None
 
     def _log(self, last_write: dict[str, int]) -> None:
         """Append the batch's record to the write-ahead log (one record: replayed whole or not at all);
@@ -595,6 +706,11 @@ class _Atomic:
                 d = var.d
                 value = var.value if var.value is not None else b""
                 entries.append(Entry(records.PUT, name, d.dtype, d.shape, d.initialized, d.version, value))
+            elif var.patch is not None and var.d is not None:
+                d, rows = var.d, np.ascontiguousarray(var.patch.rows, np.int64).tobytes()
+                entries.append(
+                    Entry(records.ROWS, name, d.dtype, d.shape, True, d.version, var.patch.new, rows)
+                )
         return entries
 
     def _failed(self, name: str, last_write: dict[str, int], message: str) -> BatchFailed:

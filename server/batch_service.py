@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
+import numpy as np
 
-from tensorps.client import codec, wire
+from tensorps.client import codec, tfproto, wire
 from tensorps.client.codec import CodecError, DType, Shape
 from tensorps.server.batch import (
     ASSIGN,
@@ -33,10 +34,16 @@ from tensorps.server.batch import (
 from tensorps.server.bulk import BulkError, BulkListener, Sender, accept, end_of_data, receive_into
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, Ops, PermissionDenied, ResourceExhausted
+from tensorps.server.optimizers import Flags
+from tensorps.server.row_ops import ROW_KINDS, RowArgs, input_count, slot_count
 from tensorps.server.staging import Reservation
 from tensorps.v1 import tensorps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# The largest data message of a reply stream, and what such a message holds besides its data.
+_WHOLE = 1 << 30
+_DATA_OVERHEAD = 32
+_SMALLEST = 64 << 10
 # The bulk reply's values go to the socket in pieces of about this size as they are copied.
 _SEND_PIECE = 4 << 20
 _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
@@ -44,13 +51,18 @@ _UPDATES = (ASSIGN_ADD, ASSIGN_SUB)
 
 class _Layout(NamedTuple):
     """Where an operation's value lies in the batch's data; `refused`: the op's own limit error (a batch in
-    order answers it for that operation alone, as its single call would)."""
+    order answers it for that operation alone, as its single call would). `inline`: a value the header
+    carries itself (tensor_content or TensorFlow's typed values, checked: tfproto.values), which takes no
+    bytes of the data (nbytes 0) and is filled to its shape once the batch's staging holds room for it."""
 
     dtype: DType
     shape: Shape
     offset: int
     nbytes: int
     refused: ResourceExhausted | None = None
+    inline: np.ndarray[Any, Any] | None = None
+    # A row op's or optimizer's inputs (BatchOp.inputs): dtype, shape, offset, bytes each.
+    inputs: tuple[tuple[DType, Shape, int, int], ...] = ()
 
 
 def _flag(op: pb.BatchOp, field: str, default: bool) -> bool:
@@ -61,16 +73,26 @@ def _where(index: int, op: pb.BatchOp) -> str:
     return f"operation {index} ({OP_NAMES.get(op.kind, f'kind {op.kind}')} of '{op.name}')"
 
 
-def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[list[_Layout | None], int]:
-    """Every operation's value layout and the batch's total bytes, refused before any data is received."""
+def plan_header(
+    header: pb.BatchHeader, ops: Ops, *, read_only: bool
+) -> tuple[list[_Layout | None], int, int]:
+    """Every operation's value layout, the bytes of values the data carries and those of the values the
+    header carries (inline), refused before any data is received."""
     layouts: list[_Layout | None] = []
-    total = 0
+    total = inline_total = 0
     for index, op in enumerate(header.ops):
         try:
             if op.kind not in OP_NAMES:
                 raise CodecError(f"unknown batch operation kind {op.kind}")
             if read_only and op.kind in WRITES:
                 raise PermissionDenied("a read-only token may not write")
+            if op.kind in ROW_KINDS:
+                layout = _row_layout(op, ops, total, atomic=header.atomic)
+                layouts.append(layout)
+                total += layout.nbytes
+                continue
+            if op.inputs or op.slots:
+                raise CodecError("only row operations and optimizers take inputs or slots")
             if op.kind in (ASSIGN, *_UPDATES) and not op.HasField("value"):
                 raise CodecError("the operation has no value")
             if not op.HasField("value"):
@@ -78,8 +100,6 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
                 continue
             if op.kind not in (ASSIGN, *_UPDATES, CREATE):
                 raise CodecError("this operation takes no value")
-            if op.value.tensor_content:
-                raise CodecError("a batch value's bytes belong in the stream's data, not in tensor_content")
             dtype, shape = codec.tensor_header_from_proto(op.value)
             refused = None
             try:
@@ -88,6 +108,13 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
                 if header.atomic:
                     raise
                 refused, nbytes = exc, codec.nbytes_of(shape, dtype)
+            if tfproto.has_values(op.value):
+                # TensorFlow's own encoding in the header (tf.make_tensor_proto's output as it is).
+                content = op.value.tensor_content
+                inline = None if refused else tfproto.values(op.value, content, dtype, shape, what="value")
+                layouts.append(_Layout(dtype, shape, total, 0, refused, inline))
+                inline_total += 0 if refused else nbytes
+                continue
             layouts.append(_Layout(dtype, shape, total, nbytes, refused))
             total += nbytes
         except CodecError as exc:
@@ -95,11 +122,61 @@ def plan_header(header: pb.BatchHeader, ops: Ops, *, read_only: bool) -> tuple[l
         except (PermissionDenied, ResourceExhausted) as exc:
             raise type(exc)(f"{_where(index, op)}: {exc}") from None
     budget = ops.store.limits.max_total_bytes
-    if total > budget:
+    if total + inline_total > budget:
         raise ResourceExhausted(
-            f"the batch holds {total} bytes of values, more than the server's budget {budget}"
+            f"the batch holds {total + inline_total} bytes of values, more than the server's budget {budget}"
         )
-    return layouts, total
+    return layouts, total, inline_total
+
+
+def _row_layout(op: pb.BatchOp, ops: Ops, offset: int, *, atomic: bool) -> _Layout:
+    """Where a row op's inputs lie in the batch's data; their sizes checked against the server's limits."""
+    if op.HasField("value"):
+        raise CodecError("a row operation or optimizer takes `inputs`, not `value`")
+    if len(op.inputs) != input_count(op.kind):
+        raise CodecError(f"the operation takes {input_count(op.kind)} inputs, got {len(op.inputs)}")
+    if len(op.slots) != slot_count(op.kind):
+        raise CodecError(f"the operation takes {slot_count(op.kind)} slot variables, got {len(op.slots)}")
+    placed = []
+    start = offset
+    refused = None
+    for tensor in op.inputs:
+        if tensor.tensor_content or tfproto.has_values(tensor):
+            raise CodecError(
+                "a row operation's or optimizer's inputs carry their bytes in the batch's data, not in "
+                "tensor_content or typed values"
+            )
+        dtype, shape = codec.tensor_header_from_proto(tensor)
+        try:
+            nbytes = ops.check_size(op.name, shape, dtype)
+        except ResourceExhausted as exc:
+            if atomic:
+                raise
+            refused, nbytes = exc, codec.nbytes_of(shape, dtype)
+        placed.append((dtype, shape, offset, nbytes))
+        offset += nbytes
+    first = placed[0]
+    return _Layout(first[0], first[1], start, offset - start, refused, inputs=tuple(placed))
+
+
+def _row_op(op: pb.BatchOp, layout: _Layout, view: Callable[[int, int], Any]) -> BatchOp:
+    inputs = tuple(
+        codec.array_from_buffer(view(offset, nbytes), dtype, shape)
+        for dtype, shape, offset, nbytes in layout.inputs
+    )
+    flags = Flags(
+        use_nesterov=op.use_nesterov,
+        update_slots=_flag(op, "update_slots", True),
+        multiply_linear_by_lr=op.multiply_linear_by_lr,
+    )
+    write_locks = op.kind in (pb.BATCH_OP_SCATTER_UPDATE, pb.BATCH_OP_SCATTER_ND_UPDATE)
+    return BatchOp(
+        kind=op.kind,
+        name=op.name,
+        use_locking=_flag(op, "use_locking", write_locks),
+        read_value=_flag(op, "read_value", False),
+        rows=RowArgs(tuple(op.slots), inputs, op.batch_dims, flags),
+    )
 
 
 def decode_ops(
@@ -113,7 +190,13 @@ def decode_ops(
             if layout is not None and layout.refused is not None:
                 decoded.append(BatchOp(op.kind, op.name, refused=layout.refused))
                 continue
-            if layout is not None:
+            if op.kind in ROW_KINDS:
+                assert layout is not None
+                decoded.append(_row_op(op, layout, view))
+                continue
+            if layout is not None and layout.inline is not None:
+                value = tfproto.expand(layout.inline, layout.dtype, layout.shape)
+            elif layout is not None:
                 value = codec.array_from_buffer(
                     view(layout.offset, layout.nbytes), layout.dtype, layout.shape
                 )
@@ -149,12 +232,12 @@ def decode_ops(
 
 def _header(
     chunk: pb.BatchChunk, ops: Ops, *, read_only: bool
-) -> tuple[pb.BatchHeader, list[_Layout | None], int]:
+) -> tuple[pb.BatchHeader, list[_Layout | None], int, int]:
     """The first message's header, every operation checked and its value placed (no data taken yet)."""
     if not chunk.HasField("header"):
         raise CodecError("the first message of a batch has no header")
-    layouts, total = plan_header(chunk.header, ops, read_only=read_only)
-    return chunk.header, layouts, total
+    layouts, total, inline = plan_header(chunk.header, ops, read_only=read_only)
+    return chunk.header, layouts, total, inline
 
 
 class Planned(NamedTuple):
@@ -163,6 +246,7 @@ class Planned(NamedTuple):
     header: pb.BatchHeader
     layouts: list[_Layout | None]
     total: int  # bytes of values the data carries
+    inline: int  # bytes of the values the header carries, once filled to their shapes
 
 
 def start(messages: Iterator[bytes], ops: Ops, *, read_only: bool) -> tuple[Planned, bytes]:
@@ -187,10 +271,10 @@ def receive_rest(
 ) -> list[BatchOp]:
     """The operations of a started batch stream, their values received from the stream's data (their bytes
     reserved in `staging` before they are taken in)."""
-    header, layouts, total = planned
+    header, layouts, total, inline = planned
     # The values stay in the messages that brought them (most are viewed in place, ChunkWriter keeps them
     # whole), until ops copy them into the store: memory in transit.
-    staging.grow(total)
+    staging.grow(total + inline)
     received = wire.Received(total, "the batch stream")
     message: bytes | None = first
     while message is not None:
@@ -203,10 +287,10 @@ def receive_rest(
     return decode_ops(header, layouts, received.view)
 
 
-def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp], bool]:
+def receive_one(raw: bytes, ops: Ops, *, read_only: bool, staging: Reservation) -> tuple[list[BatchOp], bool]:
     """A batch sent as one message (Batch): the header and every value's bytes at once."""
     chunk, data = wire.parse(pb.BatchChunk, raw, (15,))
-    header, layouts, total = _header(chunk, ops, read_only=read_only)
+    header, layouts, total, inline = _header(chunk, ops, read_only=read_only)
     if header.bulk:
         raise CodecError("a Batch call cannot use the bulk channel: send a bulk batch with BatchStream")
     if chunk.offset or data.nbytes != total:
@@ -214,6 +298,7 @@ def receive_one(raw: bytes, ops: Ops, *, read_only: bool) -> tuple[list[BatchOp]
             f"the batch has {data.nbytes} bytes of data at offset {chunk.offset}; "
             f"its header needs {total} at 0"
         )
+    staging.grow(inline)
     return decode_ops(header, layouts, lambda offset, nbytes: data[offset : offset + nbytes]), header.atomic
 
 
@@ -241,8 +326,8 @@ def _run(
         else:
             staging.grow(view.nbytes)
         writer.add(view)
-        assert info.shape is not None
-        return pb.TensorProto.FromString(codec.tensor_head(info.dtype, info.shape))
+        # The value's own shape: a gather's rows are not the variable's shape.
+        return pb.TensorProto.FromString(codec.tensor_head(info.dtype, view.shape))
 
     results = run_batch(ops, batch, atomic=atomic, consume=consume, request=request, reserve=reserve)
     reply = pb.BatchReply()
@@ -252,11 +337,20 @@ def _run(
 
 
 def execute(
-    ops: Ops, batch: list[BatchOp], atomic: bool, request: bytes | None, staging: Reservation
+    ops: Ops,
+    batch: list[BatchOp],
+    atomic: bool,
+    request: bytes | None,
+    staging: Reservation,
+    *,
+    receive_limit: int | None = None,
 ) -> Iterator[bytes]:
-    """Run the batch; the reply stream: every result, then the values' bytes."""
-    # Clients accept messages up to 2 GiB: a tensor goes whole, and the client uses it in place.
-    writer = wire.ChunkWriter(CHUNK_BYTES, 1 << 30)
+    """Run the batch; the reply stream: every result, then the values' bytes. Without `receive_limit`
+    (the client's declared tensorps-max-receive-bytes) clients accept messages up to 2 GiB: a tensor goes
+    whole, and the client uses it in place; with it, no data message exceeds it (nor, whatever a client
+    declares, falls below 64 KiB: a message per byte would cost both sides more than the reply is worth)."""
+    most = _WHOLE if receive_limit is None else max(_SMALLEST, min(_WHOLE, receive_limit - _DATA_OVERHEAD))
+    writer = wire.ChunkWriter(min(CHUNK_BYTES, most), most)
     yield _run(ops, batch, atomic, writer, request, staging=staging)
     yield from writer.finish()
 
@@ -298,7 +392,7 @@ def execute_bulk(
                 f"no bulk connection presented this call's ticket within {idle:.1f} s", "DEADLINE_EXCEEDED"
             )
         accept(conn, idle)
-        staging.grow(planned.total)  # the pooled buffer counts in the worker's staging budget
+        staging.grow(planned.total + planned.inline)  # the pooled buffer counts in the staging budget
         buffer = listener.pool.take(planned.total)
         receive_into(conn, buffer, idle)
         view = buffer.data
@@ -319,6 +413,8 @@ def execute_bulk(
         sender.finish()
         listener.pool.reply_bytes = gather.nbytes
         end_of_data(conn)
+        if listener.on_transfer is not None:
+            listener.on_transfer(planned.total, gather.nbytes)
         yield results
     finally:
         ticket.close()

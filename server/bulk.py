@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -265,6 +265,8 @@ class BulkListener:
         self.port: int = self._sock.getsockname()[1]
         self.tls = tls
         self.pool = BufferPool()
+        # Called with each bulk batch's bytes received and sent (the server's metrics; None: not counted).
+        self.on_transfer: Callable[[int, int], None] | None = None
         self._tickets: dict[bytes, Ticket] = {}
         self._lock = threading.Lock()
         self._admitting = threading.BoundedSemaphore(MAX_ADMITTING)

@@ -34,7 +34,8 @@ STAGING = "new-commit-"
 PREPARING, COMMITTED = 1, 2
 # REQUEST: a request id the batch makes applied that no descriptor will carry (a delete's, or a write's
 # that a later write of the same variable in the batch replaced); payload: id, version, kept value.
-CREATED, FLIP, DELETE, REQUEST = 1, 2, 3, 4
+# ROWS: the undo record (payload: its file name) of rows the batch wrote in place (row_patches.py).
+CREATED, FLIP, DELETE, REQUEST, ROWS = 1, 2, 3, 4, 5
 # Entry: kind, slot, selector, name length, payload length; then the name and the payload.
 _ENTRY = struct.Struct("<BIBHH")
 

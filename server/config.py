@@ -43,6 +43,16 @@ class ServerConfig:
     # The bulk side channel's TCP port (bulk.py): 0 = an ephemeral port per worker, P > 0 = P + the
     # worker's index (workers 0..N-1 take P..P+N-1), BULK_OFF = none.
     bulk_port: int = 0
+    # Log lines as text or as one JSON object per line (logs.py).
+    log_format: str = "text"
+    # The supervisor's Prometheus endpoint (metrics.py): None = off, 0 = a free port (logged).
+    metrics_port: int | None = None
+    # gRPC server reflection (grpcurl, buf curl), open without a token like health; off: --no-reflection.
+    reflection: bool = True
+    # The cluster this server is a shard of: every member's HOST:PORT in shard order (empty: a lone
+    # server), and this server's index in it (cluster.py).
+    cluster: tuple[str, ...] = ()
+    shard_index: int = 0
     # Persistence (persist/): snapshots and the write-ahead log go to data_dir; None persists nothing.
     data_dir: str | None = None
     snapshot_every: float = 300.0  # seconds between periodic snapshots; 0: never

@@ -189,6 +189,8 @@ class Ops:
         self.locks = store.locks
         self.max_variable_bytes = max_variable_bytes
         self._call = threading.local()  # .deadline: this thread's current call's, time.monotonic()
+        # Called with the seconds each stripe acquisition waited (the server's metrics; None: not measured).
+        self.on_lock_wait: Callable[[float], None] | None = None
         # The data directory's snapshots and write-ahead log, if the store's server has one.
         self.persistence = Persistence.attach(store.path)
 
@@ -228,11 +230,16 @@ class Ops:
         atomic batch that a dead holder of it left half-published."""
         deadline: float | None = getattr(self._call, "deadline", None)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        observe = self.on_lock_wait
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             self.locks.acquire(stripe, exclusive=exclusive, timeout=timeout)
         except LockTimeout:
             what = f"variable '{name}'" if name is not None else f"stripe {stripe}"
             raise DeadlineExceeded(f"timed out waiting for the lock of {what}") from None
+        finally:
+            if observe is not None:
+                observe(time.perf_counter() - started)
         if self.store.in_commit(stripe):
             try:
                 self.store.recover(stripe)

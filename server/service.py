@@ -3,7 +3,8 @@
 Handlers take the request as bytes (no deserializer) so that a malformed message is an INVALID_ARGUMENT
 rather than grpcio's generic INTERNAL, and so that tensor bytes are cut out of the message without a copy
 (wire.py). The path of a tensor byte from the socket to shared memory: wire.parse (a view of the request)
--> codec.array_from_buffer (a typed view) -> ops.assign (np.copyto into the segment).
+-> codec.array_from_buffer (a typed view, via tfproto.decode) -> ops.assign (np.copyto into the segment).
+A value in TensorFlow's typed fields (float_val, ...) is built into a new array by tfproto.decode instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -23,9 +24,9 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from tensorps.client import codec, wire
+from tensorps.client import codec, tfproto, wire
 from tensorps.client.codec import CodecError
-from tensorps.server import batch_service
+from tensorps.server import batch_service, reply_limit
 from tensorps.server.bulk import BulkError, BulkListener
 from tensorps.server.messages import info_to_proto
 from tensorps.server.ops import Info, OpError, Ops, ResourceExhausted
@@ -234,8 +235,12 @@ class ParameterServer:
         max_message_bytes: int = 64 << 20,
         max_staging_bytes: int | None = None,
         bulk: BulkListener | None = None,
+        cluster: Sequence[str] = (),
+        shard_index: int = 0,
     ) -> None:
         self.ops = ops
+        self.cluster = tuple(cluster)  # the members of this server's cluster (empty: a lone server)
+        self.shard_index = shard_index
         self.bulk = bulk  # this worker's bulk side channel (None: --bulk-port off)
         self.workers = workers
         self.max_message_bytes = max_message_bytes
@@ -250,23 +255,35 @@ class ParameterServer:
         request, content = wire.parse(pb.CreateVariableRequest, raw, (4, 4))
         name = _name(request.name)
         shape = codec.shape_from_proto(request.shape) if request.HasField("shape") else None
-        value = None
-        if request.HasField("value"):
-            value_dtype, value_shape = codec.tensor_header_from_proto(request.value)
-            if request.dtype and request.dtype != value_dtype.code:
-                raise CodecError(
-                    f"variable '{name}' is declared {codec.dtype_from_code(request.dtype).name} but its "
-                    f"initial value is {value_dtype.name}"
-                )
-            dtype = value_dtype
-            self.ops.check_size(name, value_shape, dtype)
-            value = codec.array_from_buffer(content, dtype, value_shape)
-        elif request.dtype == pb.DT_INVALID:
-            raise CodecError(f"variable '{name}' needs a dtype or an initial value")
-        else:
-            dtype = codec.dtype_from_code(request.dtype)
-        info = self.ops.create(name, dtype, shape, value, request=request_id(context))
+        with self.staging.reservation("an initial value") as staging:
+            value = None
+            if request.HasField("value"):
+                value = self._decode(name, request.value, content, staging)
+                dtype = codec.dtype_of(value.dtype)
+                if request.dtype and request.dtype != dtype.code:
+                    raise CodecError(
+                        f"variable '{name}' is declared {codec.dtype_from_code(request.dtype).name} but "
+                        f"its initial value is {dtype.name}"
+                    )
+            elif request.dtype == pb.DT_INVALID:
+                raise CodecError(f"variable '{name}' needs a dtype or an initial value")
+            else:
+                dtype = codec.dtype_from_code(request.dtype)
+            info = self.ops.create(name, dtype, shape, value, request=request_id(context))
         return pb.CreateVariableResponse(info=info_to_proto(info)).SerializeToString()
+
+    def _decode(self, name: str, proto: pb.TensorProto, content: memoryview, staging: Reservation) -> Array:
+        """A request's value (tfproto: tensor_content viewed in place, or TensorFlow's typed values), its
+        size checked against the server's limits first. A value built from typed values is a new array
+        (a splat of one number may fill a large tensor): reserved in the worker's staging budget."""
+        try:
+            dtype, shape = header = codec.tensor_header_from_proto(proto)
+        except CodecError as exc:
+            raise CodecError(f"variable '{name}': value: {exc}") from None
+        nbytes = self.ops.check_size(name, shape, dtype)
+        if not content.nbytes and nbytes:
+            staging.grow(nbytes)
+        return tfproto.decode(proto, content, what=f"variable '{name}': value", header=header)
 
     @_abort_on_error
     def delete_variable(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -295,15 +312,17 @@ class ParameterServer:
         name = _name(request.name)
         if not request.HasField("value"):
             raise CodecError(f"the request for variable '{name}' has no value")
-        dtype, shape = codec.tensor_header_from_proto(request.value)
-        self.ops.check_size(name, shape, dtype)
-        value = codec.array_from_buffer(content, dtype, shape)
-        info, result = self._apply(op, name, value, request, request_id(context))
-        response = pb.AssignResponse(info=info_to_proto(info), value_is_request=result is value)
-        prefix = response.SerializeToString()
-        if result is None or result is value:
-            return prefix  # no value asked for, or the client holds it: it sent it
-        return wire.frame(prefix, 2, codec.tensor_head(dtype, shape), 4, codec.as_wire_array(result))
+        with self.staging.reservation("a value") as staging:
+            value = self._decode(name, request.value, content, staging)
+            if _replies_with_a_copy(op, request):
+                reply_limit.check_write(name, value.nbytes, context)
+            info, result = self._apply(op, name, value, request, request_id(context))
+            response = pb.AssignResponse(info=info_to_proto(info), value_is_request=result is value)
+            prefix = response.SerializeToString()
+            if result is None or result is value:
+                return prefix  # no value asked for, or the client holds it: it sent it
+            head = codec.tensor_head(codec.dtype_of(value.dtype), value.shape)
+            return wire.frame(prefix, 2, head, 4, codec.as_wire_array(result))
 
     def _apply(
         self, op: int, name: str, value: Array, flags: Any, request: bytes | None
@@ -413,8 +432,8 @@ class ParameterServer:
     @_abort_on_error
     def batch(self, raw: bytes, context: grpc.ServicerContext, *, read_only: bool = False) -> bytes:
         """Batch: `read_only` is set by the token check (auth.py) for tokens that may not write."""
-        batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only)
         with self.staging.reservation("a batch") as staging:
+            batch, atomic = batch_service.receive_one(raw, self.ops, read_only=read_only, staging=staging)
             return batch_service.execute_one(self.ops, batch, atomic, request_id(context), staging)
 
     @_abort_on_error_stream
@@ -445,7 +464,10 @@ class ParameterServer:
                     planned, self.ops, self.bulk, context, idle=idle, request=request, staging=staging
                 )
             else:
-                replies = batch_service.execute(self.ops, batch, planned.header.atomic, request, staging)
+                limit = reply_limit.declared(context)
+                replies = batch_service.execute(
+                    self.ops, batch, planned.header.atomic, request, staging, receive_limit=limit
+                )
             yield from self._idle.watch_reply(replies, context)
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -453,6 +475,7 @@ class ParameterServer:
     @_abort_on_error
     def read(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         name = _name(pb.ReadRequest.FromString(raw).name)
+        declared = reply_limit.declared(context)
 
         def encode(info: Info, view: Array) -> bytes:
             if view.nbytes > self.max_message_bytes:
@@ -461,6 +484,7 @@ class ParameterServer:
                     f"variable '{name}' has {view.nbytes} bytes, more than one message of the server's "
                     f"--max-message-bytes {self.max_message_bytes}: read it with ReadStream"
                 )
+            reply_limit.check_read(name, view.nbytes, declared)
             prefix = pb.ReadResponse(info=info_to_proto(info)).SerializeToString()
             assert info.shape is not None
             return wire.frame(prefix, 2, codec.tensor_head(info.dtype, info.shape), 4, view)
@@ -494,6 +518,8 @@ class ParameterServer:
             used_bytes=store.used_bytes,
             max_total_bytes=store.limits.max_total_bytes,
             version=_VERSION,
+            cluster=self.cluster,
+            shard_index=self.shard_index,
         )
         persistence = self.ops.persistence
         if persistence is not None:

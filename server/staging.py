@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from tensorps.server.ops import ResourceExhausted
@@ -34,6 +35,8 @@ class Staging:
         self.limit = limit
         self.used = 0
         self._lock = threading.Lock()
+        # Called with the bytes in use after each change (the server's metrics; None: not watched).
+        self.on_change: Callable[[int], None] | None = None
 
     def reservation(self, what: str) -> Reservation:
         """An empty reservation for one call (`what` names it in errors); grow it before each allocation."""
@@ -54,11 +57,15 @@ class Staging:
                     "transit; retry later"
                 )
             self.used += nbytes
+            if self.on_change is not None:
+                self.on_change(self.used)
             log.debug("staging: %d bytes taken for %s, %d of %d in use", nbytes, what, self.used, self.limit)
 
     def _give_back(self, nbytes: int) -> None:
         with self._lock:
             self.used -= nbytes
+            if self.on_change is not None:
+                self.on_change(self.used)
 
 
 class Reservation:

@@ -8,6 +8,7 @@ A store is a directory (default /dev/shm/tensorps-<port>) that any number of pro
     locks       one byte per lock stripe plus the catalog lock (see locks.py)
     seg-<id>    one file per data segment; ids come from a counter, never from a variable's name
     commit-<r>  the record of an atomic batch while it publishes (commits.py)
+    undo-<r>    the old rows of a locked sparse update while it writes them in place (undo.py)
 
 A store has an identity: a random incarnation in the header, and the directory itself. A handle opens
 every file relative to a descriptor of the directory it attached, so a process that outlives its store
@@ -53,7 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensorps.client.codec import MAX_NAME_LENGTH, MAX_RANK, Shape
-from tensorps.server import commits, requests
+from tensorps.server import commits, requests, undo
 from tensorps.server.locks import StripedLocks, create_lock_file
 from tensorps.server.mapping import map_fd, map_file
 from tensorps.server.requests import RequestTable, unpack_applied
@@ -594,6 +595,8 @@ class Store:
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:
                         if slot == entry.slot:
                             self._delete_slot(entry.slot)
+                    elif state == commits.COMMITTED and entry.kind == commits.ROWS:
+                        undo.mark_written(self._dir_fd, entry.payload.decode())
                     elif state == commits.COMMITTED and entry.kind == commits.REQUEST:
                         self.requests.record(self.locks.stripe(entry.name), *unpack_applied(entry.payload))
                     elif (
@@ -602,9 +605,24 @@ class Store:
                         self._delete_slot(slot)
                 os.unlink(record, dir_fd=self._dir_fd)
                 done += 1
+            done += undo.recover(self._dir_fd, self._restore_rows, self._count_rows)
             if stripe is not None:
                 self.mark_in_commit([stripe], False)
         return done
+
+    def _restore_rows(self, section: undo.Section) -> None:
+        """Write back the old rows of a locked sparse update that died before its last row."""
+        d = self.active(section.slot)
+        if d.segment != section.segment or section.row_bytes == 0 or not section.rows.size:
+            return
+        raw = self.segment_array(section.slot, d.segment, d.capacity, d.nbytes)
+        table = raw.reshape(-1, section.row_bytes)
+        table[section.rows] = np.frombuffer(section.old, np.uint8).reshape(-1, section.row_bytes)
+
+    def _count_rows(self, section: undo.Section) -> None:
+        """Count the version of a locked sparse update that died after its last row."""
+        if self.active(section.slot).version == section.version:
+            self.bump_version(section.slot, section.request)
 
     def set_request(self, slot: int, request: bytes) -> None:
         """Name the write that made the active descriptor (an unlocked write, once its copy is done)."""
@@ -733,6 +751,13 @@ class Store:
                 if state == USED and self._position(slot) == position:
                     found.append((name, slot))
         return found
+
+    def undo_record(self) -> undo.UndoRecord:
+        """A new undo record (a locked sparse update) in this handle's store."""
+        try:
+            return undo.UndoRecord(self._dir_fd)
+        except FileNotFoundError:
+            raise self._gone() from None
 
     def bump_version(self, slot: int, request: bytes) -> int:
         """Count an in-place (unlocked) write by `request` in the active descriptor; the new version."""

@@ -325,7 +325,6 @@ def _assign_header(name: str, count: int) -> pb.BatchChunk:
         "second_header",
         "no_header",
         "empty",
-        "inline_content",
         "bad_kind",
     ],
 )
@@ -348,12 +347,8 @@ def test_malformed_batch_streams_are_refused_and_change_nothing(
         "second_header": [first, first],
         "no_header": [pb.BatchChunk(offset=0, data=data).SerializeToString()],
         "empty": [],
-        "inline_content": [],
         "bad_kind": [pb.BatchChunk(header=pb.BatchHeader(ops=[unknown])).SerializeToString()],
     }[case]
-    if case == "inline_content":
-        header.header.ops[0].value.tensor_content = data
-        messages = [header.SerializeToString()]
     answer = _raw_batch(server.address, messages)
     assert isinstance(answer, grpc.RpcError)
     assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer.details()

@@ -73,3 +73,38 @@ def _assert_model_steps(out: str) -> None:
             else:
                 assert calls == ("1 + 2" if push == "assign_add" else "1 + 1"), calls
             assert float(step_ms.replace(",", "")) > 0, rows[0]
+
+
+@pytest.mark.timeout(200)
+def test_sparse_workload_prints_its_table() -> None:
+    """`python -m bench --profile quick --workloads sparse` (a small table) exits 0 with a row per system,
+    the remote target line and the locked scatter_add's memory line, and leaves no store."""
+    before = set(glob.glob("/dev/shm/tensorps-bench-*"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--profile",
+            "quick",
+            "--workloads",
+            "sparse",
+            "--sparse-rows",
+            "20000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=190,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for label in ("tensorps (1 worker)", "tensorps shm:// (same host)", "naive gRPC"):
+        cells = _row(out, label).strip("|").split("|")
+        assert len(cells) == 9 and float(cells[1].replace(",", "")) > 0, f"no row for {label}:\n{out}"
+    if shutil.which("redis-server") and importlib.util.find_spec("redis"):
+        assert float(_row(out, "Redis").strip("|").split("|")[1].replace(",", "")) > 0, out
+    assert "Target (remote): a gather of 256 KiB took" in out
+    assert "grew the store's bytes in use by 0" in out, out
+    assert not set(glob.glob("/dev/shm/tensorps-bench-*")) - before, "the benchmark left a store behind"

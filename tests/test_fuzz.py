@@ -252,15 +252,73 @@ def header_errors(dtype: int, shape: pb.TensorShapeProto | None) -> tuple[set[gr
         return errors | {INVALID}, None
     if dtype in DTYPES and math.prod(dims) * itemsize(dtype) > BUDGET:
         errors.add(EXHAUSTED)
+        if math.prod(dims) * itemsize(dtype) > 2**63 - 1:
+            errors.add(INVALID)  # too large for any array (§7: malformed)
     return errors, dims
 
 
-def content_errors(dtype: int, dims: Shape, content: bytes) -> tuple[set[grpc.StatusCode], Array | None]:
-    if len(content) != math.prod(dims) * itemsize(dtype):
+# tf.make_ndarray's typed field per dtype (TensorFlow's core/framework/tensor.proto).
+TYPED_FIELDS: dict[int, str] = {
+    pb.DT_HALF: "half_val",
+    pb.DT_BFLOAT16: "half_val",
+    pb.DT_FLOAT: "float_val",
+    pb.DT_DOUBLE: "double_val",
+    pb.DT_INT8: "int_val",
+    pb.DT_INT16: "int_val",
+    pb.DT_INT32: "int_val",
+    pb.DT_UINT8: "int_val",
+    pb.DT_UINT16: "int_val",
+    pb.DT_INT64: "int64_val",
+    pb.DT_UINT32: "uint32_val",
+    pb.DT_UINT64: "uint64_val",
+    pb.DT_COMPLEX64: "scomplex_val",
+    pb.DT_COMPLEX128: "dcomplex_val",
+    pb.DT_BOOL: "bool_val",
+}
+
+
+def content_errors(
+    dtype: int, dims: Shape, tensor: pb.TensorProto
+) -> tuple[set[grpc.StatusCode], Array | None]:
+    """tf.make_ndarray's reading of a TensorProto: tensor_content; else the dtype's typed field, the last
+    value repeated to fill the shape; no values at all: zeros. Refused: content with values, a field of
+    another dtype or none tensorps stores, more values than elements, values outside the dtype."""
+    typed = [field.name for field, _ in tensor.ListFields() if field.number > 4]
+    content = tensor.tensor_content
+    elements = math.prod(dims)
+    if not typed:
+        if not content:
+            fits = elements * itemsize(dtype) <= BUDGET  # beyond: refused by header_errors
+            return set(), np.zeros(dims, DTYPES[dtype]) if fits and representable(dims, dtype) else None
+        if len(content) != elements * itemsize(dtype):
+            return {INVALID}, None
+        if dtype == pb.DT_BOOL and any(b > 1 for b in content):
+            return {INVALID}, None
+        return set(), array_of(dtype, dims, content)
+    if content or typed != [TYPED_FIELDS[dtype]]:
         return {INVALID}, None
-    if dtype == pb.DT_BOOL and any(b > 1 for b in content):
+    values = list(getattr(tensor, typed[0]))
+    target = np.dtype(DTYPES[dtype])
+    if typed[0] == "half_val":
+        if not all(0 <= v <= 0xFFFF for v in values):
+            return {INVALID}, None
+        flat = np.array(values, np.uint16).view(target)
+    elif typed[0] == "int_val":
+        info = np.iinfo(target)
+        if not all(info.min <= v <= info.max for v in values):
+            return {INVALID}, None
+        flat = np.array(values, target)
+    elif target.kind == "c":
+        if len(values) % 2:
+            return {INVALID}, None
+        flat = np.array(values, np.float32 if target == np.complex64 else np.float64).view(target)
+    else:
+        flat = np.array(values, target)
+    if flat.size > elements:
         return {INVALID}, None
-    return set(), array_of(dtype, dims, content)
+    if elements * itemsize(dtype) > BUDGET:
+        return set(), None
+    return set(), np.pad(flat, (0, elements - flat.size), "edge").reshape(dims)
 
 
 def write_errors(op: int, var: Var, dtype: int, dims: Shape, validate_shape: bool) -> set[grpc.StatusCode]:
@@ -297,10 +355,14 @@ def predict_write(
     flags: Any,
     dtype: int,
     shape: pb.TensorShapeProto | None,
-    content: bytes,
+    tensor: pb.TensorProto,
     world: World,
+    *,
+    unary: bool = True,
 ) -> Prediction:
-    """Assign/AssignAdd/AssignSub, unary or streamed, once the tensor's bytes are known."""
+    """Assign/AssignAdd/AssignSub, unary or streamed, once the tensor's bytes are known (a stream's as
+    tensor_content). A unary write whose reply would carry the variable beyond gRPC's default 4 MiB (the
+    requests declare no tensorps-max-receive-bytes) is refused before it applies."""
     errors: set[grpc.StatusCode] = set()
     var = None
     if not valid_name(name):
@@ -316,10 +378,13 @@ def predict_write(
     value = None
     odd = dims is not None and not representable(dims, dtype)
     if dims is not None and dtype in DTYPES:
-        bad_content, value = content_errors(dtype, dims, content)
+        bad_content, value = content_errors(dtype, dims, tensor)
         errors |= bad_content
         if var is not None:
             errors |= write_errors(op, var, dtype, dims, flag(flags, "validate_shape", True))
+        copy = flag(flags, "read_value", True) and not (op == ASSIGN and flag(flags, "use_locking", True))
+        if unary and copy and math.prod(dims) * itemsize(dtype) + 2048 > 4 * MiB:
+            errors.add(EXHAUSTED)
     if errors:
         return Prediction(errors=frozenset(errors), odd=odd)
     assert var is not None and dims is not None
@@ -358,7 +423,7 @@ def predict_create(request: pb.CreateVariableRequest, world: World) -> Predictio
         value = None
         if shape is not None and dtype in DTYPES:
             odd = odd or not representable(shape, dtype)
-            bad_content, value = content_errors(dtype, shape, tensor.tensor_content)
+            bad_content, value = content_errors(dtype, shape, tensor)
             errors |= bad_content
         new = Var(dtype, shape, True, 1, value)
     else:
@@ -429,7 +494,8 @@ def predict_stream(messages: list[bytes], world: World) -> Prediction:
         prediction = predict_create(pb.CreateVariableRequest(name=header.name, value=value), world)
     else:
         op = header.op if header.op in (ASSIGN, ASSIGN_ADD, ASSIGN_SUB) else ASSIGN
-        prediction = predict_write(op, header.name, header, header.dtype, shape, bytes(content), world)
+        tensor = pb.TensorProto(tensor_content=bytes(content))
+        prediction = predict_write(op, header.name, header, header.dtype, shape, tensor, world, unary=False)
     if errors:
         return Prediction(errors=frozenset(errors | prediction.errors), odd=prediction.odd)
     return prediction
@@ -453,9 +519,7 @@ def predict(method: str, payload: bytes | list[bytes], world: World) -> Predicti
             return fail(INVALID, *([NOT_FOUND] if missing else []))
         tensor = request.value
         shape = tensor.tensor_shape if tensor.HasField("tensor_shape") else None
-        return predict_write(
-            WRITE_METHODS[method], request.name, request, tensor.dtype, shape, tensor.tensor_content, world
-        )
+        return predict_write(WRITE_METHODS[method], request.name, request, tensor.dtype, shape, tensor, world)
     if method in ("DeleteVariable", "GetVariable", "Read", "ReadStream"):
         return predict_lookup(method, request.name, world)
     return Prediction()  # ListVariables, GetServerInfo: always answer
@@ -854,6 +918,43 @@ def tensors(draw: st.DrawFn, fz: Fuzz) -> tuple[int, pb.TensorShapeProto | None,
     return dtype, shape, content
 
 
+_NUMBERS: dict[str, st.SearchStrategy[Any]] = {
+    "half_val": st.one_of(st.integers(0, 0xFFFF), st.integers(-(2**31), 2**31 - 1)),
+    "int_val": st.one_of(st.integers(-3, 3), st.integers(-(2**31), 2**31 - 1)),
+    "int64_val": st.one_of(st.integers(-3, 3), st.integers(-(2**63), 2**63 - 1)),
+    "uint32_val": st.integers(0, 2**32 - 1),
+    "uint64_val": st.integers(0, 2**64 - 1),
+    "float_val": st.floats(width=32),
+    "double_val": st.floats(),
+    "scomplex_val": st.floats(width=32),
+    "dcomplex_val": st.floats(),
+    "bool_val": st.booleans(),
+    "string_val": st.binary(max_size=4),
+    "resource_handle_val": st.just(b""),
+    "variant_val": st.just(b""),
+}
+
+
+def typed_values(draw: st.DrawFn, proto: pb.TensorProto) -> None:
+    """Sometimes TensorFlow's typed values instead of (rarely beside) the content: mostly the dtype's own
+    field, with fewer values than elements (a splat), as many, or one too many; rarely another field."""
+    if draw(st.integers(0, 3)) > 0:
+        return
+    field = TYPED_FIELDS.get(proto.dtype, "float_val")
+    if draw(st.integers(0, 5)) == 0:
+        field = draw(st.sampled_from([*sorted(_NUMBERS), "float8_val"]))
+    if draw(st.integers(0, 5)) > 0:
+        proto.tensor_content = b""
+    if field == "float8_val":
+        proto.float8_val = draw(st.binary(min_size=1, max_size=4))
+        return
+    dims = [d.size for d in proto.tensor_shape.dim]
+    elements = math.prod(dims) if all(d >= 0 for d in dims) else 0
+    per_element = 2 if field in ("scomplex_val", "dcomplex_val") else 1
+    most = per_element * min(elements, 6) + 1
+    getattr(proto, field).extend(draw(st.lists(_NUMBERS[field], max_size=most)))
+
+
 def optional_flags(draw: st.DrawFn, message: Any, fields: list[str]) -> None:
     for name in fields:
         value = draw(st.sampled_from([None, True, False]))
@@ -879,6 +980,7 @@ def unary_requests(draw: st.DrawFn, fz: Fuzz) -> tuple[str, bytes]:
             tensor_proto(dtype, None, content, create.value)
             if shape is not None:
                 create.value.tensor_shape.CopyFrom(shape)
+            typed_values(draw, create.value)
         message = create
     elif method in WRITE_METHODS:
         assign = pb.AssignRequest(name=draw(names(fz)))
@@ -888,6 +990,7 @@ def unary_requests(draw: st.DrawFn, fz: Fuzz) -> tuple[str, bytes]:
             tensor_proto(dtype, None, content, assign.value)
             if shape is not None:
                 assign.value.tensor_shape.CopyFrom(shape)
+            typed_values(draw, assign.value)
         message = assign
     elif method == "ListVariables":
         prefix = draw(st.one_of(st.just(""), st.just(fz.prefix), st.text(max_size=20), names(fz)))

@@ -2,12 +2,13 @@
 
 Random sequences of create (declared, unknown shape, with a value, zero-element shapes), assign (random
 validate_shape, use_locking and read_value; matching and mismatching shapes and dtypes), assign_add,
-assign_sub, read, info, delete and list over a few colliding names. The model says, for every call, either
-which exception class it must raise (a set where DESIGN leaves the order of two checks open) or exactly what
-it returns; a failed call changes nothing, every successful write adds 1 to the version, zero-element
-variables count as initialized, an unknown shape takes the first assigned one, integers wrap around and
-float results are compared exactly (numpy computes them on both sides). After every step the server's
-variables must equal the model's.
+assign_sub, read, info, delete, list, gather, scatter_add and scatter_update (duplicate, out-of-range and
+int32/int64 indices, scalar updates) and apply_gradient_descent over a few colliding names. The model says,
+for every call, either which exception class it must raise (a set where DESIGN leaves the order of two
+checks open) or exactly what it returns; a failed call changes nothing, every successful write adds 1 to
+the version, zero-element variables count as initialized, an unknown shape takes the first assigned one,
+integers wrap around and float results are compared exactly (numpy computes them on both sides). After
+every step the server's variables must equal the model's.
 
 TENSORPS_FUZZ=long selects a profile with many more and longer runs.
 """
@@ -321,6 +322,107 @@ class StoreMachine(RuleBasedStateMachine):
             assert entry is not None and entry.value is not None
             with np.errstate(all="ignore"):
                 value = (np.subtract if subtract else np.add)(entry.value, delta)
+            new = Entry(entry.dtype, entry.shape, True, entry.version + 1, value)
+            self.check_result(result, name, new, read_value)
+            self.model[name] = new
+
+    # ---- rows ----------------------------------------------------------------------------------
+
+    def draw_indices(self, data: st.DataObject) -> Array:
+        """Row indices, int32 or int64, 0-2 dimensions, sometimes out of range (-1, 3)."""
+        shape = data.draw(st.lists(st.integers(0, 3), max_size=2).map(tuple), label="indices shape")
+        dtype = data.draw(st.sampled_from([np.int32, np.int64]), label="indices dtype")
+        indices: Array = data.draw(hnp.arrays(dtype, shape, elements=st.integers(-1, 3)), label="indices")
+        return indices
+
+    @rule(data=st.data())
+    def gather(self, data: st.DataObject) -> None:
+        """gather: the model's rows; TF's checks (initialized, at least 1-D, indices in range)."""
+        name = self.pick(data)
+        indices = self.draw_indices(data)
+        entry = self.model.get(name)
+        errors = NOT_FOUND if entry is None else frozenset() if entry.initialized else PRECONDITION
+        shape = None if entry is None else entry.shape
+        if not errors and shape is not None and (not shape or ((indices < 0) | (indices >= shape[0])).any()):
+            errors = INVALID
+        result = self.call(errors, lambda: self.client.gather(name, indices))
+        if not errors:
+            assert entry is not None and entry.value is not None
+            assert same_values(result, entry.value[indices]), (result, entry.value[indices])
+
+    @rule(data=st.data(), add=st.booleans(), use_locking=st.booleans(), read_value=st.booleans())
+    def scatter(self, data: st.DataObject, add: bool, use_locking: bool, read_value: bool) -> None:
+        """scatter_add (duplicates accumulate, integers wrap; no bool) or scatter_update (the last duplicate
+        wins); a scalar update broadcasts; a refused call changes nothing."""
+        name = self.pick(data)
+        indices = self.draw_indices(data)
+        entry = self.model.get(name)
+        if entry is not None and entry.shape and data.draw(st.integers(0, 3), label="fitting updates?") > 0:
+            dtype = entry.dtype if data.draw(st.integers(0, 3), label="same dtype?") else data.draw(dtypes)
+            shape = (
+                () if data.draw(st.integers(0, 4), label="scalar?") == 0 else indices.shape + entry.shape[1:]
+            )
+            updates = data.draw(arrays(dtype, shape), label="updates")
+        else:
+            updates = self.draw_value(data, name)
+        errors: Errors = frozenset()
+        if entry is None:
+            errors = NOT_FOUND
+        elif (add and entry.dtype == np.bool_) or updates.dtype != entry.dtype:
+            errors = INVALID
+        elif not entry.initialized:
+            errors = PRECONDITION
+        elif entry.shape is not None and (
+            not entry.shape
+            or (updates.ndim and updates.shape != indices.shape + entry.shape[1:])
+            or ((indices < 0) | (indices >= entry.shape[0])).any()
+        ):
+            errors = INVALID
+        op = self.client.scatter_add if add else self.client.scatter_update
+        result = self.call(
+            errors, lambda: op(name, indices, updates, use_locking=use_locking, read_value=read_value)
+        )
+        if not errors:
+            assert entry is not None and entry.value is not None and entry.shape is not None
+            value = entry.value.copy()
+            rows = indices.reshape(-1)
+            per_row = np.broadcast_to(updates, indices.shape + entry.shape[1:]).reshape(
+                rows.size, *entry.shape[1:]
+            )
+            with np.errstate(all="ignore"):
+                for i, row in enumerate(rows):
+                    value[row] = value[row] + per_row[i] if add else per_row[i]
+            new = Entry(entry.dtype, entry.shape, True, entry.version + 1, value)
+            self.check_result(result, name, new, read_value)
+            self.model[name] = new
+
+    @rule(data=st.data(), use_locking=st.booleans(), read_value=st.booleans())
+    def apply_gradient_descent(self, data: st.DataObject, use_locking: bool, read_value: bool) -> None:
+        """apply_gradient_descent: var - delta * alpha for floating and complex variables (no kernel for the
+        others), initialized, the same dtype and shape."""
+        name = self.pick(data)
+        delta = self.draw_value(data, name)
+        entry = self.model.get(name)
+        alpha = np.asarray(data.draw(st.sampled_from([0.5, -2.0, 0.0])), delta.dtype)[()]
+        errors: Errors = frozenset()
+        if entry is None:
+            errors = NOT_FOUND
+        elif entry.dtype.kind not in "fc":
+            errors = INVALID
+        elif not entry.initialized:
+            errors = PRECONDITION
+        elif delta.dtype != entry.dtype or delta.shape != entry.shape:
+            errors = INVALID
+        result = self.call(
+            errors,
+            lambda: self.client.apply_gradient_descent(
+                name, alpha, delta, use_locking=use_locking, read_value=read_value
+            ),
+        )
+        if not errors:
+            assert entry is not None and entry.value is not None
+            with np.errstate(all="ignore"):
+                value = entry.value - delta * alpha
             new = Entry(entry.dtype, entry.shape, True, entry.version + 1, value)
             self.check_result(result, name, new, read_value)
             self.model[name] = new

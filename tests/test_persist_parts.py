@@ -18,6 +18,7 @@ from tensorps.server.ops import Ops
 from tensorps.server.persist import records
 from tensorps.server.persist.records import Entry
 from tensorps.server.store import Store
+from tensorps.v1 import tensorps_pb2 as pb
 
 
 @pytest.fixture
@@ -177,3 +178,24 @@ def test_a_full_disk_fails_the_snapshot_cleanly(tmp_path: Path) -> None:
     log = "\n".join(server.log)
     assert "VERIFIED 2 snapshots" in log and "holds 1 variables" in log, log
     assert ".partial" not in log, log
+
+
+def test_row_updates_never_change_a_pinned_buffer(ops: Ops) -> None:
+    """While a snapshot pins a table, locked and unlocked scatters write a fresh buffer instead of rows in
+    place; the pinned bytes stay those of the cut."""
+    from tensorps.server import row_ops
+    from tensorps.server.row_ops import RowArgs
+
+    ops.create("t", dtype_of("float32"), None, np.zeros((16, 4), np.float32))
+    store = ops.store
+    slot = store.find("t")
+    assert slot is not None
+    cut = store.active(slot)
+    store.pin(slot, cut.segment)
+    pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+    args = RowArgs(inputs=(np.array([1, 2]), np.ones((2, 4), np.float32)))
+    for use_locking in (False, True, True):
+        row_ops.update(ops, pb.BATCH_OP_SCATTER_ADD, "t", args, use_locking=use_locking, read_value=False)
+    assert not pinned.any()
+    value = ops.read("t", lambda info, view: view.copy())
+    assert value[1:3].tolist() == [[3.0] * 4] * 2 and not value[3:].any()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from support import ServerProcess
+from support import ServerProcess, wait_until
 from tensorps.client import (
     Client,
     FailedPreconditionError,
@@ -116,7 +118,7 @@ def test_snapshot_files_load_with_safetensors_and_equal_the_server(data_dir: str
         assert header["bf16"]["dtype"] == "BF16" and header["c64"]["dtype"] == "C64"
         assert header["c128"]["dtype"] == "F64" and header["c128"]["shape"] == [2, 1, 2]
         # safetensors.numpy has no bfloat16: every other tensor loads with it.
-        without_bf16 = _without(raw, "bf16")
+        without_bf16 = _without(raw, "bf16", Path(data_dir).parent / f"{entry['name']}-without-bf16")
         tensors.update(load_file(without_bf16))
         begin, end = header["bf16"]["data_offsets"]
         start = 8 + int.from_bytes(raw[:8], "little")
@@ -136,10 +138,8 @@ def test_snapshot_files_load_with_safetensors_and_equal_the_server(data_dir: str
         assert f"{zlib.crc32(value or b''):08x}" == entry["crc32"]
 
 
-def _without(raw: bytes, name: str) -> str:
-    """The safetensors file `raw` without tensor `name`, written to a temporary file (its path)."""
-    import tempfile
-
+def _without(raw: bytes, name: str, path: Path) -> str:
+    """The safetensors file `raw` without tensor `name`, written to `path` (returned as a str)."""
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
     data = raw[8 + size :]
@@ -152,10 +152,8 @@ def _without(raw: bytes, name: str) -> str:
         out += data[begin:end]
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
-    handle = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False)  # noqa: SIM115
-    with handle:
-        handle.write(len(encoded).to_bytes(8, "little") + encoded + out)
-    return handle.name
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + out)
+    return str(path)
 
 
 def test_snapshots_under_concurrent_atomic_batches_keep_the_invariant(data_dir: str) -> None:
@@ -308,7 +306,6 @@ def test_periodic_snapshots_and_keep(data_dir: str) -> None:
     )
     with ServerProcess(*flags, workers=2) as server, Client(server.address) as ps:
         ps.create("v", value=np.zeros(10))
-        from support import wait_until
 
         assert wait_until(lambda: len(list(Path(data_dir).glob("snap-*"))) >= 2, timeout=10)
         assert wait_until(lambda: ps.server_info().last_snapshot_time > 0, timeout=10)
@@ -325,3 +322,25 @@ def test_two_servers_cannot_share_a_data_dir(data_dir: str) -> None:
     log = "\n".join(second.log)
     assert code == 1 and "another server uses the data directory" in log and "Traceback" not in log, log
     assert not os.path.exists(second.store)
+
+
+def test_the_metrics_follow_the_newest_snapshot(data_dir: str) -> None:
+    """With --metrics-port, the snapshot gauges appear once a worker took a snapshot (the supervisor reads
+    the shared state at each scrape)."""
+
+    def gauges(port: int) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(tensorps_snapshot_\w+) (\S+)$", text, re.M)}
+
+    with _server(data_dir, "--metrics-port", "0", workers=2) as server, Client(server.address) as ps:
+        match = next(
+            m for line in server.log if (m := re.search(r"metrics on http://\S+:(\d+)/metrics", line))
+        )
+        port = int(match.group(1))
+        assert gauges(port) == {}
+        ps.create("v", value=np.zeros(10))
+        info = ps.snapshot()
+        found = gauges(port)
+        assert 0 <= found["tensorps_snapshot_age_seconds"] < 60
+        assert abs(found["tensorps_snapshot_duration_seconds"] - info.seconds) < 1e-6

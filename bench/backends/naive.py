@@ -39,11 +39,30 @@ class NaiveEndpoint:
             )
             for method in ("Assign", "AssignAdd")
         )
+        self._gather = self.channel.unary_unary(
+            f"/{SERVICE}/Gather",
+            request_serializer=pb.AssignRequest.SerializeToString,
+            response_deserializer=pb.ReadResponse.FromString,
+        )
+        self._scatter = self.channel.unary_unary(
+            f"/{SERVICE}/ScatterAdd",
+            request_serializer=pb.BatchOp.SerializeToString,
+            response_deserializer=pb.AssignResponse.FromString,
+        )
         self._read = self.channel.unary_unary(
             f"/{SERVICE}/Read",
             request_serializer=pb.ReadRequest.SerializeToString,
             response_deserializer=pb.ReadResponse.FromString,
         )
+
+    def gather(self, name: str, indices: Array) -> Array:
+        request = pb.AssignRequest(name=name, value=to_proto(indices))
+        response: pb.ReadResponse = self._gather(request, timeout=300)
+        return from_proto(response.value)
+
+    def scatter_add(self, name: str, indices: Array, updates: Array, *, use_locking: bool) -> None:
+        """Unlocked whatever use_locking says: the baseline has no locks."""
+        self._scatter(pb.BatchOp(name=name, inputs=[to_proto(indices), to_proto(updates)]), timeout=300)
 
     def put(self, name: str, value: Array) -> None:
         self.assign(name, value, read_value=False)

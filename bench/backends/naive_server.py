@@ -22,7 +22,12 @@ from tensorps.v1 import tensorps_pb2 as pb
 SERVICE = "benchnaive.Store"
 # No message limit: a 64 MiB tensor is one message, as in the simplest hand-rolled server.
 OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-DTYPES: dict[int, Any] = {pb.DT_FLOAT: np.float32, pb.DT_DOUBLE: np.float64, pb.DT_INT32: np.int32}
+DTYPES: dict[int, Any] = {
+    pb.DT_FLOAT: np.float32,
+    pb.DT_DOUBLE: np.float64,
+    pb.DT_INT32: np.int32,
+    pb.DT_INT64: np.int64,
+}
 
 Array = np.ndarray[Any, Any]
 
@@ -70,8 +75,37 @@ class Store:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no variable {request.name!r}")
         return pb.ReadResponse(info=pb.VariableInfo(name=request.name), value=to_proto(value))
 
+    def gather(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.ReadResponse:
+        """Rows of a table: `value` holds the indices."""
+        table = self.values.get(request.name)
+        if table is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no variable {request.name!r}")
+        rows = np.take(table, from_proto(request.value), axis=0)
+        return pb.ReadResponse(info=pb.VariableInfo(name=request.name), value=to_proto(rows))
+
+    def scatter_add(self, request: pb.BatchOp, context: grpc.ServicerContext) -> pb.AssignResponse:
+        """table[indices] += updates in place (inputs: indices, updates), without a lock."""
+        table = self.values.get(request.name)
+        if table is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no variable {request.name!r}")
+        if not table.flags.writeable:  # a received value is a view of its message: copied once
+            self.values[request.name] = table = table.copy()
+        indices, updates = (from_proto(t) for t in request.inputs)
+        np.add.at(table, indices, updates)
+        return pb.AssignResponse(info=pb.VariableInfo(name=request.name))
+
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         handlers = {
+            "Gather": grpc.unary_unary_rpc_method_handler(
+                self.gather,
+                request_deserializer=pb.AssignRequest.FromString,
+                response_serializer=pb.ReadResponse.SerializeToString,
+            ),
+            "ScatterAdd": grpc.unary_unary_rpc_method_handler(
+                self.scatter_add,
+                request_deserializer=pb.BatchOp.FromString,
+                response_serializer=pb.AssignResponse.SerializeToString,
+            ),
             "Assign": grpc.unary_unary_rpc_method_handler(
                 self.assign,
                 request_deserializer=pb.AssignRequest.FromString,

@@ -83,6 +83,33 @@ class RedisEndpoint:
     def read(self, name: str) -> Array:
         return self._array(name, self.client.get(name))
 
+    # ---- rows: a table is a hash of row id -> the row's bytes ------------------------------------------
+
+    def put_table(self, name: str, table: Array) -> None:
+        self.layout[name] = (table.dtype, table.shape[1:])
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(table), 10_000):
+            chunk = table[start : start + 10_000]
+            pipe.hset(name, mapping={start + i: _bytes(row) for i, row in enumerate(chunk)})
+            if start % 100_000 == 0:
+                pipe.execute()
+        pipe.execute()
+
+    def gather(self, name: str, indices: Array) -> Array:
+        """HMGET of the rows."""
+        dtype, shape = self.layout[name]
+        raws = self.client.hmget(name, indices.tolist())
+        if not all(isinstance(raw, bytes) for raw in raws):
+            raise KeyError(f"redis's hash {name!r} lacks rows")
+        return np.frombuffer(b"".join(raws), dtype).reshape(len(indices), *shape)  # type: ignore[arg-type]
+
+    def scatter_add(self, name: str, indices: Array, updates: Array, *, use_locking: bool) -> None:
+        """HMGET, add in the client (duplicates accumulate), HSET: two round trips, not atomic."""
+        unique, where = np.unique(indices, return_inverse=True)
+        rows = self.gather(name, unique).copy()
+        np.add.at(rows, where, updates)
+        self.client.hset(name, mapping={int(i): _bytes(row) for i, row in zip(unique, rows, strict=True)})
+
     def pull(self, names: Sequence[str]) -> dict[str, Array]:
         self.calls += 1
         raws = self.client.mget(names)

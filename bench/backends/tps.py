@@ -64,6 +64,13 @@ class TensorpsEndpoint:
     def read(self, name: str) -> Array:
         return self.client.read(name)
 
+    def gather(self, name: str, indices: Array) -> Array:
+        rows: Array = self.client.gather(name, indices)
+        return rows
+
+    def scatter_add(self, name: str, indices: Array, updates: Array, *, use_locking: bool) -> None:
+        self.client.scatter_add(name, indices, updates, use_locking=use_locking)
+
     def pull(self, names: Sequence[str]) -> dict[str, Array]:
         if self.batched and self._read_many is not None:
             self.calls += 1

@@ -16,8 +16,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from tensorps.server.config import ServerConfig
+from tensorps.server.metrics import SnapshotStatus
 from tensorps.server.ops import Ops
 from tensorps.server.persist import layout
 from tensorps.server.persist.restore import CorruptSnapshot, restore
@@ -160,3 +162,19 @@ class Periodic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def snapshot_status(store_path: str) -> Callable[[], SnapshotStatus | None]:
+    """The metrics' snapshot source (metrics.Metrics.snapshot_source): the newest snapshot any process of
+    this server took, from the shared state (None while there is none)."""
+    state: list[SharedState] = []
+
+    def status() -> SnapshotStatus | None:
+        if not state:
+            state.append(SharedState(store_path))
+        last = state[0].last
+        if not last.time:
+            return None
+        return SnapshotStatus(finished=last.time + last.seconds, duration=last.seconds)
+
+    return status

@@ -6,10 +6,11 @@
             | version u64 | extra length u32 | data length u64 | name | dims (i64 each) | extra | data
 
 An entry says what a write left, not how it was asked: PUT (a variable with this descriptor and these
-bytes: a create, an assign, each variable an atomic batch wrote), DELETE, and ADD/SUB (a delta, with the
-version it made: replaying the same numpy ufunc on the same bytes gives the same bits). `extra` is free for
-kinds that need more than a shape and bytes (a row update's indices, an optimizer's hyper-parameters): a new
-kind is a new number here and a case in restore.py; readers refuse kinds they do not know by name.
+bytes: a create, an assign, a dense optimizer apply, each variable an atomic batch wrote), DELETE, ADD/SUB
+(a delta, with the version it made: replaying the same numpy ufunc on the same bytes gives the same bits),
+and ROWS (the new values of some rows of a variable, `extra` holding their int64 indices: every scatter and
+sparse optimizer apply, which may touch a few rows of a huge table). A new kind is a new number here and a
+case in restore.py; readers refuse kinds they do not know.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 from tensorps.client.codec import Shape
 
 MAGIC = b"TPWL"
-PUT, DELETE, ADD, SUB = 1, 2, 3, 4
-KIND_NAMES = {PUT: "put", DELETE: "delete", ADD: "add", SUB: "sub"}
+PUT, DELETE, ADD, SUB, ROWS = 1, 2, 3, 4, 5
+KIND_NAMES = {PUT: "put", DELETE: "delete", ADD: "add", SUB: "sub", ROWS: "rows"}
 
 _RECORD = struct.Struct("<4sQII")
 _ENTRY = struct.Struct("<BHBBbQIQ")

@@ -168,6 +168,24 @@ def _update(store: Store, e: Entry) -> None:
     store.publish(slot, d._replace(version=e.version, segment=segment, capacity=capacity, request=bytes(16)))
 
 
+def _rows(store: Store, e: Entry) -> None:
+    """New values of some rows, written in place (restore runs alone: no reader to shield)."""
+    slot = store.find(e.name)
+    if slot is None:
+        raise ValueError(f"rows of variable '{e.name}', which does not exist")
+    d = store.active(slot)
+    if d.shape != e.shape or d.dtype != e.dtype or not d.initialized or d.version + 1 != e.version:
+        raise ValueError(f"rows of variable '{e.name}' do not fit its value (version {d.version})")
+    assert d.shape is not None
+    rows = np.frombuffer(e.extra, np.int64)
+    numpy_dtype = dtype_from_code(d.dtype).numpy
+    view = store.segment_array(slot, d.segment, d.capacity, d.nbytes).view(numpy_dtype)
+    if view.size and len(rows):
+        new = np.frombuffer(e.data, numpy_dtype).reshape(len(rows), -1)
+        view.reshape(-1, new.shape[1])[rows] = new
+    store.bump_version(slot, bytes(16))
+
+
 def apply(store: Store, e: Entry) -> None:
     """One log entry (raises ValueError if it does not fit the store: a log that lost a record)."""
     if e.kind == records.PUT:
@@ -179,6 +197,8 @@ def apply(store: Store, e: Entry) -> None:
         store.delete_slot(slot)
     elif e.kind in (records.ADD, records.SUB):
         _update(store, e)
+    elif e.kind == records.ROWS:
+        _rows(store, e)
     else:
         raise ValueError(f"unknown log entry kind {e.kind} (a log written by a newer tensorps?)")
 

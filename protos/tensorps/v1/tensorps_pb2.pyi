@@ -45,6 +45,27 @@ class BatchOpKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BATCH_OP_INFO: _ClassVar[BatchOpKind]
     BATCH_OP_DELETE: _ClassVar[BatchOpKind]
     BATCH_OP_READ_PREFIX: _ClassVar[BatchOpKind]
+    BATCH_OP_GATHER: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_UPDATE: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ADD: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_SUB: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MUL: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_DIV: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MIN: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_MAX: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_UPDATE: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_ADD: _ClassVar[BatchOpKind]
+    BATCH_OP_SCATTER_ND_SUB: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_GRADIENT_DESCENT: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_MOMENTUM: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_ADAGRAD: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_ADAM: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_RMS_PROP: _ClassVar[BatchOpKind]
+    BATCH_OP_APPLY_FTRL: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_ADAGRAD: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_MOMENTUM: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_FTRL: _ClassVar[BatchOpKind]
+    BATCH_OP_SPARSE_APPLY_RMS_PROP: _ClassVar[BatchOpKind]
 DT_INVALID: DataType
 DT_FLOAT: DataType
 DT_DOUBLE: DataType
@@ -75,6 +96,27 @@ BATCH_OP_READ: BatchOpKind
 BATCH_OP_INFO: BatchOpKind
 BATCH_OP_DELETE: BatchOpKind
 BATCH_OP_READ_PREFIX: BatchOpKind
+BATCH_OP_GATHER: BatchOpKind
+BATCH_OP_SCATTER_UPDATE: BatchOpKind
+BATCH_OP_SCATTER_ADD: BatchOpKind
+BATCH_OP_SCATTER_SUB: BatchOpKind
+BATCH_OP_SCATTER_MUL: BatchOpKind
+BATCH_OP_SCATTER_DIV: BatchOpKind
+BATCH_OP_SCATTER_MIN: BatchOpKind
+BATCH_OP_SCATTER_MAX: BatchOpKind
+BATCH_OP_SCATTER_ND_UPDATE: BatchOpKind
+BATCH_OP_SCATTER_ND_ADD: BatchOpKind
+BATCH_OP_SCATTER_ND_SUB: BatchOpKind
+BATCH_OP_APPLY_GRADIENT_DESCENT: BatchOpKind
+BATCH_OP_APPLY_MOMENTUM: BatchOpKind
+BATCH_OP_APPLY_ADAGRAD: BatchOpKind
+BATCH_OP_APPLY_ADAM: BatchOpKind
+BATCH_OP_APPLY_RMS_PROP: BatchOpKind
+BATCH_OP_APPLY_FTRL: BatchOpKind
+BATCH_OP_SPARSE_APPLY_ADAGRAD: BatchOpKind
+BATCH_OP_SPARSE_APPLY_MOMENTUM: BatchOpKind
+BATCH_OP_SPARSE_APPLY_FTRL: BatchOpKind
+BATCH_OP_SPARSE_APPLY_RMS_PROP: BatchOpKind
 
 class TensorShapeProto(_message.Message):
     __slots__ = ("dim", "unknown_rank")
@@ -92,16 +134,44 @@ class TensorShapeProto(_message.Message):
     def __init__(self, dim: _Optional[_Iterable[_Union[TensorShapeProto.Dim, _Mapping]]] = ..., unknown_rank: _Optional[bool] = ...) -> None: ...
 
 class TensorProto(_message.Message):
-    __slots__ = ("dtype", "tensor_shape", "version_number", "tensor_content")
+    __slots__ = ("dtype", "tensor_shape", "version_number", "tensor_content", "half_val", "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val", "bool_val", "dcomplex_val", "resource_handle_val", "variant_val", "uint32_val", "uint64_val", "float8_val")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    HALF_VAL_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VAL_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_VAL_FIELD_NUMBER: _ClassVar[int]
+    INT_VAL_FIELD_NUMBER: _ClassVar[int]
+    STRING_VAL_FIELD_NUMBER: _ClassVar[int]
+    SCOMPLEX_VAL_FIELD_NUMBER: _ClassVar[int]
+    INT64_VAL_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VAL_FIELD_NUMBER: _ClassVar[int]
+    DCOMPLEX_VAL_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_HANDLE_VAL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_VAL_FIELD_NUMBER: _ClassVar[int]
+    UINT32_VAL_FIELD_NUMBER: _ClassVar[int]
+    UINT64_VAL_FIELD_NUMBER: _ClassVar[int]
+    FLOAT8_VAL_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     tensor_shape: TensorShapeProto
     version_number: int
     tensor_content: bytes
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., tensor_shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., version_number: _Optional[int] = ..., tensor_content: _Optional[bytes] = ...) -> None: ...
+    half_val: _containers.RepeatedScalarFieldContainer[int]
+    float_val: _containers.RepeatedScalarFieldContainer[float]
+    double_val: _containers.RepeatedScalarFieldContainer[float]
+    int_val: _containers.RepeatedScalarFieldContainer[int]
+    string_val: _containers.RepeatedScalarFieldContainer[bytes]
+    scomplex_val: _containers.RepeatedScalarFieldContainer[float]
+    int64_val: _containers.RepeatedScalarFieldContainer[int]
+    bool_val: _containers.RepeatedScalarFieldContainer[bool]
+    dcomplex_val: _containers.RepeatedScalarFieldContainer[float]
+    resource_handle_val: _containers.RepeatedScalarFieldContainer[bytes]
+    variant_val: _containers.RepeatedScalarFieldContainer[bytes]
+    uint32_val: _containers.RepeatedScalarFieldContainer[int]
+    uint64_val: _containers.RepeatedScalarFieldContainer[int]
+    float8_val: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., tensor_shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., version_number: _Optional[int] = ..., tensor_content: _Optional[bytes] = ..., half_val: _Optional[_Iterable[int]] = ..., float_val: _Optional[_Iterable[float]] = ..., double_val: _Optional[_Iterable[float]] = ..., int_val: _Optional[_Iterable[int]] = ..., string_val: _Optional[_Iterable[bytes]] = ..., scomplex_val: _Optional[_Iterable[float]] = ..., int64_val: _Optional[_Iterable[int]] = ..., bool_val: _Optional[_Iterable[bool]] = ..., dcomplex_val: _Optional[_Iterable[float]] = ..., resource_handle_val: _Optional[_Iterable[bytes]] = ..., variant_val: _Optional[_Iterable[bytes]] = ..., uint32_val: _Optional[_Iterable[int]] = ..., uint64_val: _Optional[_Iterable[int]] = ..., float8_val: _Optional[bytes] = ...) -> None: ...
 
 class VariableInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "initialized", "version")
@@ -252,7 +322,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "data_dir", "wal", "last_snapshot_time", "last_snapshot_seconds", "last_snapshot_pause_ms")
+    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "cluster", "shard_index", "data_dir", "wal", "last_snapshot_time", "last_snapshot_seconds", "last_snapshot_pause_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +330,8 @@ class ServerInfo(_message.Message):
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
     WAL_FIELD_NUMBER: _ClassVar[int]
     LAST_SNAPSHOT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -272,12 +344,14 @@ class ServerInfo(_message.Message):
     used_bytes: int
     max_total_bytes: int
     version: str
+    cluster: _containers.RepeatedScalarFieldContainer[str]
+    shard_index: int
     data_dir: str
     wal: str
     last_snapshot_time: float
     last_snapshot_seconds: float
     last_snapshot_pause_ms: float
-    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., data_dir: _Optional[str] = ..., wal: _Optional[str] = ..., last_snapshot_time: _Optional[float] = ..., last_snapshot_seconds: _Optional[float] = ..., last_snapshot_pause_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., cluster: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., data_dir: _Optional[str] = ..., wal: _Optional[str] = ..., last_snapshot_time: _Optional[float] = ..., last_snapshot_seconds: _Optional[float] = ..., last_snapshot_pause_ms: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
@@ -300,7 +374,7 @@ class BatchHeader(_message.Message):
     def __init__(self, atomic: _Optional[bool] = ..., ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class BatchOp(_message.Message):
-    __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value")
+    __slots__ = ("kind", "name", "validate_shape", "use_locking", "read_value", "dtype", "shape", "value", "inputs", "slots", "batch_dims", "use_nesterov", "update_slots", "multiply_linear_by_lr")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +383,12 @@ class BatchOp(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_DIMS_FIELD_NUMBER: _ClassVar[int]
+    USE_NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_LINEAR_BY_LR_FIELD_NUMBER: _ClassVar[int]
     kind: BatchOpKind
     name: str
     validate_shape: bool
@@ -317,7 +397,13 @@ class BatchOp(_message.Message):
     dtype: DataType
     shape: TensorShapeProto
     value: TensorProto
-    def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorProto]
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    batch_dims: int
+    use_nesterov: bool
+    update_slots: bool
+    multiply_linear_by_lr: bool
+    def __init__(self, kind: _Optional[_Union[BatchOpKind, str]] = ..., name: _Optional[str] = ..., validate_shape: _Optional[bool] = ..., use_locking: _Optional[bool] = ..., read_value: _Optional[bool] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Union[TensorShapeProto, _Mapping]] = ..., value: _Optional[_Union[TensorProto, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorProto, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., batch_dims: _Optional[int] = ..., use_nesterov: _Optional[bool] = ..., update_slots: _Optional[bool] = ..., multiply_linear_by_lr: _Optional[bool] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("op", "code", "message", "info", "value", "value_is_request")

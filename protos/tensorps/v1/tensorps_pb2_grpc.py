@@ -35,7 +35,8 @@ class ParameterServerStub:
     bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
     it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
     NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
-    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated. An id that is
+    not 32 hex digits (or all zeros) is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -126,75 +127,93 @@ class ParameterServerServicer:
     bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
     it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
     NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
-    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated. An id that is
+    not 32 hex digits (or all zeros) is INVALID_ARGUMENT.
     """
 
     def CreateVariable(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Declare a variable (uninitialized) or create it with a value. ALREADY_EXISTS for a taken name;
+        RESOURCE_EXHAUSTED beyond --max-variables or the byte limits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteVariable(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Remove a variable and free its memory. NOT_FOUND for an unknown name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListVariables(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every variable's info, or those under a prefix.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetVariable(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One variable's info (works for uninitialized variables too).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Assign(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """TensorFlow's Assign(ref, value, validate_shape, use_locking) (see AssignRequest for the flags).
+        Uninitialized variables accept it (their first value); a dtype mismatch or, with validate_shape, a
+        shape mismatch is INVALID_ARGUMENT with TensorFlow's text.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AssignAdd(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """TensorFlow's AssignAdd / AssignSub: the value's shape must equal the variable's (no broadcasting,
+        else INVALID_ARGUMENT "Parameters and update must be the same size. ..."); bool is refused; an
+        uninitialized variable is FAILED_PRECONDITION; integer overflow wraps around.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AssignSub(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """As AssignAdd, subtracting the value.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Read(self, request, context):
-        """A variable larger than the server's --max-message-bytes is refused with RESOURCE_EXHAUSTED before
-        anything is sent: read it with ReadStream.
+        """A variable larger than the server's --max-message-bytes (or than a declared
+        tensorps-max-receive-bytes) is refused with RESOURCE_EXHAUSTED before anything is sent: read it with
+        ReadStream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WriteStream(self, request_iterator, context):
-        """Tensors larger than one message: any write op as a stream of chunks; the result (info, and
-        the value when read_value) comes back as a stream.
+        """Tensors larger than one message: any write op as a stream of chunks (see WriteChunk); the result
+        (info, and the value when read_value) comes back as a stream of ReadChunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReadStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A variable of any size: the info first, then its bytes in 1 MiB chunks, copied out under the lock
+        (so a slow reader holds no lock); a reader that stops reading is CANCELLED after
+        --stream-idle-timeout.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The serving worker and the store (see ServerInfo).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -318,7 +337,8 @@ class ParameterServer:
     bytes; the variable's value while no later write replaced it); otherwise ABORTED naming the version
     it made. A retried CreateVariable or DeleteVariable that happened answers OK, not ALREADY_EXISTS or
     NOT_FOUND. Each operation of a batch gets an id of its own, derived from the batch's and its index;
-    reads in a retried batch read anew. Without the metadata, writes are not deduplicated.
+    reads in a retried batch read anew. Without the metadata, writes are not deduplicated. An id that is
+    not 32 hex digits (or all zeros) is INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""tensorps: the admin command line."""

@@ -1,0 +1,112 @@
+"""The partition layouts of a cluster as one client knows them: which names are partitioned variables,
+and how to show them whole in listings and prefix reads.
+
+Layouts are the variables `.partitions/NAME` (placement.PartitionSpec), spread over the shards like any
+variable. A client reads them all at its first call (one prefix read per shard, at once), adds the ones it
+creates, and reads them again when a name is not found where it looked (another client may have
+partitioned the variable, or removed it) or when a listing shows parts of a variable it does not know.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from tensorps.client import placement
+from tensorps.client.client import VariableInfo
+from tensorps.client.cluster_batch import join_values, logical_info
+from tensorps.client.codec import CodecError
+from tensorps.client.placement import PartitionSpec
+
+Array = np.ndarray[Any, Any]
+# Per shard: its layout variables (name -> value), or the error that kept them from being read.
+ReadAll = Callable[[], Mapping[int, Mapping[str, Array] | BaseException]]
+
+
+class Layouts:
+    """The layouts of the partitioned variables, read with `read_all` (see the module)."""
+
+    def __init__(self, read_all: ReadAll) -> None:
+        self._read_all = read_all
+        self._specs: dict[str, PartitionSpec] | None = None
+        self._lock = threading.Lock()
+        # Shards whose layouts could not be read last time: a name not found elsewhere may be theirs.
+        self.unread: set[int] = set()
+
+    def get(self, name: str) -> PartitionSpec | None:
+        """The layout of `name` if it is a partitioned variable (read on first use)."""
+        return self._known().get(name)
+
+    def _known(self) -> dict[str, PartitionSpec]:
+        specs = self._specs
+        return specs if specs is not None else self.load()
+
+    def load(self) -> dict[str, PartitionSpec]:
+        """Read every layout again; a shard that cannot be reached is remembered in `unread`."""
+        specs: dict[str, PartitionSpec] = {}
+        unread = set()
+        for shard, outcome in self._read_all().items():
+            if isinstance(outcome, BaseException):
+                unread.add(shard)
+                continue
+            for layout, value in outcome.items():
+                name = layout.removeprefix(placement.PARTITIONS_PREFIX)
+                try:
+                    specs[name] = PartitionSpec.decode(name, value)
+                except CodecError:
+                    continue  # not a layout this client writes: the name stays a plain variable
+        with self._lock:
+            self._specs, self.unread = specs, unread
+        return specs
+
+    def remember(self, spec: PartitionSpec) -> None:
+        self._known()[spec.name] = spec
+
+    def forget(self, name: str) -> None:
+        if self._specs is not None:
+            self._specs.pop(name, None)
+
+    def stale(self) -> None:
+        """Read them again at the next use."""
+        self._specs = None
+
+    def fold_infos(self, prefix: str, infos: Mapping[str, VariableInfo]) -> list[VariableInfo]:
+        """Every shard's listing merged, a partitioned variable once with its logical shape, in name order."""
+        specs = self._known()
+        if any(_is_unknown_part(name, specs) for name in infos):
+            specs = self.load()  # another client partitioned a variable since the layouts were read
+        hidden = {part for spec in specs.values() for part in spec.part_names}
+        folded = [
+            info
+            for name, info in infos.items()
+            if name not in hidden and not name.startswith(placement.PARTITIONS_PREFIX)
+        ]
+        for name, spec in specs.items():
+            if name.startswith(prefix) and all(part in infos for part in spec.part_names):
+                folded.append(logical_info(spec, [infos[part] for part in spec.part_names]))
+        return sorted(folded, key=lambda info: info.name)
+
+    def fold_values(self, prefix: str, results: list[dict[str, Array]]) -> dict[str, Array]:
+        """Every shard's prefix read merged, a partitioned variable once and whole, in name order."""
+        merged = {name: value for found in results for name, value in found.items()}
+        specs = self._known()
+        if any(_is_unknown_part(name, specs) for name in merged):
+            specs = self.load()
+        hidden = {part for spec in specs.values() for part in spec.part_names}
+        out = {
+            name: value
+            for name, value in merged.items()
+            if name not in hidden and not name.startswith(placement.PARTITIONS_PREFIX)
+        }
+        for name, spec in specs.items():
+            if name.startswith(prefix) and all(part in merged for part in spec.part_names):
+                out[name] = join_values([merged[part] for part in spec.part_names])
+        return dict(sorted(out.items()))
+
+
+def _is_unknown_part(name: str, specs: Mapping[str, PartitionSpec]) -> bool:
+    base, infix, number = name.rpartition(placement.PART_INFIX)
+    return bool(infix) and number.isdigit() and base not in specs
