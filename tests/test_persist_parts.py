@@ -199,3 +199,26 @@ def test_row_updates_never_change_a_pinned_buffer(ops: Ops) -> None:
     assert not pinned.any()
     value = ops.read("t", lambda info, view: view.copy())
     assert value[1:3].tolist() == [[3.0] * 4] * 2 and not value[3:].any()
+
+
+def test_an_atomic_batch_never_patches_a_pinned_table_in_place() -> None:
+    """An atomic batch's sparse write of a table a snapshot pins goes to a fresh buffer (the whole value),
+    not rows in place; the pinned bytes stay those of the cut."""
+    with ServerProcess() as server, Client(f"shm://{server.store}") as local:
+        local.create("t", value=np.zeros((16, 4), np.float32))
+        store = Store.attach(server.store)
+        try:
+            slot = store.find("t")
+            assert slot is not None
+            cut = store.active(slot)
+            store.pin(slot, cut.segment)
+            pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+            with local.pipeline(atomic=True) as pipe:
+                pipe.scatter_add("t", np.array([0, 5]), np.ones((2, 4), np.float32), use_locking=True)
+            assert not pinned.any()
+            assert store.active(slot).segment != cut.segment
+            store.unpin(slot, cut.segment)
+        finally:
+            store.close()
+        value = local.read("t")
+        assert value[[0, 5]].tolist() == [[1.0] * 4] * 2 and value.sum() == 8
