@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,14 +88,27 @@ class Load:
         return killed
 
 
+@contextlib.contextmanager
+def crashing(*flags: str) -> Iterator[ServerProcess]:
+    """A 2-worker server in a process group of its own, SIGKILLed whole when the block ends (if the block
+    did not already), its store then removed, as after a reboot."""
+    server = ServerProcess(*flags, workers=2, session=True)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        server.kill()
+
+
 def _crash_and_restart(tmp_path: Path, *flags: str) -> tuple[Load, float, Client, ServerProcess]:
     data_dir = str(tmp_path / "data")
-    server = ServerProcess("--data-dir", data_dir, *flags, workers=2, session=True)
-    load = Load(server.address)
-    with Client(server.address) as ps:
-        load.setup(ps)
-    killed = load.run_then_kill(server, 1.5)
-    server.kill()  # its store: gone, as after a reboot
+    with crashing("--data-dir", data_dir, *flags) as server:
+        load = Load(server.address)
+        with Client(server.address) as ps:
+            load.setup(ps)
+        killed = load.run_then_kill(server, 1.5)
     assert all(load.acked.values()) and load.adds, "the load acknowledged nothing before the kill"
     again = ServerProcess("--data-dir", data_dir, "--no-snapshot-on-exit", *flags)
     return load, killed, Client(again.address), again
@@ -138,16 +152,12 @@ def test_wal_everysec_loses_at_most_about_a_second(tmp_path: Path) -> None:
 def test_without_a_log_a_crash_restores_exactly_the_last_snapshot(tmp_path: Path) -> None:
     """--wal off: the restart holds exactly the state of the last snapshot, nothing after it."""
     data_dir = str(tmp_path / "data")
-    server = ServerProcess("--data-dir", data_dir, workers=2, session=True)
-    with Client(server.address) as ps:
+    with crashing("--data-dir", data_dir) as server, Client(server.address) as ps:
         ps.create("v", value=np.zeros(16, np.int32))
         ps.assign("v", np.full(16, 1, np.int32))
         info = ps.snapshot()
         ps.assign("v", np.full(16, 2, np.int32))
         ps.create("after", value=np.zeros(1))
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(10)
-    server.kill()
     with ServerProcess("--data-dir", data_dir, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
         assert [i.name for i in ps.list()] == ["v"]
         assert ps.read("v").tolist() == [1] * 16 and ps.info("v").version == 2
@@ -185,8 +195,7 @@ def test_every_kind_of_write_replays_to_the_same_state(tmp_path: Path) -> None:
     exactly the state the server held, versions included."""
     data_dir = str(tmp_path / "data")
     flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
-    server = ServerProcess(*flags, workers=2, session=True)
-    with Client(server.address) as ps:
+    with crashing(*flags) as server, Client(server.address) as ps:
         ps.create("declared", dtype="float32", shape=(3,))
         ps.create("unknown", dtype="int16")
         ps.create("v", value=np.arange(6, dtype=np.float64))
@@ -206,9 +215,6 @@ def test_every_kind_of_write_replays_to_the_same_state(tmp_path: Path) -> None:
             pipe.assign("atomic", np.array([1j], np.complex64))
             pipe.assign_add("piped", np.ones(1, np.uint8), use_locking=True)
         before = {i.name: (i, ps.read(i.name).tobytes() if i.initialized else None) for i in ps.list()}
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(10)
-    server.kill()
     with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
         after = {i.name: (i, ps.read(i.name).tobytes() if i.initialized else None) for i in ps.list()}
     assert after == before
@@ -248,9 +254,8 @@ def test_row_updates_and_optimizers_replay_to_the_same_state(tmp_path: Path) -> 
     state the server held."""
     data_dir = str(tmp_path / "data")
     flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
-    server = ServerProcess(*flags, workers=2, session=True)
     rng = np.random.default_rng(3)
-    with Client(server.address) as ps:
+    with crashing(*flags) as server, Client(server.address) as ps:
         ps.create("table", value=rng.standard_normal((50, 4)).astype(np.float32))
         ps.create("accum", value=np.full((50, 4), 0.1, np.float32))
         ps.create("w", value=rng.standard_normal(8))
@@ -268,9 +273,6 @@ def test_row_updates_and_optimizers_replay_to_the_same_state(tmp_path: Path) -> 
         snapshot = ps.snapshot()  # the rows after it go to the next log
         ps.scatter_max("table", np.array([6]), np.full((1, 4), 9, np.float32), use_locking=True)
         before = {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()}
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(10)
-    server.kill()
     with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
         after = {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()}
     assert after == before
