@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from tensorps.cli import bench as _bench  # noqa: F401  (registers its command)
+from tensorps.cli import persistence as _persistence  # noqa: F401  (registers its commands)
 from tensorps.cli.commands import COMMANDS, Session
 from tensorps.cli.exits import INTERRUPTED, OK, USAGE, CommandError, exit_code
 from tensorps.cli.options import add_connection_options

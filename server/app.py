@@ -660,6 +660,8 @@ def serve(config: ServerConfig) -> int:
         store.close()
         if data_dir_held is not None:
             os.close(data_dir_held)
+        if created:
+            Store.remove_files(config.store_path)
         raise StartupError(str(exc)) from None
     store.close()  # the workers map it themselves, after the fork
     metrics = None

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorps.client.codec import CodecError, Shape, dtype_from_code, dtype_of, nbytes_of
+from tensorps.client.codec import CodecError, DType, Shape, dtype_from_code, dtype_of, nbytes_of
 from tensorps.server.persist import layout, records
 from tensorps.server.persist.records import Entry
 from tensorps.server.store import Descriptor, Store
@@ -96,31 +96,59 @@ class _Shard:
         return raw
 
 
-def load_snapshot(store: Store, path: str) -> tuple[int, int]:
-    """Fill the (empty) store from the snapshot at `path`; returns (generation, variables).
+@dataclass(frozen=True)
+class SnapshotVariable:
+    """One variable as a snapshot holds it: `data` is its checked bytes (None if uninitialized or of
+    unknown shape), little-endian in C order, a view of the mapped file."""
 
-    Every file is checked before the store is touched; a tensor that fails its own checksum raises
-    CorruptSnapshot after part of the snapshot went in (the caller empties the store).
-    """
+    name: str
+    dtype: DType
+    shape: Shape | None
+    initialized: bool
+    version: int
+    data: memoryview | None
+
+    def array(self) -> np.ndarray[Any, Any] | None:
+        """The value as an array of its dtype (complex128, stored as float64 pairs, viewed back)."""
+        if self.data is None or self.shape is None:
+            return None
+        return np.frombuffer(self.data, self.dtype.numpy).reshape(self.shape)
+
+
+def read_snapshot(path: str) -> tuple[int, list[SnapshotVariable]]:
+    """The generation and variables of the snapshot directory `path`, every file checked first (the
+    manifest's own checksum, each file's size and checksum, each tensor's checksum). Readable by any
+    process: the server's restore and the admin CLI's `restore` into a running server both use it."""
     manifest = read_manifest(path)
     try:
         shards = {
             f["name"]: _Shard(os.path.join(path, f["name"]), f["bytes"], f["crc32"])
             for f in manifest["files"]
         }
-        variables = manifest["variables"]
-        generation = int(manifest["generation"])
-        for v in variables:
+        found = []
+        for v in manifest["variables"]:
             dtype = dtype_of(v["dtype"])
             shape: Shape | None = None if v["shape"] is None else tuple(v["shape"])
             initialized = bool(v["initialized"])
-            data: Any = b""
+            data = None
             if initialized and shape is not None:
                 nbytes = nbytes_of(shape, dtype)
                 data = shards[v["file"]].tensor(v["name"], nbytes, v["crc32"])
-            put(store, Entry(records.PUT, v["name"], dtype.code, shape, initialized, int(v["version"]), data))
+            found.append(SnapshotVariable(v["name"], dtype, shape, initialized, int(v["version"]), data))
+        return int(manifest["generation"]), found
     except (KeyError, TypeError, ValueError, CodecError) as exc:
         raise CorruptSnapshot(f"{os.path.join(path, layout.MANIFEST)}: malformed ({exc!r})") from None
+
+
+def load_snapshot(store: Store, path: str) -> tuple[int, int]:
+    """Fill the (empty) store from the snapshot at `path`; returns (generation, variables).
+
+    Every file and tensor is checked before the store is touched.
+    """
+    generation, variables = read_snapshot(path)
+    for v in variables:
+        data: Any = b"" if v.data is None else v.data
+        put(store, Entry(records.PUT, v.name, v.dtype.code, v.shape, v.initialized, v.version, data))
     return generation, len(variables)
 
 
