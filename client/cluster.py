@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tensorps.client import placement
+from tensorps.client import colocation, placement
 from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
@@ -116,7 +116,11 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
     # ---- placement -----------------------------------------------------------------------------
 
     def owner(self, name: str) -> int:
-        """The index of the shard that owns variable `name` (placement.owner, cached)."""
+        """The index of the shard that holds variable `name`: its primary's if it was created colocated
+        (colocation.py), else placement.owner (cached)."""
+        colocated = self.layouts.colocated(name.removeprefix(placement.COLOCATED_PREFIX))
+        if colocated is not None:
+            return colocated
         shard = self._owners.get(name)
         if shard is None:
             shard = placement.owner(name, len(self.shards))
@@ -170,11 +174,15 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
     # ---- partitioned variables -----------------------------------------------------------------
 
     def _read_layouts(self) -> dict[int, Any]:
-        jobs = {
-            shard: functools.partial(client.read_many, prefix=placement.PARTITIONS_PREFIX)
-            for shard, client in enumerate(self.shards)
-        }
-        return self.fan_out(jobs)
+        def records(client: Client) -> dict[str, Array]:
+            found = client.pipeline()
+            for prefix in placement.METADATA_PREFIXES:
+                found.read_prefix(prefix)
+            return {name: value for part in found.execute() for name, value in part.items()}
+
+        return self.fan_out(
+            {shard: functools.partial(records, client) for shard, client in enumerate(self.shards)}
+        )
 
     def _routed(self, name: str, plain: Callable[[Client], T], whole: Callable[[PartitionSpec], T]) -> T:
         """A call on `name`: to its owner, or on its parts if it is partitioned. A variable not found makes
@@ -230,9 +238,15 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         shape: Sequence[int] | None = None,
         value: Any = None,
         partitioner: Any = None,
+        colocate_with: str | None = None,
     ) -> VariableInfo:
         """Create a variable on its shard; with a `partitioner` (placement.fixed_size_partitioner,
-        MinSizePartitioner, ...) that gives it more than one part, as parts on their own shards."""
+        MinSizePartitioner, ...) that gives it more than one part, as parts on their own shards; with
+        `colocate_with`, beside that variable (partitioned like it: colocation.py)."""
+        if colocate_with is not None:
+            return colocation.create(
+                self, name, colocate_with, dtype=dtype, shape=shape, value=value, partitioner=partitioner
+            )
         spec = self.partition_spec(name, dtype, shape, value, partitioner)
         if spec is None:
             return self._at_owner(name, lambda c: c.create(name, dtype=dtype, shape=shape, value=value))
@@ -260,6 +274,9 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
 
     def delete(self, name: str) -> None:
         name = self._checked(name)
+        if self.layouts.colocated(name) is not None:  # with its record
+            self._one("delete", name)
+            return
         self._routed(name, lambda c: c.delete(name), lambda spec: self._one("delete", name))
 
     def info(self, name: str) -> VariableInfo:

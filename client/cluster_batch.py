@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tensorps.client import codec, placement
+from tensorps.client import codec, colocation, placement
 from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
 from tensorps.client.placement import PartitionSpec
@@ -139,8 +139,22 @@ class ClusterPipeline:
         return self._cluster.layouts.get(self._cluster._checked(name))
 
     def create(
-        self, name: str, *, dtype: Any = None, shape: Any = None, value: Any = None, partitioner: Any = None
+        self,
+        name: str,
+        *,
+        dtype: Any = None,
+        shape: Any = None,
+        value: Any = None,
+        partitioner: Any = None,
+        colocate_with: str | None = None,
     ) -> ClusterPipeline:
+        if colocate_with is not None:
+            if partitioner is not None:
+                raise UsageError(f"variable '{name}': a colocated variable is partitioned like its primary")
+            pieces, _, join = colocation.queue(
+                self, name, colocate_with, dtype=dtype, shape=shape, value=value
+            )
+            return self._add(name, pieces, join)
         spec = self._cluster.partition_spec(name, dtype, shape, value, partitioner)
         if spec is None:
             return self._single(name, "create", dtype=dtype, shape=shape, value=value)
@@ -220,9 +234,19 @@ class ClusterPipeline:
             self._cluster.layouts.forget(name)
             layout = placement.layout_name(name)
             pieces = [self._on(layout, "delete", layout)]
-            pieces += [self._on(part, "delete", part) for part in spec.part_names]
+            for part in spec.part_names:
+                pieces += self._deletes(part)
             return self._add(name, pieces, lambda results: None)
-        return self._single(name, "delete")
+        return self._add(name, self._deletes(name), first_result)
+
+    def _deletes(self, name: str) -> list[_Piece]:
+        """A plain variable's delete; a colocated one's with its record after it."""
+        pieces = [self._on(name, "delete", name)]
+        if self._cluster.layouts.colocated(name) is not None:
+            record = placement.colocation_name(name)
+            pieces.append(self._on(record, "delete", record))
+            self._cluster.layouts.forget(name)
+        return pieces
 
     def _parts(self, name: str, method: str, join: Callable[[list[Any]], Any]) -> ClusterPipeline:
         """An operation without a value: on the variable, or on every part of a partitioned one."""

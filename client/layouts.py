@@ -1,10 +1,12 @@
-"""The partition layouts of a cluster as one client knows them: which names are partitioned variables,
-and how to show them whole in listings and prefix reads.
+"""The partition layouts and colocations of a cluster as one client knows them: which names are
+partitioned variables (and how to show them whole in listings and prefix reads), and which names live on
+another shard than their hash's because they were created colocated with a primary.
 
 Layouts are the variables `.partitions/NAME` (placement.PartitionSpec), spread over the shards like any
 variable. A client reads them all at its first call (one prefix read per shard, at once), adds the ones it
 creates, and reads them again when a name is not found where it looked (another client may have
 partitioned the variable, or removed it) or when a listing shows parts of a variable it does not know.
+Colocation records `.colocated/NAME` are read alike, with them: NAME lives on the shard holding its record.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Layouts:
     def __init__(self, read_all: ReadAll) -> None:
         self._read_all = read_all
         self._specs: dict[str, PartitionSpec] | None = None
+        self._colocated: dict[str, int] = {}  # name -> the shard holding it and its colocation record
         self._lock = threading.Lock()
         # Shards whose layouts could not be read last time: a name not found elsewhere may be theirs.
         self.unread: set[int] = set()
@@ -44,22 +47,37 @@ class Layouts:
         specs = self._specs
         return specs if specs is not None else self.load()
 
+    def colocated(self, name: str) -> int | None:
+        """The shard that holds `name` if it was created colocated with a primary (None: its hash's)."""
+        self._known()
+        return self._colocated.get(name)
+
+    def note_colocated(self, name: str, shard: int) -> None:
+        self._known()
+        self._colocated[name] = shard
+
     def load(self) -> dict[str, PartitionSpec]:
-        """Read every layout again; a shard that cannot be reached is remembered in `unread`."""
+        """Read every layout and colocation again; a shard that cannot be reached is remembered in
+        `unread` (the colocations it held are kept)."""
         specs: dict[str, PartitionSpec] = {}
+        colocated: dict[str, int] = {}
         unread = set()
         for shard, outcome in self._read_all().items():
             if isinstance(outcome, BaseException):
                 unread.add(shard)
+                colocated.update((name, s) for name, s in self._colocated.items() if s == shard)
                 continue
             for layout, value in outcome.items():
+                if layout.startswith(placement.COLOCATED_PREFIX):
+                    colocated[layout.removeprefix(placement.COLOCATED_PREFIX)] = shard
+                    continue
                 name = layout.removeprefix(placement.PARTITIONS_PREFIX)
                 try:
                     specs[name] = PartitionSpec.decode(name, value)
                 except CodecError:
                     continue  # not a layout this client writes: the name stays a plain variable
         with self._lock:
-            self._specs, self.unread = specs, unread
+            self._specs, self.unread, self._colocated = specs, unread, colocated
         return specs
 
     def remember(self, spec: PartitionSpec) -> None:
@@ -68,6 +86,7 @@ class Layouts:
     def forget(self, name: str) -> None:
         if self._specs is not None:
             self._specs.pop(name, None)
+        self._colocated.pop(name, None)
 
     def stale(self) -> None:
         """Read them again at the next use."""
@@ -80,9 +99,7 @@ class Layouts:
             specs = self.load()  # another client partitioned a variable since the layouts were read
         hidden = {part for spec in specs.values() for part in spec.part_names}
         folded = [
-            info
-            for name, info in infos.items()
-            if name not in hidden and not name.startswith(placement.PARTITIONS_PREFIX)
+            info for name, info in infos.items() if name not in hidden and not placement.is_metadata(name)
         ]
         for name, spec in specs.items():
             if name.startswith(prefix) and all(part in infos for part in spec.part_names):
@@ -99,7 +116,7 @@ class Layouts:
         out = {
             name: value
             for name, value in merged.items()
-            if name not in hidden and not name.startswith(placement.PARTITIONS_PREFIX)
+            if name not in hidden and not placement.is_metadata(name)
         }
         for name, spec in specs.items():
             if name.startswith(prefix) and all(part in merged for part in spec.part_names):
