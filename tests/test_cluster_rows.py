@@ -114,7 +114,7 @@ def test_the_gate_checks_colocation_claims(cluster: LocalCluster, cc: ClusterCli
     home = placement.owner(w, 3)
     elsewhere = placement.owner(w + "/Adam", 3)
     with grpc.insecure_channel(cluster.members[home]) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
+        stub = pb_grpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
 
         def create(name: str, primary: str) -> grpc.RpcError:
             op = pb.BatchOp(kind=pb.BATCH_OP_CREATE, name=name, dtype=pb.DT_FLOAT, slots=[primary])
