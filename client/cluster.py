@@ -36,8 +36,8 @@ from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
     ClusterPipeline,
     first_result,
-    logical_info,
 )
+from tensorps.client.cluster_rows import ClusterRowCalls
 from tensorps.client.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -46,8 +46,9 @@ from tensorps.client.errors import (
     UnavailableError,
     UsageError,
 )
-from tensorps.client.layouts import Layouts
+from tensorps.client.layouts import Layouts, logical_info
 from tensorps.client.placement import PartitionSpec
+from tensorps.client.rows import RowCalls
 
 T = TypeVar("T")
 Array = np.ndarray[Any, Any]
@@ -76,7 +77,7 @@ def is_cluster_target(target: object) -> bool:
     return not isinstance(target, str) or "," in target or target.startswith(SCHEME)
 
 
-class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
+class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
     """A client of a cluster of tensorps servers (see the module); the options are Client's, for every
     server. server_info() returns one ServerInfo per shard, in shard order."""
 
@@ -98,6 +99,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         self._fan = ThreadPoolExecutor(max_workers=2 * len(members), thread_name_prefix="tensorps-cluster")
         self._owners: dict[str, int] = {}
         self.layouts = Layouts(self._read_layouts)
+        self._row_dtypes: dict[str, Any] = {}  # for Python values in row calls
 
     def close(self) -> None:
         self._close_background()
@@ -398,6 +400,7 @@ def _route_the_rest() -> None:
             attribute.startswith("_")
             or attribute in vars(ClusterClient)
             or attribute in vars(ClusterBatchCalls)
+            or attribute in vars(RowCalls)  # cluster_rows.py routes them
         ):
             continue
         parameters = list(inspect.signature(value).parameters)

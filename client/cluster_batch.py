@@ -18,11 +18,13 @@ import numpy as np
 
 from tensorps.client import codec, colocation, placement
 from tensorps.client.batch import BatchError, Pipeline
+from tensorps.client.cluster_rows import ClusterPipelineRows
 from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
+from tensorps.client.layouts import join_values, logical_info
 from tensorps.client.placement import PartitionSpec
+from tensorps.client.queued import QueuedOp
 
 if TYPE_CHECKING:
-    from tensorps.client.client import VariableInfo
     from tensorps.client.cluster import ClusterClient
 
 Array = np.ndarray[Any, Any]
@@ -38,30 +40,12 @@ class _Queued(NamedTuple):
     pieces: list[_Piece]
     # Joins the pieces' results (exceptions already ruled out) into the operation's result.
     join: Callable[[list[Any]], Any]
+    # Rewords a piece's error for the operation (a part's error names the logical variable).
+    errors: Callable[[TensorPSError], TensorPSError] | None = None
 
 
 def first_result(results: list[Any]) -> Any:
     return results[0]
-
-
-def logical_info(spec: PartitionSpec, parts: list[VariableInfo]) -> VariableInfo:
-    """The VariableInfo of a partitioned variable from its parts': logical shape, initialized when every
-    part is, a version that grows with every write of any part (their sum)."""
-    from tensorps.client.client import VariableInfo  # noqa: PLC0415 (client imports this module's users)
-
-    return VariableInfo(
-        name=spec.name,
-        dtype=spec.dtype.numpy,
-        shape=spec.shape,
-        initialized=all(info.initialized for info in parts),
-        version=sum(info.version for info in parts),
-    )
-
-
-def join_values(values: list[Array]) -> Array:
-    joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
-    joined.flags.writeable = False
-    return joined
 
 
 def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
@@ -83,8 +67,9 @@ def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError 
     return None
 
 
-class ClusterPipeline:
-    """Operations queued for one Batch call per server (the interface of Pipeline; see the module)."""
+class ClusterPipeline(ClusterPipelineRows):
+    """Operations queued for one Batch call per server (the interface of Pipeline; see the module); the
+    row methods (gather, scatter_*, apply_*, ...) come from cluster_rows.py."""
 
     def __init__(self, cluster: ClusterClient, *, atomic: bool = False, raise_on_error: bool = True) -> None:
         self._cluster = cluster
@@ -120,10 +105,23 @@ class ClusterPipeline:
         getattr(pipe, method)(*args, **kwargs)
         return _Piece(shard, len(pipe) - 1)
 
-    def _add(self, name: str, pieces: list[_Piece], join: Callable[[list[Any]], Any]) -> ClusterPipeline:
+    def _queue_op(self, op: QueuedOp) -> _Piece:
+        """Queue an operation already checked on the pipeline of the shard that holds its variable."""
+        shard = self._cluster.owner(op.name)
+        pipe = self._pipe(shard)
+        pipe._queue(op)
+        return _Piece(shard, len(pipe) - 1)
+
+    def _add(
+        self,
+        name: str,
+        pieces: list[_Piece],
+        join: Callable[[list[Any]], Any],
+        errors: Callable[[TensorPSError], TensorPSError] | None = None,
+    ) -> ClusterPipeline:
         if self.results is not None:
             raise InvalidArgumentError("this pipeline was executed already; start a new one")
-        self._ops.append(_Queued(name, pieces, join))
+        self._ops.append(_Queued(name, pieces, join, errors))
         return self
 
     def _single(self, name: str, method: str, *args: Any, **kwargs: Any) -> ClusterPipeline:
@@ -291,6 +289,8 @@ class ClusterPipeline:
             failed = next((r for r in found if isinstance(r, BaseException)), None)
             if failed is not None and not isinstance(failed, TensorPSError):
                 raise failed
+            if failed is not None and queued.errors is not None:
+                failed = queued.errors(failed)
             result = failed if failed is not None else queued.join(found)
             if isinstance(result, TensorPSError):
                 errors[index] = result

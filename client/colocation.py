@@ -25,6 +25,7 @@ from tensorps.client.errors import (
     TensorPSError,
     UsageError,
 )
+from tensorps.client.layouts import logical_info
 from tensorps.client.placement import PartitionSpec
 from tensorps.client.queued import QueuedOp
 from tensorps.v1 import tensorps_pb2 as pb
@@ -43,8 +44,6 @@ def queue(
 ) -> tuple[list[Any], list[str], Any]:
     """Queue the creation of `name` beside `primary` on `pipe`: (its pieces, the names each piece creates,
     the join of their results into the VariableInfo)."""
-    from tensorps.client.cluster_batch import logical_info  # noqa: PLC0415 (import cycle)
-
     cluster = pipe._cluster
     name, primary = cluster._checked(name), cluster._checked(primary)
     if name == primary:
@@ -80,20 +79,16 @@ def _beside(
 ) -> list[Any]:
     """The record and the variable, queued on the primary's shard (their CREATEs claim the primary)."""
     cluster = pipe._cluster
-    shard = cluster.owner(primary)
-    shard_pipe = pipe._pipe(shard)
+    cluster.layouts.note_colocated(name, cluster.owner(primary))
     record = np.frombuffer(primary.encode(), np.uint8).copy()
     claim = (primary,)
-    shard_pipe._queue(
-        QueuedOp(
-            pb.BATCH_OP_CREATE, placement.colocation_name(name), record, _UINT8, record.shape, slots=claim
-        )
+    record_op = QueuedOp(
+        pb.BATCH_OP_CREATE, placement.colocation_name(name), record, _UINT8, record.shape, slots=claim
     )
-    shard_pipe._queue(QueuedOp(pb.BATCH_OP_CREATE, name, array, declared, dims, slots=claim))
-    cluster.layouts.note_colocated(name, shard)
-    from tensorps.client.cluster_batch import _Piece  # noqa: PLC0415 (import cycle)
-
-    return [_Piece(shard, len(shard_pipe) - 2), _Piece(shard, len(shard_pipe) - 1)]
+    return [
+        pipe._queue_op(record_op),
+        pipe._queue_op(QueuedOp(pb.BATCH_OP_CREATE, name, array, declared, dims, slots=claim)),
+    ]
 
 
 def create(

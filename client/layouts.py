@@ -19,13 +19,30 @@ import numpy as np
 
 from tensorps.client import placement
 from tensorps.client.client import VariableInfo
-from tensorps.client.cluster_batch import join_values, logical_info
 from tensorps.client.codec import CodecError
 from tensorps.client.placement import PartitionSpec
 
 Array = np.ndarray[Any, Any]
 # Per shard: its layout variables (name -> value), or the error that kept them from being read.
 ReadAll = Callable[[], Mapping[int, Mapping[str, Array] | BaseException]]
+
+
+def logical_info(spec: PartitionSpec, parts: list[VariableInfo]) -> VariableInfo:
+    """The VariableInfo of a partitioned variable from its parts': logical shape, initialized when every
+    part is, a version that grows with every write of any part (their sum)."""
+    return VariableInfo(
+        name=spec.name,
+        dtype=spec.dtype.numpy,
+        shape=spec.shape,
+        initialized=all(info.initialized for info in parts),
+        version=sum(info.version for info in parts),
+    )
+
+
+def join_values(values: list[Array]) -> Array:
+    joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
+    joined.flags.writeable = False
+    return joined
 
 
 class Layouts:

@@ -8,7 +8,7 @@ server (the oracle) gives for the same calls, values and errors alike, single an
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from cluster_support import LocalCluster
 
+from support import ServerProcess
 from tensorps.client import (
     AlreadyExistsError,
+    BatchError,
     Client,
     FailedPreconditionError,
     TensorPSError,
+    VariableInfo,
     placement,
 )
 from tensorps.client.cluster import ClusterClient
@@ -133,3 +136,151 @@ def test_the_gate_checks_colocation_claims(cluster: LocalCluster, cc: ClusterCli
         assert "cannot be colocated" in str(refused.details())
     with pytest.raises(FailedPreconditionError, match=f"belongs to shard {elsewhere}"):
         cc.shards[home].create(w + "/Adam", value=np.zeros(2, F32))
+
+
+# ---- rows and optimizers against a lone server -----------------------------------------------------
+
+
+def _norm(value: Any) -> Any:
+    """A result in a comparable form: arrays by dtype, shape and elements; infos without versions; errors
+    by class and text."""
+    if isinstance(value, np.ndarray | np.generic):
+        array = np.asarray(value)
+        return ("array", str(array.dtype), array.shape, array.tolist())
+    if isinstance(value, VariableInfo):
+        return ("info", value.name, str(value.dtype), value.shape, value.initialized)
+    if isinstance(value, list):
+        return [_norm(item) for item in value]
+    if isinstance(value, BatchError):
+        return ("BatchError", [_norm(r) for r in value.results])
+    if isinstance(value, TensorPSError):
+        return ("error", type(value).__name__, value.message)
+    return value
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        return _norm(call())
+    except TensorPSError as exc:
+        return _norm(exc)
+
+
+def _row_script(c: Any, p: str, partitioned: bool) -> list[Any]:
+    """Every row operation and optimizer on (partitioned) variables with colocated slots."""
+    three = fixed_size_partitioner(3) if partitioned else None
+    four = fixed_size_partitioner(4) if partitioned else None
+    emb, w, v3 = p + "emb", p + "w", p + "v3"
+    table = np.arange(40, dtype=F32).reshape(10, 4)
+    rng = np.random.default_rng(3)
+    grad = rng.standard_normal((7, 3)).astype(F32)
+
+    def create(name: str, partitioner: Any, **kwargs: Any) -> Any:
+        return c.create(name, partitioner=partitioner, **kwargs) if partitioner else c.create(name, **kwargs)
+
+    adam = (F32(0.9), F32(0.99), F32(0.01), F32(0.9), F32(0.999), F32(1e-7))
+    steps: list[Callable[[], Any]] = [
+        lambda: create(emb, three, value=table),
+        lambda: c.create(emb + "/Adagrad", value=np.full((10, 4), 0.1, F32), colocate_with=emb),
+        lambda: c.create(emb + "/Momentum", value=np.zeros((10, 4), F32), colocate_with=emb),
+        lambda: create(w, four, value=np.linspace(-1, 1, 21, dtype=F32).reshape(7, 3)),
+        lambda: c.create(w + "/Adam", value=np.zeros((7, 3), F32), colocate_with=w),
+        lambda: c.create(w + "/Adam_1", value=np.zeros((7, 3), F32), colocate_with=w),
+        lambda: c.create(w + "/Ftrl", value=np.full((7, 3), 0.1, F32), colocate_with=w),
+        lambda: c.create(w + "/Ftrl_1", value=np.zeros((7, 3), F32), colocate_with=w),
+        lambda: create(v3, three, value=np.arange(60, dtype=np.int64).reshape(5, 4, 3)),
+        lambda: create(p + "u", three, dtype=F32, shape=(6, 2)),
+        # gather
+        lambda: c.gather(emb, np.array([[7, 1], [3, 3]], np.int32)),
+        lambda: c.gather(emb, [9, 0, 4, 4]),
+        lambda: c.gather(emb, np.zeros((0, 2), np.int64)),
+        lambda: c.gather(emb, np.array([2, 10])),
+        lambda: c.gather(emb, np.array([[1, 2], [-1, 0]])),
+        lambda: c.gather(emb, np.array([1.0])),
+        lambda: c.gather(v3, np.array([4, 0])),
+        lambda: c.gather(p + "u", [1]),
+        lambda: c.gather(p + "missing", [1]),
+        # scatter
+        lambda: c.scatter_add(emb, [1, 9, 1], np.ones((3, 4), F32)),
+        lambda: c.scatter_update(emb, [0, 5, 9], np.float32(7)),
+        lambda: c.scatter_update(emb, [2, 2], np.array([[1, 1, 1, 1], [2, 2, 2, 2]], F32), read_value=True),
+        lambda: c.scatter_sub(emb, [[0], [9]], np.ones((2, 1, 4), F32), read_value=True),
+        lambda: c.scatter_mul(emb, [3, 8], np.full((2, 4), 2, F32)),
+        lambda: c.scatter_div(emb, [3], np.full((1, 4), 4, F32)),
+        lambda: c.scatter_min(emb, [4, 6], np.full((2, 4), 17, F32)),
+        lambda: c.scatter_max(emb, np.array([4, 6], np.int32), np.full((2, 4), 19, F32)),
+        lambda: c.scatter_add(emb, [], np.zeros((0, 4), F32)),
+        lambda: c.scatter_add(emb, [1], np.ones((2, 4), F32)),
+        lambda: c.scatter_add(emb, [1], np.ones((1, 4), np.float64)),
+        lambda: c.scatter_add(emb, [1, 10], np.ones((2, 4), F32)),
+        lambda: c.scatter_add(v3, [4, 1], np.ones((2, 4, 3), np.int64)),
+        lambda: c.scatter_div(v3, [4], np.zeros((1, 4, 3), np.int64)),
+        lambda: c.scatter_add(p + "u", [1], np.ones((1, 2), F32)),
+        lambda: c.read(emb),
+        # scatter_nd
+        lambda: c.scatter_nd_add(emb, [[1, 2], [8, 3], [1, 2]], np.array([5, 6, 7], F32)),
+        lambda: c.scatter_nd_update(emb, [[4], [6]], np.ones((2, 4), F32)),
+        lambda: c.scatter_nd_sub(v3, [[[4, 3, 2]], [[0, 0, 0]]], np.array([[1], [2]], np.int64)),
+        lambda: c.scatter_nd_add(emb, [[1, 7]], np.array([1], F32)),
+        lambda: c.scatter_nd_add(emb, [[11, 0]], np.array([1], F32)),
+        lambda: c.scatter_nd_add(emb, np.zeros((2, 0), np.int64), np.ones((2, 10, 4), F32)),
+        lambda: c.scatter_nd_update(emb, [[2]], np.ones((1, 3), F32)),
+        lambda: c.read(emb),
+        lambda: c.read(v3),
+        # sparse optimizers
+        lambda: c.sparse_apply_adagrad(
+            emb, emb + "/Adagrad", F32(0.1), np.ones((3, 4), F32), np.array([9, 0, 9])
+        ),
+        lambda: c.sparse_apply_momentum(
+            emb, emb + "/Momentum", F32(0.1), np.ones((2, 4), F32), [5, 2], F32(0.9), read_value=True
+        ),
+        lambda: c.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 4), F32), np.array([10])),
+        lambda: c.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((2, 4), F32), np.array([1])),
+        lambda: c.sparse_apply_adagrad(
+            emb, emb + "/Adagrad", 0.5, np.ones((0, 4), F32), np.zeros(0, np.int32)
+        ),
+        lambda: c.sparse_apply_adagrad(emb, emb + "/Momentum", F32(0.1), np.ones((1, 4), F32), [3]),
+        lambda: c.read(emb),
+        lambda: c.read(emb + "/Adagrad"),
+        # dense optimizers
+        lambda: c.apply_adam(w, w + "/Adam", w + "/Adam_1", *adam, grad),
+        lambda: c.apply_adam(
+            w, w + "/Adam", w + "/Adam_1", *adam, grad * 2, use_nesterov=True, read_value=True
+        ),
+        lambda: c.apply_adam(w, w + "/Adam", w + "/Adam_1", *adam, grad[:6]),
+        lambda: c.apply_adam(w, w + "/Adam", w + "/Adam_1", *adam[:5], np.ones(2, F32), grad),
+        lambda: c.apply_gradient_descent(w, 0.5, grad, read_value=True),
+        lambda: c.apply_ftrl(w, w + "/Ftrl", w + "/Ftrl_1", grad, F32(0.1), F32(0.01), F32(0.02), F32(-0.5)),
+        lambda: c.apply_momentum(w, w + "/Adam", F32(0.1), grad, F32(0.9), use_nesterov=True),
+        lambda: c.apply_adagrad(w, emb + "/Adagrad", F32(0.1), grad),
+        lambda: c.read(w),
+        lambda: c.read(w + "/Adam_1"),
+        lambda: c.read(w + "/Ftrl_1"),
+        # pipelines: in order, results and errors in place
+        lambda: (
+            c.pipeline(raise_on_error=False)
+            .gather(emb, [9, 1])
+            .scatter_add(emb, [9], np.ones((1, 4), F32))
+            .gather(emb, [9, 1])
+            .apply_gradient_descent(w, F32(0.1), grad)
+            .gather(emb, [12])
+            .sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 4), F32), [4])
+            .read(w)
+            .execute()
+        ),
+        lambda: c.pipeline().gather(emb, [3]).scatter_nd_add(emb, [[3, 1]], np.array([1], F32)).execute(),
+        lambda: c.read(emb),
+    ]
+    return [_outcome(step) for step in steps]
+
+
+def test_rows_and_optimizers_match_a_lone_server(cc: ClusterClient, server: ServerProcess) -> None:
+    prefix = _unique("rows")
+    with Client(server.address, timeout=30) as oracle:
+        expected = _row_script(oracle, prefix, partitioned=False)
+    got = _row_script(cc, prefix, partitioned=True)
+    for index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"step {index}"
+    # The variables really are partitioned, their slots beside their parts.
+    assert cc.layouts.get(prefix + "emb") is not None
+    for k in range(4):
+        assert cc.owner(f"{prefix}w/Adam/part_{k}") == cc.owner(f"{prefix}w/part_{k}")
