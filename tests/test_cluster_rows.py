@@ -7,6 +7,7 @@ server (the oracle) gives for the same calls, values and errors alike, single an
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,13 +17,14 @@ import numpy as np
 import pytest
 from cluster_support import LocalCluster
 
-from support import ServerProcess
+from support import ServerProcess, run
 from tensorps.client import (
     AlreadyExistsError,
     BatchError,
     Client,
     FailedPreconditionError,
     TensorPSError,
+    UsageError,
     VariableInfo,
     placement,
 )
@@ -284,3 +286,96 @@ def test_rows_and_optimizers_match_a_lone_server(cc: ClusterClient, server: Serv
     assert cc.layouts.get(prefix + "emb") is not None
     for k in range(4):
         assert cc.owner(f"{prefix}w/Adam/part_{k}") == cc.owner(f"{prefix}w/part_{k}")
+
+
+def test_slots_must_be_beside_their_variable(cc: ClusterClient) -> None:
+    """An apply whose slot lives on another shard, or is not partitioned like a partitioned variable, is
+    refused before anything is sent, saying how to create it; nothing changes."""
+    prefix = _unique("apart")
+    w = _apart(prefix)
+    cc.create(w, value=np.ones(3, F32))
+    cc.create(w + "/Adam", value=np.zeros(3, F32))  # not colocated: on its own hash's shard
+    with pytest.raises(FailedPreconditionError, match="colocate_with"):
+        cc.apply_momentum(w, w + "/Adam", F32(0.1), np.ones(3, F32), F32(0.9))
+    emb = prefix + "emb"
+    cc.create(emb, value=np.ones((6, 2), F32), partitioner=fixed_size_partitioner(3))
+    cc.create(emb + "/Adagrad", value=np.ones((6, 2), F32), partitioner=fixed_size_partitioner(2))
+    with pytest.raises(TensorPSError, match="not partitioned like variable"):
+        cc.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 2), F32), [0])
+    assert cc.read(w).tolist() == [1, 1, 1] and cc.read(emb).tolist() == [[1, 1]] * 6
+
+
+def test_row_pipelines_are_atomic_on_one_shard_only(cc: ClusterClient) -> None:
+    """An atomic pipeline of row operations runs when all of them land on one shard; one that spans shards
+    (a partitioned variable's parts, or variables of two shards) is refused before anything is sent."""
+    prefix = _unique("atomic")
+    w = _apart(prefix)
+    cc.create(w, value=np.zeros((4, 2), F32))
+    cc.create(w + "/Adam", value=np.zeros((4, 2), F32), colocate_with=w)
+    cc.create(w + "/Adam_1", value=np.zeros((4, 2), F32), colocate_with=w)
+    adam = (F32(0.9), F32(0.99), F32(0.01), F32(0.9), F32(0.999), F32(1e-7))
+    results = (
+        cc.pipeline(atomic=True)
+        .scatter_add(w, [1, 1], np.ones((2, 2), F32))
+        .apply_adam(w, w + "/Adam", w + "/Adam_1", *adam, np.ones((4, 2), F32))
+        .gather(w, [1])
+        .execute()
+    )
+    assert results[2].shape == (1, 2) and cc.read(w + "/Adam")[0].tolist() == [pytest.approx(0.1)] * 2
+    before = cc.read(w)
+    with pytest.raises(TensorPSError, match=r"indices\[0\] = 9 is not in \[0, 4\)"):
+        cc.pipeline(atomic=True).scatter_add(w, [0], np.ones((1, 2), F32)).gather(w, [9]).execute()
+    assert np.array_equal(cc.read(w), before)  # atomic: the failure changed nothing
+    emb = prefix + "emb"
+    cc.create(emb, value=np.zeros((6, 2), F32), partitioner=fixed_size_partitioner(3))
+    with pytest.raises(UsageError, match="atomic per shard"):
+        cc.pipeline(atomic=True).scatter_add(emb, [0, 5], np.ones((2, 2), F32)).execute()
+    assert cc.read(emb).sum() == 0
+
+
+def test_another_clients_partitioned_table_is_found(cluster: LocalCluster, cc: ClusterClient) -> None:
+    """A client that read the layouts before a table was partitioned (and its slots colocated) finds them
+    at its first row call: the plain lookup is not found, it reads them again and retries."""
+    prefix = _unique("late")
+    emb = prefix + "emb"
+    with Client(cluster.target, timeout=30) as other:
+        assert isinstance(other, ClusterClient)
+        other.list()  # it reads the layouts now
+        cc.create(emb, value=np.arange(12, dtype=F32).reshape(6, 2), partitioner=fixed_size_partitioner(3))
+        cc.create(emb + "/Adagrad", value=np.full((6, 2), 0.1, F32), colocate_with=emb)
+        assert other.gather(emb, [5, 0]).tolist() == [[10, 11], [0, 1]]
+        other.layouts.stale()
+        other.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 2), F32), [5])
+    assert cc.read(emb + "/Adagrad")[5].tolist() == [pytest.approx(1.1)] * 2
+
+
+def test_locked_scatters_on_a_partitioned_table_lose_nothing(cc: ClusterClient) -> None:
+    """Threads scatter_add ones with use_locking=True into rows of every part: exact counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    emb = _unique("locked") + "emb"
+    cc.create(emb, value=np.zeros((9, 2), F32), partitioner=fixed_size_partitioner(3))
+    rows = np.array([0, 4, 8, 4], np.int64)
+
+    def push(_: int) -> None:
+        for _ in range(10):
+            cc.scatter_add(emb, rows, np.ones((4, 2), F32), use_locking=True)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(push, range(6)))
+    assert cc.gather(emb, [0, 4, 8, 1]).tolist() == [[60, 60], [120, 120], [60, 60], [0, 0]]
+
+
+def test_examples_converge_on_a_cluster(cluster: LocalCluster) -> None:
+    """The embedding example (tables partitioned over the three shards, gather + sparse_apply_adagrad) and
+    the dense Adam example (slots colocated) converge against a cluster target."""
+    prefix = _unique("ex").rstrip("/")
+    embedding = [sys.executable, "-m", "tensorps.examples.embedding", "--target", cluster.target]
+    result = run(
+        [*embedding, "--prefix", prefix + "ctr", "--steps", "150", "--threshold", "0.625"], timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    adam = [sys.executable, "-m", "tensorps.examples.adam", "--target", cluster.target]
+    result = run([*adam, "--prefix", prefix + "adam", "--steps", "150"], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "converged: mse" in result.stdout
