@@ -5,14 +5,12 @@
 
 `Client("ps-0:50051,ps-1:50051,ps-2:50051")`, `Client([...])` or `Client("cluster://ps-0:50051")` (one
 member: the map is fetched from its GetServerInfo) make a ClusterClient. A call on a variable goes to its
-owner (placement.py); batched calls go to every server involved at once (cluster_batch.py); list() and
-read_many(prefix=...) merge every server's answers. A partitioned variable (create(..., partitioner=...))
-is stored as parts on several servers and read and written whole.
-
-Any other per-variable method of Client (one whose first parameter is `name`) is routed to the variable's
-owner without code of its own here (see `_route_by_name`); on a partitioned variable it refuses until the
-method gets a partition-aware version (a sparse op would send each row to the part that holds it:
-PartitionSpec.offsets() gives the parts' first rows).
+owner (placement.py; a variable created with colocate_with lives beside its primary: colocation.py);
+batched calls go to every server involved at once (cluster_batch.py); list() and read_many(prefix=...)
+merge every server's answers. A partitioned variable (create(..., partitioner=...)) is stored as parts on
+several servers and read and written whole; the row operations and optimizers route each row to its part
+(cluster_rows.py). Any other per-variable method of Client (first parameter `name`) is routed to the
+owner (`_route_by_name`), and refused on a partitioned variable.
 
 A server that is down makes the calls on its variables fail with UnavailableError naming the shard; the
 others go on. gRPC reconnects on its own within about a second, so calls resume when it is back.
@@ -46,7 +44,7 @@ from tensorps.client.errors import (
     UnavailableError,
     UsageError,
 )
-from tensorps.client.layouts import Layouts, logical_info
+from tensorps.client.layouts import Layouts, logical_info, read_records
 from tensorps.client.placement import PartitionSpec
 from tensorps.client.rows import RowCalls
 
@@ -176,15 +174,7 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
     # ---- partitioned variables -----------------------------------------------------------------
 
     def _read_layouts(self) -> dict[int, Any]:
-        def records(client: Client) -> dict[str, Array]:
-            found = client.pipeline()
-            for prefix in placement.METADATA_PREFIXES:
-                found.read_prefix(prefix)
-            return {name: value for part in found.execute() for name, value in part.items()}
-
-        return self.fan_out(
-            {shard: functools.partial(records, client) for shard, client in enumerate(self.shards)}
-        )
+        return self.fan_out({i: functools.partial(read_records, c) for i, c in enumerate(self.shards)})
 
     def _routed(self, name: str, plain: Callable[[Client], T], whole: Callable[[PartitionSpec], T]) -> T:
         """A call on `name`: to its owner, or on its parts if it is partitioned. A variable not found makes
@@ -277,8 +267,7 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
     def delete(self, name: str) -> None:
         name = self._checked(name)
         if self.layouts.colocated(name) is not None:  # with its record
-            self._one("delete", name)
-            return
+            return self._one("delete", name)  # type: ignore[no-any-return]
         self._routed(name, lambda c: c.delete(name), lambda spec: self._one("delete", name))
 
     def info(self, name: str) -> VariableInfo:

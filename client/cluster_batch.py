@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tensorps.client import codec, colocation, placement
+from tensorps.client import colocation, placement
 from tensorps.client.batch import BatchError, Pipeline
 from tensorps.client.cluster_rows import ClusterPipelineRows
 from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
-from tensorps.client.layouts import join_values, logical_info
+from tensorps.client.layouts import join_values, logical_info, refusal
 from tensorps.client.placement import PartitionSpec
 from tensorps.client.queued import QueuedOp
 
@@ -46,25 +46,6 @@ class _Queued(NamedTuple):
 
 def first_result(results: list[Any]) -> Any:
     return results[0]
-
-
-def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
-    """The error a server gives a write of `array` to the whole variable: its dtype, then its shape (a
-    partitioned variable keeps its shape whatever validate_shape says)."""
-    dtype = codec.dtype_of(array.dtype)
-    if dtype != spec.dtype:
-        return InvalidArgumentError(
-            f"{op} of variable '{spec.name}': the variable has dtype {spec.dtype.name} but the value has "
-            f"dtype {dtype.name}; nothing is cast"
-        )
-    if array.shape != spec.shape:
-        have, got = codec.format_shape(spec.shape), codec.format_shape(array.shape)
-        if op == "Assign":
-            text = f"Assign requires shapes of both tensors to match. lhs shape= {have} rhs shape= {got}"
-        else:
-            text = f"Parameters and update must be the same size. lhs shape= {have} rhs shape= {got}"
-        return InvalidArgumentError(f"{text} (variable '{spec.name}', partitioned: its shape is fixed)")
-    return None
 
 
 class ClusterPipeline(ClusterPipelineRows):

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorps.client import placement
+from tensorps.client import codec, placement
 from tensorps.client.client import VariableInfo
 from tensorps.client.codec import CodecError
+from tensorps.client.errors import InvalidArgumentError
 from tensorps.client.placement import PartitionSpec
 
 Array = np.ndarray[Any, Any]
@@ -43,6 +44,33 @@ def join_values(values: list[Array]) -> Array:
     joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
     joined.flags.writeable = False
     return joined
+
+
+def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
+    """The error a server gives a write of `array` to the whole variable: its dtype, then its shape (a
+    partitioned variable keeps its shape whatever validate_shape says)."""
+    dtype = codec.dtype_of(array.dtype)
+    if dtype != spec.dtype:
+        return InvalidArgumentError(
+            f"{op} of variable '{spec.name}': the variable has dtype {spec.dtype.name} but the value has "
+            f"dtype {dtype.name}; nothing is cast"
+        )
+    if array.shape != spec.shape:
+        have, got = codec.format_shape(spec.shape), codec.format_shape(array.shape)
+        if op == "Assign":
+            text = f"Assign requires shapes of both tensors to match. lhs shape= {have} rhs shape= {got}"
+        else:
+            text = f"Parameters and update must be the same size. lhs shape= {have} rhs shape= {got}"
+        return InvalidArgumentError(f"{text} (variable '{spec.name}', partitioned: its shape is fixed)")
+    return None
+
+
+def read_records(client: Any) -> dict[str, Array]:
+    """One shard's layouts and colocation records (one batch of prefix reads)."""
+    found = client.pipeline()
+    for prefix in placement.METADATA_PREFIXES:
+        found.read_prefix(prefix)
+    return {name: value for part in found.execute() for name, value in part.items()}
 
 
 class Layouts:
