@@ -79,7 +79,7 @@ def _beside(
 ) -> list[Any]:
     """The record and the variable, queued on the primary's shard (their CREATEs claim the primary)."""
     cluster = pipe._cluster
-    cluster.layouts.note_colocated(name, cluster.owner(primary))
+    cluster.layouts.note_colocated(name, cluster.owner(primary), primary)
     record = np.frombuffer(primary.encode(), np.uint8).copy()
     claim = (primary,)
     record_op = QueuedOp(

@@ -80,6 +80,7 @@ class Layouts:
         self._read_all = read_all
         self._specs: dict[str, PartitionSpec] | None = None
         self._colocated: dict[str, int] = {}  # name -> the shard holding it and its colocation record
+        self._primaries: dict[str, str] = {}  # name -> the primary it was created beside
         self._lock = threading.Lock()
         # Shards whose layouts could not be read last time: a name not found elsewhere may be theirs.
         self.unread: set[int] = set()
@@ -97,15 +98,28 @@ class Layouts:
         self._known()
         return self._colocated.get(name)
 
-    def note_colocated(self, name: str, shard: int) -> None:
+    def note_colocated(self, name: str, shard: int, primary: str) -> None:
         self._known()
         self._colocated[name] = shard
+        self._primaries[name] = primary
+
+    def primary(self, name: str) -> str | None:
+        """The variable `name` was created beside (colocate_with), if any; for a partitioned slot, the
+        logical variable whose parts its parts are beside."""
+        self._known()
+        if name in self._primaries:
+            return self._primaries[name]
+        first = self._primaries.get(placement.part_name(name, 0))
+        if self.get(name) is None or first is None or not first.endswith(placement.part_name("", 0)):
+            return None
+        return first.removesuffix(placement.part_name("", 0))
 
     def load(self) -> dict[str, PartitionSpec]:
         """Read every layout and colocation again; a shard that cannot be reached is remembered in
         `unread` (the colocations it held are kept)."""
         specs: dict[str, PartitionSpec] = {}
         colocated: dict[str, int] = {}
+        primaries = {name: p for name, p in self._primaries.items()}  # kept for shards not read
         unread = set()
         for shard, outcome in self._read_all().items():
             if isinstance(outcome, BaseException):
@@ -114,7 +128,9 @@ class Layouts:
                 continue
             for layout, value in outcome.items():
                 if layout.startswith(placement.COLOCATED_PREFIX):
-                    colocated[layout.removeprefix(placement.COLOCATED_PREFIX)] = shard
+                    name = layout.removeprefix(placement.COLOCATED_PREFIX)
+                    colocated[name] = shard
+                    primaries[name] = bytes(np.asarray(value, np.uint8)).decode(errors="replace")
                     continue
                 name = layout.removeprefix(placement.PARTITIONS_PREFIX)
                 try:
@@ -123,6 +139,7 @@ class Layouts:
                     continue  # not a layout this client writes: the name stays a plain variable
         with self._lock:
             self._specs, self.unread, self._colocated = specs, unread, colocated
+            self._primaries = {name: p for name, p in primaries.items() if name in colocated}
         return specs
 
     def remember(self, spec: PartitionSpec) -> None:

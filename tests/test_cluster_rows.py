@@ -379,3 +379,28 @@ def test_examples_converge_on_a_cluster(cluster: LocalCluster) -> None:
     result = run([*adam, "--prefix", prefix + "adam", "--steps", "150"], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "converged: mse" in result.stdout
+
+
+def test_reshard_keeps_slots_beside_their_variables(cluster: LocalCluster, cc: ClusterClient) -> None:
+    """The offline re-shard (3 shards to 2) creates colocated slots beside their variables again, after
+    them, partitioned slots partitioned like theirs; an apply works on the copy."""
+    prefix = _unique("moved")
+    emb, w = prefix + "emb", prefix + "w"
+    cc.create(emb, value=np.arange(24, dtype=F32).reshape(8, 3), partitioner=fixed_size_partitioner(3))
+    cc.create(emb + "/Adagrad", value=np.full((8, 3), 0.5, F32), colocate_with=emb)
+    cc.create(w, value=np.ones(4, F32))
+    cc.create(prefix + "a_slot", value=np.zeros(4, F32), colocate_with=w)  # sorts before its primary
+    with LocalCluster(2) as new:
+        command = [sys.executable, "-m", "tensorps.client.reshard", "--source", cluster.members[0]]
+        result = run([*command, "--target", new.target, "--prefix", prefix], timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with Client(new.target, timeout=30) as copy:
+            assert isinstance(copy, ClusterClient)
+            assert copy.owner(prefix + "a_slot") == copy.owner(w)
+            assert copy.layouts.primary(emb + "/Adagrad") == emb
+            for k in range(3):
+                assert copy.owner(f"{emb}/Adagrad/part_{k}") == copy.owner(f"{emb}/part_{k}")
+            copy.apply_momentum(w, prefix + "a_slot", F32(1), np.ones(4, F32), F32(0.5))
+            assert copy.read(w).tolist() == [0, 0, 0, 0]
+            copy.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 3), F32), [7])
+            assert copy.read(emb + "/Adagrad")[7].tolist() == [1.5] * 3
