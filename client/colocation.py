@@ -109,11 +109,18 @@ def create(
         pass
     else:
         raise AlreadyExistsError(f"variable '{name}' already exists (not colocated)")
-    pipe = cluster.pipeline(raise_on_error=False)
+    # Beside a plain primary, the record and the variable are one atomic batch (all or nothing, even if
+    # the server is killed amid it); a partitioned one's parts span shards: what was made is undone.
+    plain = cluster.layouts.get(cluster._checked(primary)) is None
+    pipe = cluster.pipeline(atomic=plain, raise_on_error=False)
     pieces, made, join = queue(pipe, name, primary, dtype=dtype, shape=shape, value=value)
     for created, piece in zip(made, pieces, strict=True):
         pipe._add(created, [piece], lambda results: results[0])
-    results = pipe.execute()
+    try:
+        results = pipe.execute()
+    except TensorPSError:
+        cluster.layouts.stale()
+        raise
     failed = [r for r in results if isinstance(r, TensorPSError)]
     if failed:
         # Undo what was made: variables before their records, so that the gate still serves them.

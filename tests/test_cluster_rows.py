@@ -138,6 +138,11 @@ def test_the_gate_checks_colocation_claims(cluster: LocalCluster, cc: ClusterCli
         assert "cannot be colocated" in str(refused.details())
     with pytest.raises(FailedPreconditionError, match=f"belongs to shard {elsewhere}"):
         cc.shards[home].create(w + "/Adam", value=np.zeros(2, F32))
+    # Through the client: a primary that does not exist; nothing is left behind, not even the record.
+    with pytest.raises(FailedPreconditionError, match="does not exist"):
+        cc.create(w + "/Adam", value=np.zeros(2, F32), colocate_with=w)
+    assert [i.name for s in cc.shards for i in s.list(".") if prefix in i.name] == []
+    assert cc.list(prefix) == []
 
 
 # ---- rows and optimizers against a lone server -----------------------------------------------------
