@@ -30,6 +30,7 @@ from tensorps.client import arrays, codec
 from tensorps.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     TensorPSError,
     from_status,
 )
@@ -57,7 +58,21 @@ class Routed(NamedTuple):
 
 
 def route(cluster: ClusterClient, op: QueuedOp) -> Routed | TensorPSError:
-    """How `op` runs on the cluster, or the error a lone server would give it (nothing is sent)."""
+    """How `op` runs on the cluster, or the error a lone server would give it (nothing is sent). Slots
+    that seem to be elsewhere make the client read the layouts and colocations again first (another
+    client may have created them beside the variable since)."""
+    routed = _route(cluster, op)
+    if isinstance(routed, _Misplaced):
+        cluster.layouts.load()
+        routed = _route(cluster, op)
+    return routed.error if isinstance(routed, _Misplaced) else routed
+
+
+class _Misplaced(NamedTuple):
+    error: TensorPSError
+
+
+def _route(cluster: ClusterClient, op: QueuedOp) -> Routed | TensorPSError | _Misplaced:
     spec = cluster.layouts.get(op.name)
     slot_specs = [cluster.layouts.get(slot) for slot in op.slots]
     if spec is None:
@@ -81,39 +96,49 @@ def route(cluster: ClusterClient, op: QueuedOp) -> Routed | TensorPSError:
 
 def _plain(
     cluster: ClusterClient, op: QueuedOp, slot_specs: Sequence[PartitionSpec | None]
-) -> Routed | TensorPSError:
+) -> Routed | _Misplaced:
     home = cluster.owner(op.name)
     for slot, slot_spec in zip(op.slots, slot_specs, strict=True):
         if slot_spec is not None:
-            return InvalidArgumentError(
-                f"{_op_name(op)}: slot '{slot}' is partitioned but variable '{op.name}' is not: create the "
-                f"slot with colocate_with='{op.name}'"
+            return _Misplaced(
+                InvalidArgumentError(
+                    f"{_op_name(op)}: slot '{slot}' is partitioned but variable '{op.name}' is not: "
+                    f"create the slot with colocate_with='{op.name}'"
+                )
             )
         where = cluster.owner(slot)
         if where != home:
-            return FailedPreconditionError(
-                f"{_op_name(op)}: slot '{slot}' is on {cluster.describe(where)}, not beside variable "
-                f"'{op.name}' on {cluster.describe(home)}: create the slot with colocate_with='{op.name}'"
+            return _Misplaced(
+                FailedPreconditionError(
+                    f"{_op_name(op)}: slot '{slot}' is on {cluster.describe(where)}, not beside variable "
+                    f"'{op.name}' on {cluster.describe(home)}: create the slot with colocate_with='{op.name}'"
+                )
             )
     return Routed([op], lambda results: results[0])
 
 
 def _slots_refusal(
     cluster: ClusterClient, op: QueuedOp, spec: PartitionSpec, slot_specs: Sequence[PartitionSpec | None]
-) -> TensorPSError | None:
+) -> _Misplaced | None:
     for slot, slot_spec in zip(op.slots, slot_specs, strict=True):
         if slot_spec is None or slot_spec.parts != spec.parts or slot_spec.rows != spec.rows:
-            return InvalidArgumentError(
-                f"{_op_name(op)}: slot '{slot}' is not partitioned like variable '{op.name}' "
-                f"({spec.parts} parts of rows {spec.rows}): create the slot with colocate_with='{op.name}'"
+            return _Misplaced(
+                InvalidArgumentError(
+                    f"{_op_name(op)}: slot '{slot}' is not partitioned like variable '{op.name}' "
+                    f"({spec.parts} parts of rows {spec.rows}): create the slot with "
+                    f"colocate_with='{op.name}'"
+                )
             )
         for part, slot_part in zip(spec.part_names, slot_spec.part_names, strict=True):
             home, where = cluster.owner(part), cluster.owner(slot_part)
             if home != where:
-                return FailedPreconditionError(
-                    f"{_op_name(op)}: part '{slot_part}' of slot '{slot}' is on {cluster.describe(where)}, "
-                    f"not beside '{part}' on {cluster.describe(home)}: create the slot with "
-                    f"colocate_with='{op.name}'"
+                return _Misplaced(
+                    FailedPreconditionError(
+                        f"{_op_name(op)}: part '{slot_part}' of slot '{slot}' is on "
+                        f"{cluster.describe(where)}, not beside '{part}' on {cluster.describe(home)}: "
+                        "create the slot with "
+                        f"colocate_with='{op.name}'"
+                    )
                 )
     return None
 
@@ -323,7 +348,7 @@ class ClusterRowCalls(RowCalls):
             (result,) = pipe.execute()
             if not isinstance(result, TensorPSError):
                 return result
-            if attempt == 0 and type(result).__name__ == "NotFoundError":
+            if attempt == 0 and isinstance(result, NotFoundError):
                 self.layouts.load()
                 if _placement_of(self, op) != seen:
                     continue

@@ -340,7 +340,8 @@ def test_row_pipelines_are_atomic_on_one_shard_only(cc: ClusterClient) -> None:
 
 def test_another_clients_partitioned_table_is_found(cluster: LocalCluster, cc: ClusterClient) -> None:
     """A client that read the layouts before a table was partitioned (and its slots colocated) finds them
-    at its first row call: the plain lookup is not found, it reads them again and retries."""
+    at its first row call: the plain lookup is not found (or a slot seems elsewhere), it reads them again
+    and retries."""
     prefix = _unique("late")
     emb = prefix + "emb"
     with Client(cluster.target, timeout=30) as other:
@@ -351,6 +352,11 @@ def test_another_clients_partitioned_table_is_found(cluster: LocalCluster, cc: C
         assert other.gather(emb, [5, 0]).tolist() == [[10, 11], [0, 1]]
         other.layouts.stale()
         other.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 2), F32), [5])
+        # A plain variable's slot colocated after `other` read the colocations: found, not refused.
+        w = _apart(prefix, "Momentum")
+        cc.create(w, value=np.ones(2, F32))
+        cc.create(w + "/Momentum", value=np.zeros(2, F32), colocate_with=w)
+        assert other.apply_momentum(w, w + "/Momentum", F32(1), np.ones(2, F32), F32(0.5)).version == 2
     assert cc.read(emb + "/Adagrad")[5].tolist() == [pytest.approx(1.1)] * 2
 
 
