@@ -179,7 +179,9 @@ def _gather(op: QueuedOp, spec: PartitionSpec) -> Routed:
         out = np.empty((indices.size, *spec.shape[1:]), spec.dtype.numpy)
         for (_, _, positions), found in zip(located, results, strict=True):
             out[positions] = found
-        return out.reshape(indices.shape + spec.shape[1:])
+        rows = out.reshape(indices.shape + spec.shape[1:])
+        rows.flags.writeable = False  # as a lone server's gather (the reply's bytes)
+        return rows
 
     return Routed(ops, join)
 

@@ -153,7 +153,7 @@ def _norm(value: Any) -> Any:
     by class and text."""
     if isinstance(value, np.ndarray | np.generic):
         array = np.asarray(value)
-        return ("array", str(array.dtype), array.shape, array.tolist())
+        return ("array", str(array.dtype), array.shape, array.tolist(), array.flags.writeable)
     if isinstance(value, VariableInfo):
         return ("info", value.name, str(value.dtype), value.shape, value.initialized)
     if isinstance(value, list):
