@@ -357,10 +357,11 @@ class ClusterRowCalls(RowCalls):
             raise result
         raise AssertionError("unreachable")
 
-    def _row_value(self: Any, name: str, value: Any) -> Array:
+    def _row_value(self: Any, name: str, value: Any, created: Any = None) -> Array:
         dtype = None
         if arrays.as_array(value) is None:  # a Python value takes the variable's dtype
-            dtype = self._row_dtypes.get(name)
+            spec = self.layouts.get(name)
+            dtype = created or (spec.dtype if spec is not None else self._row_dtypes.get(name))
             if dtype is None:
                 dtype = self._row_dtypes[name] = codec.dtype_of(self.info(name).dtype)
         array: Array = self.shards[0]._as_array(name, value, dtype)
@@ -390,7 +391,10 @@ class ClusterPipelineRows(RowCalls):
         return self._add(op.name, pieces, routed.join, routed.errors)
 
     def _row_value(self: Any, name: str, value: Any) -> Array:
-        return ClusterRowCalls._row_value(self._cluster, name, value)
+        # A variable this pipeline creates has the dtype it declares (it cannot be asked for yet).
+        queued = self._shards.get(self._cluster.owner(name))
+        created = queued._created.get(name) if queued is not None else None
+        return ClusterRowCalls._row_value(self._cluster, name, value, created)
 
     def _row_name(self: Any, name: Any) -> str:
         checked: str = self._cluster._checked(name)

@@ -275,6 +275,15 @@ def _row_script(c: Any, p: str, partitioned: bool) -> list[Any]:
             .execute()
         ),
         lambda: c.pipeline().gather(emb, [3]).scatter_nd_add(emb, [[3, 1]], np.array([1], F32)).execute(),
+        # Python values take the variable's dtype, also of one the same pipeline creates.
+        lambda: c.scatter_add(emb, [2], [[0.5, 1, 2, 4]], read_value=True),
+        lambda: (
+            c.pipeline()
+            .create(p + "new", value=np.zeros((2, 2), F32))
+            .scatter_add(p + "new", [1], 2.5)
+            .execute()
+        ),
+        lambda: c.read(p + "new"),
         lambda: c.read(emb),
     ]
     return [_outcome(step) for step in steps]
