@@ -178,8 +178,9 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
 
     def _routed(self, name: str, plain: Callable[[Client], T], whole: Callable[[PartitionSpec], T]) -> T:
         """A call on `name`: to its owner, or on its parts if it is partitioned. A variable not found makes
-        the client read the layouts again (another client may have partitioned it, or removed it)."""
-        spec = self.layouts.get(name)
+        the client read the layouts again (another client may have partitioned it, removed it, or created
+        it beside another variable)."""
+        spec, home = self.layouts.get(name), self.owner(name)
         try:
             if spec is None:
                 return self._at_owner(name, plain)
@@ -192,7 +193,7 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
                     f"variable '{name}' is not on {self.describe(self.owner(name))}, and "
                     f"{self.describe(layout_shard)}, which would hold its partition layout, is unavailable"
                 ) from None
-            if fresh == spec:
+            if fresh == spec and self.owner(name) == home:
                 raise
         return self._at_owner(name, plain) if fresh is None else whole(fresh)
 
@@ -266,9 +267,11 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
 
     def delete(self, name: str) -> None:
         name = self._checked(name)
-        if self.layouts.colocated(name) is not None:  # with its record
-            return self._one("delete", name)  # type: ignore[no-any-return]
-        self._routed(name, lambda c: c.delete(name), lambda spec: self._one("delete", name))
+
+        def plain(client: Client) -> None:  # a colocated variable goes with its record
+            self._one("delete", name) if self.layouts.colocated(name) is not None else client.delete(name)
+
+        self._routed(name, plain, lambda spec: self._one("delete", name))
 
     def info(self, name: str) -> VariableInfo:
         name = self._checked(name)

@@ -100,8 +100,10 @@ def create(
         raise UsageError(
             f"variable '{name}': a colocated variable takes its primary's partitioning; give no partitioner"
         )
-    if cluster.layouts.get(name) is not None or cluster.layouts.colocated(name) is not None:
+    if cluster.layouts.get(name) is not None:
         raise AlreadyExistsError(f"variable '{name}' already exists")
+    if cluster.layouts.colocated(name) is not None:
+        _drop_stale_record(cluster, name)
     try:
         placement_owner = placement.owner(name, len(cluster.shards))
         cluster._on(placement_owner, lambda: cluster.shards[placement_owner].info(name))
@@ -132,3 +134,17 @@ def create(
         cluster.layouts.stale()
         raise failed[0]
     return join(results)  # type: ignore[no-any-return]
+
+
+def _drop_stale_record(cluster: ClusterClient, name: str) -> None:
+    """AlreadyExists if `name` exists beside its primary; a record without its variable (left by a
+    client that deleted the variable without knowing it was colocated) is removed."""
+    shard = cluster.owner(name)
+    try:
+        cluster._on(shard, lambda: cluster.shards[shard].info(name))
+    except NotFoundError:
+        record = placement.colocation_name(name)
+        cluster._on(shard, lambda: cluster.shards[shard].delete(record))
+        cluster.layouts.forget(name)
+        return
+    raise AlreadyExistsError(f"variable '{name}' already exists")

@@ -366,6 +366,23 @@ def test_another_clients_partitioned_table_is_found(cluster: LocalCluster, cc: C
         cc.create(w, value=np.ones(2, F32))
         cc.create(w + "/Momentum", value=np.zeros(2, F32), colocate_with=w)
         assert other.apply_momentum(w, w + "/Momentum", F32(1), np.ones(2, F32), F32(0.5)).version == 2
+        # Plain calls too, and a delete takes the record with the variable.
+        cc.create(w + "/Adam", value=np.full(2, 3, F32), colocate_with=w)
+        assert other.read(w + "/Adam").tolist() == [3, 3]
+        home = placement.owner(w, 3)
+        suffixes = (f"/s{i}" for i in range(1000))
+        apart = w + next(x for x in suffixes if placement.owner(w + x, 3) != home)
+        beside = w + next(x for x in suffixes if placement.owner(w + x, 3) == home)
+        for slot in (apart, beside):
+            cc.create(slot, value=np.full(2, 3, F32), colocate_with=w)
+            other.delete(slot)
+        records = sorted(i.name for s in cc.shards for i in s.list(placement.colocation_name(w)))
+        # The slot whose hash is its variable's shard was deleted plainly by `other`: its record stays,
+        # and is dropped when it is created beside the variable again.
+        expected = [placement.colocation_name(n) for n in (w + "/Adam", w + "/Momentum", beside)]
+        assert records == sorted(expected)
+        cc.create(beside, value=np.full(2, 4, F32), colocate_with=w)
+        assert other.read(beside).tolist() == [4, 4]
     assert cc.read(emb + "/Adagrad")[5].tolist() == [pytest.approx(1.1)] * 2
 
 
