@@ -317,6 +317,9 @@ def test_slots_must_be_beside_their_variable(cc: ClusterClient) -> None:
     with pytest.raises(TensorPSError, match="not partitioned like variable"):
         cc.sparse_apply_adagrad(emb, emb + "/Adagrad", F32(0.1), np.ones((1, 2), F32), [0])
     assert cc.read(w).tolist() == [1, 1, 1] and cc.read(emb).tolist() == [[1, 1]] * 6
+    # A batched gather cannot be split along axis 0: refused on a partitioned variable, clearly.
+    with pytest.raises(TensorPSError, match="batch_dims must be 0"):
+        cc.gather(emb, np.zeros((6, 1), np.int64), batch_dims=1)
 
 
 def test_row_pipelines_are_atomic_on_one_shard_only(cc: ClusterClient) -> None:
