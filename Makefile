@@ -46,6 +46,7 @@ bench: $(STAMP) system-deps
 
 bench-cluster: $(STAMP)
 	$(PY) -m bench.clusterstep $(ARGS)
+	$(PY) -m bench.clustersparse
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -93,7 +93,17 @@ class Pipeline(RowCalls):
         self._ops.append(op)
         return self
 
-    def create(self, name: str, *, dtype: Any = None, shape: Any = None, value: Any = None) -> Pipeline:
+    def create(
+        self,
+        name: str,
+        *,
+        dtype: Any = None,
+        shape: Any = None,
+        value: Any = None,
+        colocate_with: str | None = None,
+    ) -> Pipeline:
+        if colocate_with is not None:  # one server: every variable lives together (see Client.create)
+            self._client._checked(colocate_with)
         declared, dims, array = self._client._create_args(name, dtype, shape, value)
         self._created[name] = declared
         return self._queue(QueuedOp(pb.BATCH_OP_CREATE, name, array, declared, dims))
@@ -346,6 +356,8 @@ def encode_header(ops: Sequence[QueuedOp], atomic: bool) -> tuple[pb.BatchHeader
         if queued.kind in ROW_KINDS:
             _encode_row(queued, op)
             arrays.extend(queued.inputs)
+        elif queued.slots:  # a CREATE's colocation claim (a cluster's pipeline queues it)
+            op.slots.extend(queued.slots)
     return header, arrays
 
 

@@ -482,8 +482,13 @@ class Client(BatchCalls, RowCalls, SnapshotCalls):
         dtype: Any = None,
         shape: Sequence[int] | None = None,
         value: Any = None,
+        colocate_with: str | None = None,
     ) -> VariableInfo:
-        """Create a variable: declared (dtype, optional shape) and uninitialized, or with an initial value."""
+        """Create a variable: declared (dtype, optional shape) and uninitialized, or with an initial value.
+        colocate_with names the variable it must live beside on a cluster (an optimizer slot's variable);
+        on one server every variable lives together, and only the name is checked."""
+        if colocate_with is not None:
+            self._checked(colocate_with)
         declared, dims, array = self._create_args(name, dtype, shape, value)
         return self._remember(self._create(name, declared, dims, array))
 

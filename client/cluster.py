@@ -5,14 +5,12 @@
 
 `Client("ps-0:50051,ps-1:50051,ps-2:50051")`, `Client([...])` or `Client("cluster://ps-0:50051")` (one
 member: the map is fetched from its GetServerInfo) make a ClusterClient. A call on a variable goes to its
-owner (placement.py); batched calls go to every server involved at once (cluster_batch.py); list() and
-read_many(prefix=...) merge every server's answers. A partitioned variable (create(..., partitioner=...))
-is stored as parts on several servers and read and written whole.
-
-Any other per-variable method of Client (one whose first parameter is `name`) is routed to the variable's
-owner without code of its own here (see `_route_by_name`); on a partitioned variable it refuses until the
-method gets a partition-aware version (a sparse op would send each row to the part that holds it:
-PartitionSpec.offsets() gives the parts' first rows).
+owner (placement.py; a variable created with colocate_with lives beside its primary: colocation.py);
+batched calls go to every server involved at once (cluster_batch.py); list() and read_many(prefix=...)
+merge every server's answers. A partitioned variable (create(..., partitioner=...)) is stored as parts on
+several servers and read and written whole; the row operations and optimizers route each row to its part
+(cluster_rows.py). Any other per-variable method of Client (first parameter `name`) is routed to the
+owner (`_route_by_name`), and refused on a partitioned variable.
 
 A server that is down makes the calls on its variables fail with UnavailableError naming the shard; the
 others go on. gRPC reconnects on its own within about a second, so calls resume when it is back.
@@ -30,14 +28,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tensorps.client import placement
+from tensorps.client import colocation, placement
 from tensorps.client.client import Client, ServerInfo, VariableInfo
 from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
     ClusterPipeline,
     first_result,
-    logical_info,
 )
+from tensorps.client.cluster_rows import ClusterRowCalls
 from tensorps.client.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -46,8 +44,9 @@ from tensorps.client.errors import (
     UnavailableError,
     UsageError,
 )
-from tensorps.client.layouts import Layouts
+from tensorps.client.layouts import Layouts, logical_info, read_records
 from tensorps.client.placement import PartitionSpec
+from tensorps.client.rows import RowCalls
 
 T = TypeVar("T")
 Array = np.ndarray[Any, Any]
@@ -76,7 +75,7 @@ def is_cluster_target(target: object) -> bool:
     return not isinstance(target, str) or "," in target or target.startswith(SCHEME)
 
 
-class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
+class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline() is a ClusterPipeline
     """A client of a cluster of tensorps servers (see the module); the options are Client's, for every
     server. server_info() returns one ServerInfo per shard, in shard order."""
 
@@ -98,6 +97,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         self._fan = ThreadPoolExecutor(max_workers=2 * len(members), thread_name_prefix="tensorps-cluster")
         self._owners: dict[str, int] = {}
         self.layouts = Layouts(self._read_layouts)
+        self._row_dtypes: dict[str, Any] = {}  # for Python values in row calls
 
     def close(self) -> None:
         self._close_background()
@@ -116,7 +116,11 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
     # ---- placement -----------------------------------------------------------------------------
 
     def owner(self, name: str) -> int:
-        """The index of the shard that owns variable `name` (placement.owner, cached)."""
+        """The index of the shard that holds variable `name`: its primary's if it was created colocated
+        (colocation.py), else placement.owner (cached)."""
+        colocated = self.layouts.colocated(name.removeprefix(placement.COLOCATED_PREFIX))
+        if colocated is not None:
+            return colocated
         shard = self._owners.get(name)
         if shard is None:
             shard = placement.owner(name, len(self.shards))
@@ -170,16 +174,13 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
     # ---- partitioned variables -----------------------------------------------------------------
 
     def _read_layouts(self) -> dict[int, Any]:
-        jobs = {
-            shard: functools.partial(client.read_many, prefix=placement.PARTITIONS_PREFIX)
-            for shard, client in enumerate(self.shards)
-        }
-        return self.fan_out(jobs)
+        return self.fan_out({i: functools.partial(read_records, c) for i, c in enumerate(self.shards)})
 
     def _routed(self, name: str, plain: Callable[[Client], T], whole: Callable[[PartitionSpec], T]) -> T:
         """A call on `name`: to its owner, or on its parts if it is partitioned. A variable not found makes
-        the client read the layouts again (another client may have partitioned it, or removed it)."""
-        spec = self.layouts.get(name)
+        the client read the layouts again (another client may have partitioned it, removed it, or created
+        it beside another variable)."""
+        spec, home = self.layouts.get(name), self.owner(name)
         try:
             if spec is None:
                 return self._at_owner(name, plain)
@@ -192,7 +193,7 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
                     f"variable '{name}' is not on {self.describe(self.owner(name))}, and "
                     f"{self.describe(layout_shard)}, which would hold its partition layout, is unavailable"
                 ) from None
-            if fresh == spec:
+            if fresh == spec and self.owner(name) == home:
                 raise
         return self._at_owner(name, plain) if fresh is None else whole(fresh)
 
@@ -230,9 +231,15 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
         shape: Sequence[int] | None = None,
         value: Any = None,
         partitioner: Any = None,
+        colocate_with: str | None = None,
     ) -> VariableInfo:
         """Create a variable on its shard; with a `partitioner` (placement.fixed_size_partitioner,
-        MinSizePartitioner, ...) that gives it more than one part, as parts on their own shards."""
+        MinSizePartitioner, ...) that gives it more than one part, as parts on their own shards; with
+        `colocate_with`, beside that variable (partitioned like it: colocation.py)."""
+        if colocate_with is not None:
+            return colocation.create(
+                self, name, colocate_with, dtype=dtype, shape=shape, value=value, partitioner=partitioner
+            )
         spec = self.partition_spec(name, dtype, shape, value, partitioner)
         if spec is None:
             return self._at_owner(name, lambda c: c.create(name, dtype=dtype, shape=shape, value=value))
@@ -260,7 +267,11 @@ class ClusterClient(ClusterBatchCalls, Client):  # type: ignore[misc] # pipeline
 
     def delete(self, name: str) -> None:
         name = self._checked(name)
-        self._routed(name, lambda c: c.delete(name), lambda spec: self._one("delete", name))
+
+        def plain(client: Client) -> None:  # a colocated variable goes with its record
+            self._one("delete", name) if self.layouts.colocated(name) is not None else client.delete(name)
+
+        self._routed(name, plain, lambda spec: self._one("delete", name))
 
     def info(self, name: str) -> VariableInfo:
         name = self._checked(name)
@@ -381,6 +392,7 @@ def _route_the_rest() -> None:
             attribute.startswith("_")
             or attribute in vars(ClusterClient)
             or attribute in vars(ClusterBatchCalls)
+            or attribute in vars(RowCalls)  # cluster_rows.py routes them
         ):
             continue
         parameters = list(inspect.signature(value).parameters)

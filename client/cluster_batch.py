@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tensorps.client import codec, placement
+from tensorps.client import colocation, placement
 from tensorps.client.batch import BatchError, Pipeline
+from tensorps.client.cluster_rows import ClusterPipelineRows
 from tensorps.client.errors import InvalidArgumentError, NotFoundError, TensorPSError, UsageError
+from tensorps.client.layouts import join_values, logical_info, refusal
 from tensorps.client.placement import PartitionSpec
+from tensorps.client.queued import QueuedOp
 
 if TYPE_CHECKING:
-    from tensorps.client.client import VariableInfo
     from tensorps.client.cluster import ClusterClient
 
 Array = np.ndarray[Any, Any]
@@ -38,53 +40,17 @@ class _Queued(NamedTuple):
     pieces: list[_Piece]
     # Joins the pieces' results (exceptions already ruled out) into the operation's result.
     join: Callable[[list[Any]], Any]
+    # Rewords a piece's error for the operation (a part's error names the logical variable).
+    errors: Callable[[TensorPSError], TensorPSError] | None = None
 
 
 def first_result(results: list[Any]) -> Any:
     return results[0]
 
 
-def logical_info(spec: PartitionSpec, parts: list[VariableInfo]) -> VariableInfo:
-    """The VariableInfo of a partitioned variable from its parts': logical shape, initialized when every
-    part is, a version that grows with every write of any part (their sum)."""
-    from tensorps.client.client import VariableInfo  # noqa: PLC0415 (client imports this module's users)
-
-    return VariableInfo(
-        name=spec.name,
-        dtype=spec.dtype.numpy,
-        shape=spec.shape,
-        initialized=all(info.initialized for info in parts),
-        version=sum(info.version for info in parts),
-    )
-
-
-def join_values(values: list[Array]) -> Array:
-    joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
-    joined.flags.writeable = False
-    return joined
-
-
-def refusal(spec: PartitionSpec, array: Array, op: str) -> InvalidArgumentError | None:
-    """The error a server gives a write of `array` to the whole variable: its dtype, then its shape (a
-    partitioned variable keeps its shape whatever validate_shape says)."""
-    dtype = codec.dtype_of(array.dtype)
-    if dtype != spec.dtype:
-        return InvalidArgumentError(
-            f"{op} of variable '{spec.name}': the variable has dtype {spec.dtype.name} but the value has "
-            f"dtype {dtype.name}; nothing is cast"
-        )
-    if array.shape != spec.shape:
-        have, got = codec.format_shape(spec.shape), codec.format_shape(array.shape)
-        if op == "Assign":
-            text = f"Assign requires shapes of both tensors to match. lhs shape= {have} rhs shape= {got}"
-        else:
-            text = f"Parameters and update must be the same size. lhs shape= {have} rhs shape= {got}"
-        return InvalidArgumentError(f"{text} (variable '{spec.name}', partitioned: its shape is fixed)")
-    return None
-
-
-class ClusterPipeline:
-    """Operations queued for one Batch call per server (the interface of Pipeline; see the module)."""
+class ClusterPipeline(ClusterPipelineRows):
+    """Operations queued for one Batch call per server (the interface of Pipeline; see the module); the
+    row methods (gather, scatter_*, apply_*, ...) come from cluster_rows.py."""
 
     def __init__(self, cluster: ClusterClient, *, atomic: bool = False, raise_on_error: bool = True) -> None:
         self._cluster = cluster
@@ -120,10 +86,23 @@ class ClusterPipeline:
         getattr(pipe, method)(*args, **kwargs)
         return _Piece(shard, len(pipe) - 1)
 
-    def _add(self, name: str, pieces: list[_Piece], join: Callable[[list[Any]], Any]) -> ClusterPipeline:
+    def _queue_op(self, op: QueuedOp) -> _Piece:
+        """Queue an operation already checked on the pipeline of the shard that holds its variable."""
+        shard = self._cluster.owner(op.name)
+        pipe = self._pipe(shard)
+        pipe._queue(op)
+        return _Piece(shard, len(pipe) - 1)
+
+    def _add(
+        self,
+        name: str,
+        pieces: list[_Piece],
+        join: Callable[[list[Any]], Any],
+        errors: Callable[[TensorPSError], TensorPSError] | None = None,
+    ) -> ClusterPipeline:
         if self.results is not None:
             raise InvalidArgumentError("this pipeline was executed already; start a new one")
-        self._ops.append(_Queued(name, pieces, join))
+        self._ops.append(_Queued(name, pieces, join, errors))
         return self
 
     def _single(self, name: str, method: str, *args: Any, **kwargs: Any) -> ClusterPipeline:
@@ -139,8 +118,22 @@ class ClusterPipeline:
         return self._cluster.layouts.get(self._cluster._checked(name))
 
     def create(
-        self, name: str, *, dtype: Any = None, shape: Any = None, value: Any = None, partitioner: Any = None
+        self,
+        name: str,
+        *,
+        dtype: Any = None,
+        shape: Any = None,
+        value: Any = None,
+        partitioner: Any = None,
+        colocate_with: str | None = None,
     ) -> ClusterPipeline:
+        if colocate_with is not None:
+            if partitioner is not None:
+                raise UsageError(f"variable '{name}': a colocated variable is partitioned like its primary")
+            pieces, _, join = colocation.queue(
+                self, name, colocate_with, dtype=dtype, shape=shape, value=value
+            )
+            return self._add(name, pieces, join)
         spec = self._cluster.partition_spec(name, dtype, shape, value, partitioner)
         if spec is None:
             return self._single(name, "create", dtype=dtype, shape=shape, value=value)
@@ -220,9 +213,19 @@ class ClusterPipeline:
             self._cluster.layouts.forget(name)
             layout = placement.layout_name(name)
             pieces = [self._on(layout, "delete", layout)]
-            pieces += [self._on(part, "delete", part) for part in spec.part_names]
+            for part in spec.part_names:
+                pieces += self._deletes(part)
             return self._add(name, pieces, lambda results: None)
-        return self._single(name, "delete")
+        return self._add(name, self._deletes(name), first_result)
+
+    def _deletes(self, name: str) -> list[_Piece]:
+        """A plain variable's delete; a colocated one's with its record after it."""
+        pieces = [self._on(name, "delete", name)]
+        if self._cluster.layouts.colocated(name) is not None:
+            record = placement.colocation_name(name)
+            pieces.append(self._on(record, "delete", record))
+            self._cluster.layouts.forget(name)
+        return pieces
 
     def _parts(self, name: str, method: str, join: Callable[[list[Any]], Any]) -> ClusterPipeline:
         """An operation without a value: on the variable, or on every part of a partitioned one."""
@@ -267,6 +270,8 @@ class ClusterPipeline:
             failed = next((r for r in found if isinstance(r, BaseException)), None)
             if failed is not None and not isinstance(failed, TensorPSError):
                 raise failed
+            if failed is not None and queued.errors is not None:
+                failed = queued.errors(failed)
             result = failed if failed is not None else queued.join(found)
             if isinstance(result, TensorPSError):
                 errors[index] = result

@@ -14,6 +14,12 @@ Partitioned variables (TensorFlow's `partitioned_variables`): a logical variable
 parts named `NAME/part_K`; the first `dim0 % n` parts get one more row. Its layout is a small int64
 variable `PARTITIONS_PREFIX + NAME` (see `PartitionSpec`), which every client lists to find the partitioned
 variables of the cluster.
+
+Colocation (TensorFlow's colocate_with, for an optimizer's slots): `create(NAME, ..., colocate_with=PRIMARY)`
+stores NAME on PRIMARY's shard, with a record `COLOCATED_PREFIX + NAME` beside it. A server serves a name
+its hash gives another shard only when its own store holds that record; clients find the records by a
+prefix read per shard. A slot of a partitioned PRIMARY is partitioned like it, part k colocated with
+PRIMARY's part k.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from tensorps.client.codec import DType, Shape
 PARTITIONS_PREFIX = ".partitions/"
 LAYOUT_VERSION = 1
 PART_INFIX = "/part_"
+# The colocation records: `.colocated/NAME` (uint8, the UTF-8 name of its primary) lives on the shard that
+# holds NAME because it was created with colocate_with=PRIMARY (see `colocation_name`).
+COLOCATED_PREFIX = ".colocated/"
+METADATA_PREFIXES = (PARTITIONS_PREFIX, COLOCATED_PREFIX)
 
 
 def score(index: int, name: str) -> int:
@@ -59,6 +69,16 @@ def part_name(name: str, part: int) -> str:
 
 def layout_name(name: str) -> str:
     return PARTITIONS_PREFIX + name
+
+
+def colocation_name(name: str) -> str:
+    """The colocation record of `name` (and of the record itself: the record's own record is its own)."""
+    return name if name.startswith(COLOCATED_PREFIX) else COLOCATED_PREFIX + name
+
+
+def is_metadata(name: str) -> bool:
+    """Whether `name` is one of the cluster's records (layouts, colocations), hidden from listings."""
+    return name.startswith(METADATA_PREFIXES)
 
 
 def split_rows(dim0: int, parts: int) -> list[int]:

@@ -5,9 +5,10 @@
 A cluster's size is part of every variable's address (placement.py), so a cluster cannot grow or shrink
 under a model: stop the jobs, start the new cluster (empty), copy, and point the jobs at it. Every variable
 is copied whole, one at a time (memory for the largest one): plain variables stay plain, partitioned ones
-keep their number of parts (spread over the new shards by their names), uninitialized ones are created
-with their dtype and shape. A variable that exists in the target already is refused (AlreadyExists) and
-the copy stops; --prefix copies a part of the model.
+keep their number of parts (spread over the new shards by their names), variables created beside another
+(colocate_with: an optimizer's slots) are created beside it again, after it, and uninitialized ones are
+created with their dtype and shape. A variable that exists in the target already is refused
+(AlreadyExists) and the copy stops; --prefix copies a part of the model.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ def reshard(
 ) -> int:
     """Copy every variable under `prefix` from `source` to `target`; returns how many were copied."""
     copied = 0
-    for info in source.list(prefix):
+    listed = source.list(prefix)
+    # Primaries before the slots created beside them (colocate_with), which keep their colocation.
+    primaries = {info.name: source.layouts.primary(info.name) for info in listed}
+    for info in sorted(listed, key=lambda info: primaries[info.name] is not None):
         spec = source.layouts.get(info.name)
         options: dict[str, Any] = {}
-        if spec is not None:
+        if primaries[info.name] is not None:
+            options["colocate_with"] = primaries[info.name]
+        elif spec is not None:
             options["partitioner"] = fixed_size_partitioner(spec.parts)
         if info.initialized:
             target.create(info.name, value=source.read(info.name), **options)

@@ -6,8 +6,10 @@ A two-layer network (64 -> 32 -> 1, tanh) fits a synthetic regression target, no
 variables live on the server with their Adam slots, named as TensorFlow names them (`dense/kernel/Adam`,
 `dense/kernel/Adam_1`). A step is two calls: read_many pulls the weights; the gradients are computed here
 (numpy), and one atomic pipeline pushes every one of them with apply_adam, so that the server updates each
-variable and its two slots, all of them together. beta1_power and beta2_power (beta^t) are the worker's to
-keep, as TF's optimizer keeps them in variables of its own. Exit 0 when the mean squared error falls below
+variable and its two slots, all of them together. On a cluster target (`--target A,B,...`) the slots are
+created beside their variable (colocate_with) and the push is one batch per shard, not atomic across
+shards. beta1_power and beta2_power (beta^t) are the worker's to keep, as TF's optimizer keeps them in
+variables of its own. Exit 0 when the mean squared error falls below
 --threshold, 1 otherwise, 2 on a server error.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tensorps.client import Client, TensorPSError
+from tensorps.client.cluster import ClusterClient
 from tensorps.examples.healthcheck import default_target
 
 Array = np.ndarray[Any, Any]
@@ -42,7 +45,7 @@ def create(ps: Client, prefix: str, seed: int) -> list[str]:
         ):
             if any(info.name == n for info in ps.list(n)):
                 ps.delete(n)
-            ps.create(n, value=v)
+            ps.create(n, value=v, colocate_with=None if n == full else full)  # slots beside their variable
         names.append(full)
     return names
 
@@ -80,7 +83,9 @@ def train(ps: Client, args: argparse.Namespace) -> float:
         w = {name.removeprefix(f"{args.prefix}/"): value for name, value in pulled.items()}
         loss, grads = gradients(w, x, y)
         beta1_power, beta2_power = beta1_power * beta1, beta2_power * beta2
-        with ps.pipeline(atomic=True) as push:
+        # One store: all of them together. A cluster's batches are atomic per shard only, and the
+        # variables are spread over the shards: there, one non-atomic pipeline (one batch per shard).
+        with ps.pipeline(atomic=not isinstance(ps, ClusterClient)) as push:
             for name in names:
                 grad = grads[name.removeprefix(f"{args.prefix}/")]
                 push.apply_adam(
@@ -102,7 +107,9 @@ def train(ps: Client, args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default=default_target(), help="server address or shm:// store")
+    parser.add_argument(
+        "--target", default=default_target(), help="server address, shm:// store or cluster (A,B,...)"
+    )
     parser.add_argument("--prefix", default="adam", help="variable name prefix (default adam)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=256)

@@ -10,7 +10,9 @@ embedding row per user and per item; its logit is their dot product.
 A step is two calls, whatever the table sizes: one pipeline gathers the minibatch's user and item rows; the
 gradients are computed here (numpy); a second pipeline pushes them with sparse_apply_adagrad, which updates
 only the touched rows of each table and of its Adagrad accumulator (`users/Adagrad`, as TF names slots) on
-the server. Exit 0 when the held-out log loss falls below --threshold, 1 otherwise, 2 on a server error.
+the server. On a cluster target (`--target ps-0:50051,ps-1:50051,...`) each table is partitioned over every
+shard and every call routes each row to the part that holds it. Exit 0 when the held-out log loss falls
+below --threshold, 1 otherwise, 2 on a server error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorps.client import Client, TensorPSError
+from tensorps.client import Client, TensorPSError, fixed_size_partitioner
+from tensorps.client.cluster import ClusterClient
 from tensorps.examples.healthcheck import default_target
 
 Array = np.ndarray[Any, Any]
@@ -69,8 +72,14 @@ def create(ps: Client, prefix: str, users: int, items: int, seed: int) -> None:
         for name in (f"{prefix}/{table}", f"{prefix}/{table}/Adagrad"):
             if any(v.name == name for v in ps.list(name)):
                 ps.delete(name)
-        ps.create(f"{prefix}/{table}", value=(0.1 * rng.standard_normal((rows, DIM))).astype(np.float32))
-        ps.create(f"{prefix}/{table}/Adagrad", value=np.full((rows, DIM), 0.1, np.float32))
+        value = (0.1 * rng.standard_normal((rows, DIM))).astype(np.float32)
+        if isinstance(ps, ClusterClient):  # a table split over every shard, rows routed to their parts
+            ps.create(f"{prefix}/{table}", value=value, partitioner=fixed_size_partitioner(len(ps.shards)))
+        else:
+            ps.create(f"{prefix}/{table}", value=value)
+        # The accumulator beside its table (on a cluster: partitioned like it, each part beside its part).
+        accumulator = np.full((rows, DIM), 0.1, np.float32)
+        ps.create(f"{prefix}/{table}/Adagrad", value=accumulator, colocate_with=f"{prefix}/{table}")
 
 
 def predict(ps: Client, prefix: str, users: Array, items: Array) -> tuple[Array, Array, Array]:
@@ -109,7 +118,9 @@ def train(ps: Client, args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default=default_target(), help="server address or shm:// store")
+    parser.add_argument(
+        "--target", default=default_target(), help="server address, shm:// store or cluster (A,B,...)"
+    )
     parser.add_argument("--prefix", default="ctr", help="variable name prefix (default ctr)")
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=100_000)

@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorps.server import bulk, logs, reflection
 from tensorps.server.auth import TokenAuth, TokenFileError, load_tokens
 from tensorps.server.calls import CallObserver
-from tensorps.server.cluster import ClusterError, ClusterGate, Shard
+from tensorps.server.cluster import ClusterError, ClusterGate, Shard, store_holds
 from tensorps.server.config import ServerConfig
 from tensorps.server.mapping import max_map_count
 from tensorps.server.metrics import Metrics
@@ -124,7 +124,7 @@ def build_server(
     interceptors: list[grpc.ServerInterceptor] = [CallObserver(metrics)]  # type: ignore[type-arg]
     if auth is not None:
         interceptors.append(auth)
-    interceptors.append(ClusterGate(Shard(config.cluster, config.shard_index)))
+    interceptors.append(ClusterGate(Shard(config.cluster, config.shard_index), store_holds(ops)))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tensorps"),
         interceptors=interceptors,

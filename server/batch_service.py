@@ -91,7 +91,8 @@ def plan_header(
                 layouts.append(layout)
                 total += layout.nbytes
                 continue
-            if op.inputs or op.slots:
+            # A CREATE's one slot names the primary it is colocated with (read by the cluster gate).
+            if op.inputs or (op.slots and not (op.kind == pb.BATCH_OP_CREATE and len(op.slots) == 1)):
                 raise CodecError("only row operations and optimizers take inputs or slots")
             if op.kind in (ASSIGN, *_UPDATES) and not op.HasField("value"):
                 raise CodecError("the operation has no value")

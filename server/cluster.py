@@ -8,6 +8,11 @@ a batch by every operation of its header (a batch with one misrouted operation i
 any data is received, and changes nothing). A client of a cluster also names, in the metadata
 `tensorps-shard: I/N`, the shard it believes it reaches; a server with another index or cluster size
 refuses every such call, so that a client with a stale map fails loudly instead of placing a model anew.
+
+Colocation (an optimizer's slots beside their variable): a name that hashes to another shard is served here
+when this store holds its record `.colocated/NAME` (placement.colocation_name); a batch may create such a
+name (and its record) when its CREATE operation claims the primary in `slots`, a variable this server
+serves and holds. The store is consulted only for names the hash gives to another shard.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from google.protobuf.message import DecodeError
 from tensorps.client import placement, wire
 from tensorps.client.codec import CodecError
 from tensorps.server.auth import _abort_handler
-from tensorps.server.ops import FailedPrecondition, Ops
+from tensorps.server.ops import FailedPrecondition, NotFound, Ops
 from tensorps.v1 import tensorps_pb2 as pb
 
 log = logging.getLogger("tensorps.server")
@@ -123,8 +128,14 @@ class Shard:
             )
 
     def check_store(self, ops: Ops) -> None:
-        """Refuse to start on a store holding variables another shard owns (a changed map)."""
-        foreign = [info.name for info in ops.list() if placement.owner(info.name, self.size) != self.index]
+        """Refuse to start on a store holding variables another shard owns (a changed map); a colocated
+        variable (its record is in the store) is this shard's."""
+        names = {info.name for info in ops.list()}
+        foreign = [
+            name
+            for name in sorted(names)
+            if placement.owner(name, self.size) != self.index and placement.colocation_name(name) not in names
+        ]
         if foreign:
             example = foreign[0]
             raise ClusterError(
@@ -135,20 +146,36 @@ class Shard:
             )
 
 
+def store_holds(ops: Ops) -> Callable[[str], bool]:
+    """Whether the store holds a variable of that name (declared or initialized)."""
+
+    def holds(name: str) -> bool:
+        try:
+            ops.info(name)
+        except NotFound:
+            return False
+        return True
+
+    return holds
+
+
 # ---- the gate --------------------------------------------------------------------------------------
 
 
-def _names_of_batch(header: pb.BatchHeader) -> Iterator[tuple[str, str]]:
-    """(where, name) of every variable an operation names (a prefix read names none): its `name`, and the
-    other variables an operation may use (the `slots` of optimizer operations, where the protocol has
-    them), which must live on the same shard."""
+def _names_of_batch(header: pb.BatchHeader) -> Iterator[tuple[str, str, str | None]]:
+    """(where, name, primary) of every variable an operation names (a prefix read names none): its `name`
+    (with the primary a CREATE colocates it with, if it claims one), and the other variables an operation
+    may use (the `slots` of optimizer operations), which must live on the same shard."""
     for index, op in enumerate(header.ops):
         if op.kind == pb.BATCH_OP_READ_PREFIX:
             continue
         where = f"operation {index} ({_OP_NAMES.get(op.kind, op.kind)} of '{op.name}'): "
-        yield where, op.name
-        for slot in getattr(op, "slots", ()):
-            yield where, slot
+        if op.kind == pb.BATCH_OP_CREATE and len(op.slots) == 1:
+            yield where, op.name, op.slots[0]
+            continue
+        yield where, op.name, None
+        for slot in op.slots:
+            yield where, slot, None
 
 
 def _name_field(method: str) -> int | None:
@@ -163,13 +190,34 @@ def _name_field(method: str) -> int | None:
 class ClusterGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses, with FAILED_PRECONDITION naming the owner, every call on a variable of another shard."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, holds: Callable[[str], bool] | None = None) -> None:
         self.shard = shard
+        # Whether this server's store holds a variable (colocation records); None: nothing is colocated.
+        self._holds = holds
         self._fields: dict[str, int | None] = {}
 
-    def _refusal(self, names: Iterator[tuple[str, str]]) -> str | None:
-        for where, name in names:
-            reason = self.shard.refusal(name)
+    def _served(self, name: str) -> str | None:
+        """Why this server may not serve `name` (None: its hash, or its colocation record, says it may)."""
+        reason = self.shard.refusal(name)
+        if reason is not None and self._holds is not None and self._holds(placement.colocation_name(name)):
+            return None
+        return reason
+
+    def _colocation_refusal(self, name: str, primary: str) -> str | None:
+        """Why `name` may not be created here beside `primary` (None: this server serves and holds it)."""
+        reason = self._served(primary)
+        if reason is not None:
+            return f"variable '{name}' cannot be colocated with '{primary}' here: {reason}"
+        if self._holds is not None and not self._holds(primary):
+            return (
+                f"variable '{name}' cannot be colocated with '{primary}': '{primary}' does not exist on "
+                f"{self.shard.describe(self.shard.index)}"
+            )
+        return None
+
+    def _refusal(self, names: Iterator[tuple[str, str, str | None]]) -> str | None:
+        for where, name, primary in names:
+            reason = self._served(name) if primary is None else self._colocation_refusal(name, primary)
             if reason is not None:
                 return where + reason
         return None
@@ -181,14 +229,14 @@ class ClusterGate(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return self._refusal(_names_of_batch(chunk.header))
         if method == "WriteStream":
             write, _ = wire.parse(pb.WriteChunk, raw, (15,))
-            return self._refusal(iter((("", write.header.name),)))
+            return self._refusal(iter((("", write.header.name, None),)))
         if method not in self._fields:
             self._fields[method] = _name_field(method)
         number = self._fields[method]
         if number is None:
             return None
         name = _string_field(raw, number)
-        return self._refusal(iter((("", name),))) if name else None
+        return self._refusal(iter((("", name, None),))) if name else None
 
     def _checked_first(self, method: str, raw: bytes) -> str | None:
         try:
