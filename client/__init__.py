@@ -1,7 +1,7 @@
 """The thin tensorps client: numpy arrays in and out, exceptions named like tf.errors."""
 
 from tensorps.client.batch import BatchError, Pipeline
-from tensorps.client.client import Client, ServerInfo, VariableInfo
+from tensorps.client.client import Client
 from tensorps.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -22,6 +22,7 @@ from tensorps.client.errors import (
     UnknownError,
     UsageError,
 )
+from tensorps.client.infos import ServerInfo, VariableInfo
 from tensorps.client.placement import (
     FixedShardsPartitioner,
     MinSizePartitioner,

@@ -22,7 +22,8 @@ from tensorps.client.rows import GATHER, ROW_KINDS, RowCalls, returns_value
 from tensorps.v1 import tensorps_pb2 as pb
 
 if TYPE_CHECKING:
-    from tensorps.client.client import Client, VariableInfo
+    from tensorps.client.client import Client
+    from tensorps.client.infos import VariableInfo
 
 Array = np.ndarray[Any, Any]
 

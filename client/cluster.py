@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tensorps.client import colocation, placement
-from tensorps.client.client import Client, ServerInfo, VariableInfo
+from tensorps.client.client import Client
 from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
     ClusterPipeline,
@@ -44,6 +44,7 @@ from tensorps.client.errors import (
     UnavailableError,
     UsageError,
 )
+from tensorps.client.infos import ServerInfo, VariableInfo
 from tensorps.client.layouts import Layouts, logical_info, read_records
 from tensorps.client.placement import PartitionSpec
 from tensorps.client.rows import RowCalls
@@ -87,7 +88,10 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
         self.shards: builtins.list[Client] = [Client(member, **options) for member in members]
         for index, shard in enumerate(self.shards):
             # Every call names the shard it is meant for: a server with another map refuses it loudly.
-            shard._metadata = (*(shard._metadata or ()), (SHARD_KEY, f"{index}/{len(members)}"))
+            shard._transport.metadata = (
+                *(shard._transport.metadata or ()),
+                (SHARD_KEY, f"{index}/{len(members)}"),
+            )
         self.target = ",".join(members)
         self.timeout = self.shards[0].timeout
         self.wait_for_ready = self.shards[0].wait_for_ready

@@ -31,9 +31,9 @@ from tensorps.client.queued import QueuedOp
 from tensorps.v1 import tensorps_pb2 as pb
 
 if TYPE_CHECKING:
-    from tensorps.client.client import VariableInfo
     from tensorps.client.cluster import ClusterClient
     from tensorps.client.cluster_batch import ClusterPipeline
+    from tensorps.client.infos import VariableInfo
 
 Array = np.ndarray[Any, Any]
 _UINT8 = codec.dtype_of("uint8")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from tensorps.client import codec, placement
-from tensorps.client.client import VariableInfo
 from tensorps.client.codec import CodecError
 from tensorps.client.errors import InvalidArgumentError
+from tensorps.client.infos import VariableInfo
 from tensorps.client.placement import PartitionSpec
 
 Array = np.ndarray[Any, Any]

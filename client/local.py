@@ -17,20 +17,16 @@ from importlib import metadata
 from typing import Any
 
 from tensorps.client.batch import Outcome, Outcomes
-from tensorps.client.client import (
-    Array,
-    Client,
-    ServerInfo,
-    VariableInfo,
-    WriteFlags,
-    _CallDeadline,
-    _check_options,
-)
+from tensorps.client.checks import check_options
+from tensorps.client.client import Client
 from tensorps.client.codec import DType, Shape
 from tensorps.client.errors import InternalError, NotFoundError, from_status
+from tensorps.client.info_cache import InfoCache
+from tensorps.client.infos import Array, ServerInfo, VariableInfo, WriteFlags
 from tensorps.client.queued import QueuedOp
 from tensorps.client.rows import ROW_KINDS
 from tensorps.client.snapshot import SnapshotInfo
+from tensorps.client.transport import CallDeadline
 from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Info, Ops
 from tensorps.server.optimizers import Flags
@@ -96,7 +92,7 @@ class LocalClient(Client):
         wait_for_ready: bool = False,
     ) -> None:
         # The options do not apply on the same host, but a wrong one is the same UsageError as over gRPC.
-        _check_options(
+        check_options(
             token=token,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
@@ -109,7 +105,7 @@ class LocalClient(Client):
         self.timeout = timeout
         self.wait_for_ready = bool(wait_for_ready)
         self._closed = False
-        self._deadline = _CallDeadline(self)
+        self._deadline = CallDeadline(self)
         path = target.removeprefix(SCHEME)
         if not os.path.isfile(os.path.join(path, "meta")):
             raise NotFoundError(f"no tensorps store at {path}")
@@ -118,9 +114,7 @@ class LocalClient(Client):
         except (StoreError, OSError) as exc:
             raise InternalError(f"cannot open the store {path}: {exc}") from None
         self._ops = Ops(store)
-        self._dtypes: dict[str, DType] = {}
-        self._row_sizes: dict[str, int] = {}
-        self._sizes: dict[str, int] = {}
+        self._cache = InfoCache()
         self._lock = threading.Lock()
         self._executor = None
 

@@ -34,9 +34,9 @@ from tensorps.client import (
     PermissionDeniedError,
     UnauthenticatedError,
     UnavailableError,
+    batch_transport,
 )
 from tensorps.client import bulk as client_bulk
-from tensorps.client import client as client_module
 from tensorps.server.__main__ import config_from_args
 from tensorps.v1 import tensorps_pb2 as pb
 
@@ -55,7 +55,7 @@ def bulk_server() -> Iterator[ServerProcess]:
 @pytest.fixture(autouse=True)
 def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batch that streams takes the bulk channel, also over TLS (which needs 32 MiB by default)."""
-    monkeypatch.setattr(client_module, "BULK_THRESHOLD", 0)
+    monkeypatch.setattr(batch_transport, "BULK_THRESHOLD", 0)
 
 
 @pytest.fixture
@@ -496,7 +496,7 @@ def test_the_reply_size_decides_once_known(
 ) -> None:
     """A pull of unknown size (new names, a new prefix) takes the bulk channel; once the client has seen
     that the reply is small, the same pull goes as one message."""
-    monkeypatch.setattr(client_module, "BULK_THRESHOLD", 4 << 20)
+    monkeypatch.setattr(batch_transport, "BULK_THRESHOLD", 4 << 20)
     small = {f"{name}/{i}": np.full(256, i, np.float32) for i in range(8)}
     with Client(bulk_server.address, timeout=30) as creator:
         creator.create_many({key: {"value": v} for key, v in small.items()})
