@@ -8,6 +8,7 @@ exit codes in exits.py) or CommandError for local problems.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorps.cli.exits import UNREACHABLE, CommandError
 from tensorps.cli.options import Connection
 from tensorps.cli.output import Output, info_json, nbytes, shape_text, summary, summary_text, table
-from tensorps.client import AlreadyExistsError, Client, NotFoundError, VariableInfo
+from tensorps.client import AlreadyExistsError, Client, NotFoundError, ServerInfo, VariableInfo
 from tensorps.client import codec as tensor_codec
 from tensorps.client.cluster import ClusterClient, members_of
 from tensorps.client.cluster import is_cluster_target as is_cluster
@@ -267,28 +268,51 @@ def put(session: Session) -> int | None:
 # ---- the server --------------------------------------------------------------------------------------
 
 
-def _worker_pids(session: Session, workers: int) -> list[int]:
-    """The pids of the workers reached over up to 8 * workers fresh connections (the kernel balances
+def _workers_reached(session: Session, workers: int) -> list[ServerInfo]:
+    """Each worker's own ServerInfo, reached over up to 8 * workers fresh connections (the kernel balances
     connections, not calls, over the workers: each new connection may reach another)."""
-    pids: list[int] = []
+    seen: dict[int, ServerInfo] = {}
     for _ in range(8 * workers):
-        if len(pids) >= workers:
+        if len(seen) >= workers:
             break
         with session.connection.client(channels=1) as probe:
-            pid = probe.server_info().pid
-        if pid not in pids:
-            pids.append(pid)
-    return sorted(pids)
+            answer = probe.server_info()
+        seen.setdefault(answer.pid, answer)
+    return sorted(seen.values(), key=lambda w: (w.worker_index, w.pid))
 
 
-@command("stats", "server info: version, store, variables, bytes and budget, workers and their pids")
+def _worker_json(w: ServerInfo, now: float) -> dict[str, Any]:
+    return {
+        "index": w.worker_index,
+        "pid": w.pid,
+        "uptime_seconds": round(now - w.worker_started, 3) if w.worker_started else None,
+        "staging_bytes": w.staging_bytes,
+        "staging_limit_bytes": w.staging_limit_bytes,
+        "bulk_port": w.bulk_port or None,
+    }
+
+
+def _worker_text(w: ServerInfo, now: float) -> str:
+    uptime = f"up {now - w.worker_started:.0f} s" if w.worker_started else "up ?"
+    bulk = f"bulk port {w.bulk_port}" if w.bulk_port else "no bulk port"
+    return (
+        f"  worker {w.worker_index}: pid {w.pid}, {uptime}, staging {w.staging_bytes} of "
+        f"{w.staging_limit_bytes} bytes, {bulk}"
+    )
+
+
+@command(
+    "stats",
+    "server info: version, store, variables, bytes and budget, and each worker's pid, uptime, staging",
+)
 def stats(session: Session) -> int | None:
     if isinstance(session.client, ClusterClient):
         _cluster_stats(session, session.client)
         return None
     served = session.client.server_info()
     local = session.connection.local
-    pids = [] if local else _worker_pids(session, served.workers)
+    reached = [] if local else _workers_reached(session, served.workers)
+    now = time.time()
     budget = served.max_total_bytes
     data = {
         "target": session.connection.target,
@@ -299,7 +323,8 @@ def stats(session: Session) -> int | None:
         "max_total_bytes": budget,
         "budget_used": served.used_bytes / budget if budget else None,
         "workers": None if local else served.workers,
-        "worker_pids": pids,
+        "worker_pids": [w.pid for w in reached],
+        "worker_details": [_worker_json(w, now) for w in reached],
     }
     share = f" ({100 * served.used_bytes / budget:.1f}% of {budget})" if budget else ""
     lines = [
@@ -312,8 +337,12 @@ def stats(session: Session) -> int | None:
     if local:
         lines.append("workers:    (shm:// opens the store directly: no worker answers)")
     else:
-        reached = f"{len(pids)} of {served.workers} reached" if len(pids) < served.workers else "all reached"
-        lines.append(f"workers:    {served.workers} ({reached}): pids {' '.join(map(str, pids))}")
+        count = (
+            f"{len(reached)} of {served.workers} reached" if len(reached) < served.workers else "all reached"
+        )
+        pids = " ".join(str(w.pid) for w in reached)
+        lines.append(f"workers:    {served.workers} ({count}): pids {pids}")
+        lines += [_worker_text(w, now) for w in reached]
     session.out.result(data, "\n".join(lines))
     return None
 

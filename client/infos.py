@@ -54,6 +54,13 @@ class ServerInfo:
     last_snapshot_time: float = 0.0
     last_snapshot_seconds: float = 0.0
     last_snapshot_pause_ms: float = 0.0
+    # The answering worker: its index and start time (Unix), the bytes in transit through its memory and
+    # their limit, its bulk port (0: none).
+    worker_index: int = 0
+    worker_started: float = 0.0
+    staging_bytes: int = 0
+    staging_limit_bytes: int = 0
+    bulk_port: int = 0
 
 
 def info_from_proto(proto: pb.VariableInfo) -> VariableInfo:
@@ -82,6 +89,11 @@ def server_info_from_proto(p: pb.ServerInfo) -> ServerInfo:
         p.last_snapshot_time,
         p.last_snapshot_seconds,
         p.last_snapshot_pause_ms,
+        p.worker_index,
+        p.worker_started,
+        p.staging_bytes,
+        p.staging_limit_bytes,
+        p.bulk_port,
     )
 
 

@@ -237,10 +237,13 @@ class ParameterServer:
         bulk: BulkListener | None = None,
         cluster: Sequence[str] = (),
         shard_index: int = 0,
+        worker_index: int = 0,
     ) -> None:
         self.ops = ops
         self.cluster = tuple(cluster)  # the members of this server's cluster (empty: a lone server)
         self.shard_index = shard_index
+        self.worker_index = worker_index
+        self.started = time.time()
         self.bulk = bulk  # this worker's bulk side channel (None: --bulk-port off)
         self.workers = workers
         self.max_message_bytes = max_message_bytes
@@ -520,6 +523,11 @@ class ParameterServer:
             version=_VERSION,
             cluster=self.cluster,
             shard_index=self.shard_index,
+            worker_index=self.worker_index,
+            worker_started=self.started,
+            staging_bytes=self.staging.used,
+            staging_limit_bytes=self.staging.limit,
+            bulk_port=self.bulk.port if self.bulk is not None else 0,
         )
         persistence = self.ops.persistence
         if persistence is not None:

@@ -109,6 +109,7 @@ def build_server(
     health_servicer: health.HealthServicer | None = None,
     bulk_listener: bulk.BulkListener | None = None,
     metrics: Metrics | None = None,
+    worker_index: int = 0,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     # The observer first: it sees every call's final status, the token check's refusals included; the
     # cluster gate last, so that a call is authenticated before it is told which shard owns its variable.
@@ -131,6 +132,7 @@ def build_server(
         bulk=bulk_listener,
         cluster=config.cluster,
         shard_index=config.shard_index,
+        worker_index=worker_index,
     )
     server.add_generic_rpc_handlers((servicer.handler(), PersistenceService(ops).handler()))
     if metrics is not None:
@@ -229,6 +231,7 @@ def run_worker(
         health_servicer=health_servicer,
         bulk_listener=listener,
         metrics=metrics,
+        worker_index=index,
     )
     server.start()
     if listener is not None:

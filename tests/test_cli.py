@@ -198,8 +198,15 @@ def test_stats_reaches_every_worker(server: ServerProcess) -> None:
     assert sorted(data["worker_pids"]) == sorted(server.worker_pids())
     assert data["store"] == server.store
     assert 0 <= data["budget_used"] < 1
+    details = data["worker_details"]
+    assert [w["index"] for w in details] == [0, 1]
+    assert sorted(w["pid"] for w in details) == sorted(server.worker_pids())
+    for worker in details:
+        assert worker["uptime_seconds"] > 0 and worker["staging_bytes"] == 0
+        assert worker["staging_limit_bytes"] > 0 and worker["bulk_port"] > 0
     text = tensorps("--target", server.address, "stats").stdout
     assert "workers:    2 (all reached): pids " in text
+    assert "  worker 0: pid " in text and "  worker 1: pid " in text and "bulk port" in text
     local = tensorps("--target", f"shm://{server.store}", "--json", "stats").json()
     assert local["store"] == server.store and local["workers"] is None
 

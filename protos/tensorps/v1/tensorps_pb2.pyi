@@ -322,7 +322,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "cluster", "shard_index", "data_dir", "wal", "last_snapshot_time", "last_snapshot_seconds", "last_snapshot_pause_ms")
+    __slots__ = ("pid", "workers", "store", "variables", "used_bytes", "max_total_bytes", "version", "cluster", "shard_index", "worker_index", "worker_started", "staging_bytes", "staging_limit_bytes", "bulk_port", "data_dir", "wal", "last_snapshot_time", "last_snapshot_seconds", "last_snapshot_pause_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,11 @@ class ServerInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STARTED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
     WAL_FIELD_NUMBER: _ClassVar[int]
     LAST_SNAPSHOT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -346,12 +351,17 @@ class ServerInfo(_message.Message):
     version: str
     cluster: _containers.RepeatedScalarFieldContainer[str]
     shard_index: int
+    worker_index: int
+    worker_started: float
+    staging_bytes: int
+    staging_limit_bytes: int
+    bulk_port: int
     data_dir: str
     wal: str
     last_snapshot_time: float
     last_snapshot_seconds: float
     last_snapshot_pause_ms: float
-    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., cluster: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., data_dir: _Optional[str] = ..., wal: _Optional[str] = ..., last_snapshot_time: _Optional[float] = ..., last_snapshot_seconds: _Optional[float] = ..., last_snapshot_pause_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, pid: _Optional[int] = ..., workers: _Optional[int] = ..., store: _Optional[str] = ..., variables: _Optional[int] = ..., used_bytes: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., version: _Optional[str] = ..., cluster: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., worker_index: _Optional[int] = ..., worker_started: _Optional[float] = ..., staging_bytes: _Optional[int] = ..., staging_limit_bytes: _Optional[int] = ..., bulk_port: _Optional[int] = ..., data_dir: _Optional[str] = ..., wal: _Optional[str] = ..., last_snapshot_time: _Optional[float] = ..., last_snapshot_seconds: _Optional[float] = ..., last_snapshot_pause_ms: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
