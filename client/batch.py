@@ -244,12 +244,13 @@ class BatchCalls:
 
         Returns a dict name -> read-only array (a future of it with wait=False).
         """
-        pipe = Pipeline(self)
+        pipe = self.pipeline()
         if names is None:
             pipe.read_prefix(prefix or "")
         elif prefix is not None:
             raise InvalidArgumentError("read_many takes names or a prefix, not both")
         else:
+            names = list(names)
             for name in names:
                 pipe.read(name)
 
@@ -258,13 +259,13 @@ class BatchCalls:
             if names is None:
                 found: dict[str, Array] = results[0]
                 return found
-            return {op.name: value for op, value in zip(pipe._ops, results, strict=True)}
+            return dict(zip(names, results, strict=True))
 
         return run() if wait else self._background().submit(run)
 
     def _write_many(self: Any, kind: str, values: Mapping[str, Any], wait: bool, **flags: Any) -> Any:
         atomic = flags.pop("atomic")
-        pipe = Pipeline(self, atomic=atomic)
+        pipe = self.pipeline(atomic=atomic)
         queue = getattr(pipe, kind)
         for name, value in values.items():
             queue(name, value, **flags)
@@ -286,8 +287,7 @@ class BatchCalls:
     ) -> Any:
         """TF's Assign of every name -> value in one call per server: a dict name -> VariableInfo (or the
         values after the writes with read_value); a future of it with wait=False."""
-        return BatchCalls._write_many(
-            self,
+        return self._write_many(
             "assign",
             values,
             wait,
@@ -307,8 +307,8 @@ class BatchCalls:
         wait: bool = True,
     ) -> Any:
         """TF's AssignAdd of every name -> delta in one call per server (see assign_many)."""
-        return BatchCalls._write_many(
-            self, "assign_add", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
+        return self._write_many(
+            "assign_add", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
         )
 
     def assign_sub_many(
@@ -321,14 +321,14 @@ class BatchCalls:
         wait: bool = True,
     ) -> Any:
         """TF's AssignSub of every name -> delta in one call per server (see assign_many)."""
-        return BatchCalls._write_many(
-            self, "assign_sub", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
+        return self._write_many(
+            "assign_sub", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
         )
 
     def create_many(self: Any, specs: Mapping[str, Mapping[str, Any]], *, atomic: bool = False) -> Any:
         """Create every variable of `specs` (name -> create()'s keyword arguments) in one call per server;
         returns a dict name -> VariableInfo."""
-        pipe = Pipeline(self, atomic=atomic)
+        pipe = self.pipeline(atomic=atomic)
         for name, spec in specs.items():
             pipe.create(name, **spec)
         return dict(zip(specs, pipe.execute(), strict=True))

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tensorps.client import colocation, placement
+from tensorps.client.batch import BatchCalls
 from tensorps.client.client import Client
 from tensorps.client.cluster_batch import (
     ClusterBatchCalls,
@@ -396,6 +397,7 @@ def _route_the_rest() -> None:
             attribute.startswith("_")
             or attribute in vars(ClusterClient)
             or attribute in vars(ClusterBatchCalls)
+            or attribute in vars(BatchCalls)  # they go through pipeline(): a ClusterPipeline here
             or attribute in vars(RowCalls)  # cluster_rows.py routes them
         ):
             continue

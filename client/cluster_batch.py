@@ -10,7 +10,7 @@ refused before anything is sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -299,94 +299,8 @@ class ClusterPipeline(ClusterPipelineRows):
 
 
 class ClusterBatchCalls:
-    """The batched calls of ClusterClient (a mixin over ClusterPipeline), as BatchCalls of Client."""
+    """ClusterClient's pipelines are ClusterPipelines: BatchCalls' read_many and *_many go through
+    pipeline(), so they send one batch per server as well."""
 
     def pipeline(self: Any, atomic: bool = False, *, raise_on_error: bool = True) -> ClusterPipeline:
         return ClusterPipeline(self, atomic=atomic, raise_on_error=raise_on_error)
-
-    def read_many(
-        self: Any, names: Iterable[str] | None = None, *, prefix: str | None = None, wait: bool = True
-    ) -> Any:
-        pipe = ClusterPipeline(self)
-        if names is None:
-            pipe.read_prefix(prefix or "")
-        elif prefix is not None:
-            raise InvalidArgumentError("read_many takes names or a prefix, not both")
-        else:
-            names = list(names)
-            for name in names:
-                pipe.read(name)
-
-        def run() -> dict[str, Array]:
-            results = pipe.execute()
-            if names is None:
-                found: dict[str, Array] = results[0]
-                return found
-            return dict(zip(names, results, strict=True))
-
-        return run() if wait else self._background().submit(run)
-
-    def _write_many(self: Any, kind: str, values: Mapping[str, Any], wait: bool, **flags: Any) -> Any:
-        atomic = flags.pop("atomic")
-        pipe = ClusterPipeline(self, atomic=atomic)
-        queue = getattr(pipe, kind)
-        for name, value in values.items():
-            queue(name, value, **flags)
-
-        def run() -> dict[str, Any]:
-            return dict(zip(values, pipe.execute(), strict=True))
-
-        return run() if wait else self._background().submit(run)
-
-    def assign_many(
-        self: Any,
-        values: Mapping[str, Any],
-        *,
-        validate_shape: bool = True,
-        use_locking: bool = True,
-        read_value: bool = False,
-        atomic: bool = False,
-        wait: bool = True,
-    ) -> Any:
-        return ClusterBatchCalls._write_many(
-            self,
-            "assign",
-            values,
-            wait,
-            validate_shape=validate_shape,
-            use_locking=use_locking,
-            read_value=read_value,
-            atomic=atomic,
-        )
-
-    def assign_add_many(
-        self: Any,
-        deltas: Mapping[str, Any],
-        *,
-        use_locking: bool = False,
-        read_value: bool = False,
-        atomic: bool = False,
-        wait: bool = True,
-    ) -> Any:
-        return ClusterBatchCalls._write_many(
-            self, "assign_add", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
-        )
-
-    def assign_sub_many(
-        self: Any,
-        deltas: Mapping[str, Any],
-        *,
-        use_locking: bool = False,
-        read_value: bool = False,
-        atomic: bool = False,
-        wait: bool = True,
-    ) -> Any:
-        return ClusterBatchCalls._write_many(
-            self, "assign_sub", deltas, wait, use_locking=use_locking, read_value=read_value, atomic=atomic
-        )
-
-    def create_many(self: Any, specs: Mapping[str, Mapping[str, Any]], *, atomic: bool = False) -> Any:
-        pipe = ClusterPipeline(self, atomic=atomic)
-        for name, spec in specs.items():
-            pipe.create(name, **spec)
-        return dict(zip(specs, pipe.execute(), strict=True))
