@@ -27,7 +27,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from tensorps.server.locks import FLOCK, OFD_SETLK
+from tensorps.server.locks import FLOCK, OFD_SETLK, remove_if_unlocked
 
 PREFIX = "commit-"
 STAGING = "new-commit-"
@@ -106,7 +106,7 @@ def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
     names = os.listdir(directory)
     for name in names:
         if name.startswith(STAGING):
-            _remove_if_dead(directory, name)  # killed before it became a record
+            remove_if_unlocked(directory, name)  # killed before it became a record
     for name in (n for n in names if n.startswith(PREFIX)):
         try:
             fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
@@ -122,20 +122,6 @@ def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
             yield name, data[0] if data else PREPARING, list(_entries(data))
         finally:
             os.close(fd)
-
-
-def _remove_if_dead(directory: int, name: str) -> None:
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        os.unlink(name, dir_fd=directory)
-    except OSError:
-        pass  # its writer is alive (or another process removed it)
-    finally:
-        os.close(fd)
 
 
 def _entries(data: bytes) -> Iterator[Entry]:

@@ -208,3 +208,19 @@ def create_lock_file(path: str, stripes: int) -> None:
         os.ftruncate(fd, stripes + 1)
     finally:
         os.close(fd)
+
+
+def remove_if_unlocked(directory: int, name: str) -> None:
+    """Remove the record file `name` unless a live process holds its OFD lock (its writer is alive) or it
+    is gone already: a record whose writer died is removed by whoever finds it."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        os.unlink(name, dir_fd=directory)
+    except OSError:
+        pass  # its writer is alive (or another process removed it)
+    finally:
+        os.close(fd)

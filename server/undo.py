@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tensorps.server.locks import FLOCK, OFD_SETLK
+from tensorps.server.locks import FLOCK, OFD_SETLK, remove_if_unlocked
 
 PREFIX = "undo-"
 STAGING = "new-undo-"
@@ -130,7 +130,7 @@ def recover(
     names = os.listdir(directory)
     for name in names:
         if name.startswith(STAGING):
-            _remove_if_dead(directory, name)
+            remove_if_unlocked(directory, name)
     for name in (n for n in names if n.startswith(PREFIX)):
         try:
             fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
@@ -165,19 +165,5 @@ def mark_written(directory: int, name: str) -> None:
         return  # the batch removed it already: its versions were counted
     try:
         os.pwrite(fd, bytes([WRITTEN]), 0)
-    finally:
-        os.close(fd)
-
-
-def _remove_if_dead(directory: int, name: str) -> None:
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        os.unlink(name, dir_fd=directory)
-    except OSError:
-        pass
     finally:
         os.close(fd)
