@@ -126,8 +126,11 @@ class StripedLocks:
     """`stripes` reader-writer locks plus one catalog lock, all in one lock file.
 
     Byte i (i < stripes) is stripe i; byte `stripes` is the catalog lock that guards the variable table
-    and the byte budget. Lock order, always: a stripe, then the catalog. Not reentrant: a thread must not
-    take a lock it already holds.
+    and the byte budget; byte `stripes + 1 + i` is stripe i's copy lock (past the file's end, which
+    byte-range locks allow): an unlocked write holds it shared while it copies in place after letting go
+    of its stripe, and a snapshot's cut takes it exclusive (after every stripe) to wait for such copies.
+    Lock order, always: a stripe, then the catalog; a stripe, then copy locks. Not reentrant: a thread must
+    not take a lock it already holds.
     """
 
     def __init__(self, path: str, stripes: int, opener: Callable[[], int] | None = None) -> None:
@@ -194,6 +197,10 @@ class StripedLocks:
 
     def stripe(self, name: str) -> int:
         return stripe_of(name, self.stripes)
+
+    def copy_lock(self, stripe: int) -> int:
+        """The index of `stripe`'s copy lock (see the class's docstring)."""
+        return self.stripes + 1 + stripe
 
     def close(self) -> None:
         """Close every thread's descriptor (releasing any lock still held through it)."""

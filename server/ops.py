@@ -255,6 +255,19 @@ class Ops:
         finally:
             self.locks.release(stripe)
 
+    def begin_copy(self, stripes: list[int]) -> None:
+        """Before an unlocked write lets go of `stripes` to copy in place: take their copy locks (shared;
+        never waited for, as a snapshot's cut takes them only while it holds every stripe), so that a cut
+        waits for the copy instead of pinning and saving a half-written buffer whose log record went to
+        the log before it."""
+        for stripe in stripes:
+            self.locks.acquire(self.locks.copy_lock(stripe), exclusive=False)
+
+    def end_copy(self, stripes: list[int]) -> None:
+        """The copy is done (before the stripes are taken again: a cut holding them waits for this)."""
+        for stripe in stripes:
+            self.locks.release(self.locks.copy_lock(stripe))
+
     def _lookup(self, name: str, request: bytes | None) -> int:
         """A write's slot; a retried write of a variable deleted since still finds its outcome (-1)."""
         slot = self.store.find(name)
@@ -511,9 +524,13 @@ class Ops:
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
             target = self._view(slot, current)
+            self.begin_copy([stripe])
         finally:
             self.locks.release(stripe)
-        np.copyto(target, value)
+        try:
+            np.copyto(target, value)
+        finally:
+            self.end_copy([stripe])
         self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, shape, True, version)
         return info, (target.copy() if read_value else None)
@@ -559,10 +576,14 @@ class Ops:
             self.log(update)
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
+            self.begin_copy([stripe])
         finally:
             self.locks.release(stripe)
-        with np.errstate(all="ignore"):
-            ufunc(source, delta, out=source)
+        try:
+            with np.errstate(all="ignore"):
+                ufunc(source, delta, out=source)
+        finally:
+            self.end_copy([stripe])
         self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, delta.shape, True, version)
         return info, (source.copy() if read_value else None)

@@ -235,11 +235,15 @@ def update(
         for t in targets:
             ops.retire(t.name, t.slot)
             versions.append(ops.store.bump_version(t.slot, NO_REQUEST))
+        ops.begin_copy(stripes)
     finally:
         for stripe in reversed(taken):
             ops.locks.release(stripe)
     # Unlocked, as TF's kernels without use_locking: in place, after the locks.
-    _write_in_place(targets, planned)
+    try:
+        _write_in_place(targets, planned)
+    finally:
+        ops.end_copy(stripes)
     ops._applied_unlocked(name, slot, versions[0], request)
     info = _info(name, targets[0].d, versions[0])
     return info, (targets[0].view.copy() if read_value else None)
