@@ -495,7 +495,7 @@ class Supervisor:
             failures = worker.failures + 1 if lived < 5.0 else 0
             delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2**failures) if failures else 0.0
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
-            Store.sweep_path(self.config.store_path)  # it may have died amid a create or a delete
+            lifecycle.sweep(self.config.store_path)  # it may have died amid a create or a delete
             self.status[0] = 0
             self._worker_died(slot, replaced=True)
             self._sleep(delay)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from tensorps.server.persist.runtime import Persistence
 from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
+logger = logging.getLogger("tensorps.server")
 T = TypeVar("T")
 P = ParamSpec("P")
 NO_REQUEST = bytes(16)
@@ -193,6 +195,8 @@ class Ops:
         self.on_lock_wait: Callable[[float], None] | None = None
         # The data directory's snapshots and write-ahead log, if the store's server has one.
         self.persistence = Persistence.attach(store.path)
+        if self.persistence is not None and self.persistence.journal is not None:
+            store.on_undone = self._log_undone
 
     def log(self, *entries: Entry) -> None:
         """Append a write's record to the write-ahead log (if any); the caller holds its stripes and has
@@ -207,6 +211,22 @@ class Ops:
             raise ResourceExhausted(
                 f"the write of {what} cannot be logged: {exc.strerror}; nothing was changed"
             ) from None
+
+    def _log_undone(self, undone: list[tuple[str, Descriptor | None, Any]]) -> None:
+        """A process that died amid a write may have logged it (records go to the log before the write is
+        visible): its change is undone now (Store.recover), so the log gets each variable as it is again,
+        ordered before any later write of it (whose writer waits for this recovery). A log that cannot
+        take it is reported: a restore would then replay the dead write."""
+        entries = [
+            Entry(records.DELETE, name)
+            if d is None
+            else Entry(records.PUT, name, d.dtype, d.shape, d.initialized, d.version, raw)
+            for name, d, raw in undone
+        ]
+        try:
+            self.log(*entries)
+        except OpError as exc:
+            logger.error("cannot log the undoing of a dead process's write: %s", exc)
 
     def close(self) -> None:
         """Make this process's logged writes durable and let go of the log (a stopping worker or client)."""

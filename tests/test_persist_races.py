@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -67,3 +69,27 @@ def test_unlocked_adds_across_snapshot_cuts_lose_nothing(tmp_path: Path) -> None
         assert ps.info("x").version == 1 + adds
     assert not any("refused" in line or "not applied" in line for line in again.log), again.log
     assert layout.snapshots(str(data_dir))
+
+
+ROWS_CHILD = str(Path(__file__).with_name("rows_child.py"))
+
+
+def test_an_update_whose_writer_died_after_logging_it_replays_as_undone(tmp_path: Path) -> None:
+    """A same-host process killed amid a locked scatter_add, its log record appended and no row written:
+    the next writer of the table puts the old rows back (undo), and the log says so, so that a crash
+    later restores what the server held (not the dead update, and every write after it)."""
+    data_dir = str(tmp_path / "data")
+    flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
+    with crashing(*flags) as server, Client(server.address) as ps:
+        ps.create("t", value=np.ones((4000, 8), np.float32))
+        child = subprocess.run(
+            [sys.executable, ROWS_CHILD, server.store, "logged", "t"], check=False, timeout=60
+        )
+        assert child.returncode == 9, "the child should have died inside the update"
+        ps.scatter_add("t", np.array([1]), np.full((1, 8), 5, np.float32), use_locking=True)
+        before = (ps.info("t"), ps.read("t"))
+    assert before[0].version == 2 and before[1][0, 0] == 1 and before[1][1, 0] == 6
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
+        assert ps.info("t") == before[0]
+        np.testing.assert_array_equal(ps.read("t"), before[1])
+    assert not any("not applied" in line for line in again.log), again.log

@@ -7,6 +7,8 @@
 - periodic (worker 0, which a restart replaces): a snapshot when --snapshot-every seconds have passed
   since the newest one (the shared state remembers it across worker restarts).
 - exit (supervisor, once the workers have stopped): a last snapshot unless --no-snapshot-on-exit.
+- sweep (supervisor, after a worker died): Store.sweep_path, with what it undoes of the dead worker's
+  writes logged (Ops._log_undone), since their records may already be in the log.
 """
 
 from __future__ import annotations
@@ -118,6 +120,23 @@ def snapshot_now(store_path: str, *, why: str) -> None:
             ops.persistence.snapshot(ops)
     except (SnapshotError, OSError) as exc:
         log.error("no snapshot %s: %s", why, exc)
+    finally:
+        ops.close()
+        store.close()
+
+
+def sweep(store_path: str) -> None:
+    """Sweep the store after a worker died (Store.sweep_path), logging what it undoes; logs failures."""
+    try:
+        store = Store.attach(store_path, wait=0.0)
+    except (StoreError, OSError) as exc:
+        log.warning("cannot sweep the store %s: %s", store_path, exc)
+        return
+    ops = Ops(store)
+    try:
+        store.sweep()
+    except (StoreError, OSError) as exc:
+        log.warning("cannot sweep the store %s: %s", store_path, exc)
     finally:
         ops.close()
         store.close()
