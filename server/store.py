@@ -594,8 +594,13 @@ class Store:
             for record, state, entries in commits.orphans(self._dir_fd):
                 for entry in entries:
                     slot = self._probe(entry.name, locked=True) if entry.name else None
-                    if state != commits.COMMITTED and entry.name:
-                        undone.add(entry.name)
+                    if state != commits.COMMITTED:
+                        if entry.name:
+                            undone.add(entry.name)
+                        elif entry.kind == commits.FLIP:
+                            _seq, slot_state, slot_name = self._read_slot_head(entry.slot)
+                            if slot_state == USED:
+                                undone.add(slot_name)
                     if state == commits.COMMITTED and entry.kind == commits.FLIP:
                         self.flip(entry.slot, entry.selector)
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_wal import crashing
 
 from support import ServerProcess
@@ -74,16 +75,18 @@ def test_unlocked_adds_across_snapshot_cuts_lose_nothing(tmp_path: Path) -> None
 ROWS_CHILD = str(Path(__file__).with_name("rows_child.py"))
 
 
-def test_an_update_whose_writer_died_after_logging_it_replays_as_undone(tmp_path: Path) -> None:
-    """A same-host process killed amid a locked scatter_add, its log record appended and no row written:
-    the next writer of the table puts the old rows back (undo), and the log says so, so that a crash
-    later restores what the server held (not the dead update, and every write after it)."""
+@pytest.mark.parametrize("where", ["logged", "batch-commit"], ids=["single-call", "atomic-batch"])
+def test_an_update_whose_writer_died_after_logging_it_replays_as_undone(tmp_path: Path, where: str) -> None:
+    """A same-host process killed amid a locked scatter_add (a single call, its log record appended and no
+    row written; an atomic batch, logged and its rows written, before its commit point): the next writer
+    of the table puts the old rows back (undo), and the log says so, so that a crash later restores what
+    the server held (not the dead update, and every write after it)."""
     data_dir = str(tmp_path / "data")
     flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
     with crashing(*flags) as server, Client(server.address) as ps:
         ps.create("t", value=np.ones((4000, 8), np.float32))
         child = subprocess.run(
-            [sys.executable, ROWS_CHILD, server.store, "logged", "t"], check=False, timeout=60
+            [sys.executable, ROWS_CHILD, server.store, where, "t"], check=False, timeout=60
         )
         assert child.returncode == 9, "the child should have died inside the update"
         ps.scatter_add("t", np.array([1]), np.full((1, 8), 5, np.float32), use_locking=True)
