@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,8 +14,8 @@ import numpy as np
 import pytest
 from test_wal import crashing
 
-from support import ServerProcess
-from tensorps.client import Client
+from support import ServerProcess, wait_until
+from tensorps.client import Client, TensorPSError
 from tensorps.server.persist import layout, restore
 
 # float16 adds run slowly in numpy: a cut often falls amid an in-place add of this many elements.
@@ -96,3 +99,34 @@ def test_an_update_whose_writer_died_after_logging_it_replays_as_undone(tmp_path
         assert ps.info("t") == before[0]
         np.testing.assert_array_equal(ps.read("t"), before[1])
     assert not any("not applied" in line for line in again.log), again.log
+
+
+def test_a_crash_amid_a_snapshot_leaves_the_previous_one_and_the_log(tmp_path: Path) -> None:
+    """The whole server SIGKILLed while it writes a snapshot: its half-written directory is never restored
+    from (the previous snapshot and the logs after it are), and the next snapshot sweeps it away."""
+    data_dir = tmp_path / "data"
+    flags = ("--data-dir", str(data_dir), "--wal", "always", "--snapshot-every", "0")
+    rng = np.random.default_rng(11)
+    with crashing(*flags) as server, Client(server.address, timeout=60) as ps:
+        for i in range(4):
+            ps.create(f"big{i}", value=rng.standard_normal(4 << 20))  # 32 MiB each: a slow snapshot
+        first = ps.snapshot()
+        ps.assign_add("big0", np.ones(4 << 20))
+        before = {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()}
+        taker = threading.Thread(target=_snapshot_until_killed, args=(server.address,))
+        taker.start()
+        assert wait_until(lambda: any(p.name.startswith(".partial") for p in data_dir.iterdir()), 30)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        taker.join(60)
+    assert [p.name for p in data_dir.glob("snap-*")] == [Path(first.path).name]
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address, timeout=60) as ps:
+        assert {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()} == before
+        assert any(first.path in line and "restored" in line for line in again.log), again.log
+        ps.snapshot()
+        assert not any(p.name.startswith(".partial") for p in data_dir.iterdir())
+
+
+def _snapshot_until_killed(address: str) -> None:
+    with contextlib.suppress(TensorPSError), Client(address, timeout=60) as ps:
+        ps.snapshot()
