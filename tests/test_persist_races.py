@@ -170,3 +170,30 @@ def _scatter_until_killed(address: str, rows: np.ndarray) -> None:
     with contextlib.suppress(TensorPSError), Client(address, timeout=60) as ps:
         for _ in range(50):
             ps.scatter_add("emb", rows, np.float32(1), use_locking=True)
+
+
+def test_racing_unlocked_adds_replay_as_if_one_after_another(tmp_path: Path) -> None:
+    """Threads adding ones to one variable without locks race in memory (an add may be lost, as in TF);
+    the log replays them in its order: every acknowledged add counted once, versions as the server's."""
+    data_dir = str(tmp_path / "data")
+    flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
+    threads, adds = 4, 50
+    with crashing(*flags) as server, Client(f"shm://{server.store}") as local:
+        local.create("c", value=np.zeros(1 << 16, np.int64))
+
+        def add() -> None:
+            ones = np.ones(1 << 16, np.int64)
+            for _ in range(adds):
+                local.assign_add("c", ones, read_value=False)
+
+        workers = [threading.Thread(target=add) for _ in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(60)
+        held = local.read("c")
+        assert local.info("c").version == 1 + threads * adds
+        assert held.max() <= threads * adds
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
+        assert np.all(ps.read("c") == threads * adds)
+        assert ps.info("c").version == 1 + threads * adds
