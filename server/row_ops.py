@@ -369,7 +369,8 @@ def _publish_dense(
     entries: Sequence[Entry],
 ) -> Info:
     """Fill the second buffers of every target and publish them together: a crash leaves all or none.
-    `entries` go to the write-ahead log once the buffers are filled, before anything is published."""
+    `entries` go to the write-ahead log once the buffers (and the commit record) are ready, before
+    anything is published."""
     store = ops.store
     prepared: list[tuple[int, Descriptor]] = []
     for i, (t, value) in enumerate(zip(targets, new, strict=True)):
@@ -382,8 +383,8 @@ def _publish_dense(
         d = Descriptor(t.d.dtype, True, value.shape, t.d.version + 1, nbytes, segment, capacity, rid)
         np.copyto(ops._view(t.slot, d), value)
         prepared.append((t.slot, d))
-    ops.log(*entries)
     if len(prepared) == 1:
+        ops.log(*entries)
         ops.retire(targets[0].name, targets[0].slot)
         store.publish(*prepared[0])
         return _info(targets[0].name, prepared[0][1])
@@ -394,6 +395,8 @@ def _publish_dense(
         flips = [(slot, store.prepare(slot, d)) for slot, d in prepared]
         for slot, selector in flips:
             record.add(commits.FLIP, slot, selector)
+        # Logged once the commit record (which may fail: the store's filesystem full) is ready.
+        ops.log(*entries)
         for t in targets:
             ops.retire(t.name, t.slot)
         record.commit()

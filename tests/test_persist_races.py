@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from test_wal import crashing
 from support import ServerProcess, wait_until
 from tensorps.client import Client, TensorPSError
 from tensorps.server.persist import layout, restore
+from tensorps.server.store import Store
 
 # float16 adds run slowly in numpy: a cut often falls amid an in-place add of this many elements.
 ELEMENTS = 4 << 20
@@ -197,3 +199,41 @@ def test_racing_unlocked_adds_replay_as_if_one_after_another(tmp_path: Path) -> 
     with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
         assert np.all(ps.read("c") == threads * adds)
         assert ps.info("c").version == 1 + threads * adds
+
+
+@pytest.mark.parametrize("what", ["atomic-batch", "dense-apply"])
+def test_a_write_whose_store_is_full_logs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """An atomic batch whose rows' undo record cannot be made, a locked dense apply whose commit record
+    cannot be made (the store's filesystem full): the call fails and changes nothing, in memory and in
+    the log, so a later crash restores what the server held."""
+    data_dir = str(tmp_path / "data")
+    flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
+    with crashing(*flags) as server, Client(f"shm://{server.store}") as local:
+        local.create("t", value=np.zeros((1000, 4), np.float32))
+        local.create("w", value=np.zeros(4, np.float32))
+
+        def full(self: Store) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        local.create("w/momentum", value=np.zeros(4, np.float32))
+        with monkeypatch.context() as patched:
+            if what == "atomic-batch":
+                patched.setattr(Store, "undo_record", full)
+                with pytest.raises(TensorPSError), local.pipeline(atomic=True) as pipe:
+                    pipe.scatter_add("t", np.array([1, 2]), np.ones((2, 4), np.float32), use_locking=True)
+                    pipe.assign_add("w", np.ones(4, np.float32), use_locking=True)
+            else:
+                patched.setattr(Store, "commit_record", full)
+                with pytest.raises(TensorPSError):
+                    local.apply_momentum(
+                        "w", "w/momentum", 0.5, np.ones(4, np.float32), 0.75, use_locking=True
+                    )
+        assert not local.read("t").any() and local.info("t").version == 1
+        assert not local.read("w").any() and local.info("w").version == 1
+        local.assign_add("w", np.full(4, 2, np.float32), use_locking=True)
+        before = {i.name: (i, local.read(i.name).tobytes()) for i in local.list()}
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
+        assert {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()} == before
+    assert not any("not applied" in line for line in again.log), again.log
