@@ -237,3 +237,28 @@ def test_a_write_whose_store_is_full_logs_nothing(
     with ServerProcess(*flags, "--no-snapshot-on-exit") as again, Client(again.address) as ps:
         assert {i.name: (i, ps.read(i.name).tobytes()) for i in ps.list()} == before
     assert not any("not applied" in line for line in again.log), again.log
+
+
+def test_a_restart_on_the_existing_store_logs_what_its_sweep_undoes(tmp_path: Path) -> None:
+    """A same-host process dies amid a locked scatter_add it had logged, then the whole server is
+    SIGKILLed and started again on its surviving store: the start's sweep undoes the update and logs it,
+    so that a later restore from the data directory equals what the server held."""
+    data_dir = str(tmp_path / "data")
+    flags = ("--data-dir", data_dir, "--wal", "always", "--snapshot-every", "0")
+    with crashing(*flags) as server, Client(server.address) as ps:
+        ps.create("t", value=np.ones((4000, 8), np.float32))
+        child = subprocess.run(
+            [sys.executable, ROWS_CHILD, server.store, "logged", "t"], check=False, timeout=60
+        )
+        assert child.returncode == 9, "the child should have died inside the update"
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        store = server.store
+        with crashing(*flags, workers=1, store=store) as again, Client(again.address) as ps2:
+            ps2.scatter_add("t", np.array([1]), np.full((1, 8), 5, np.float32), use_locking=True)
+            before = (ps2.info("t"), ps2.read("t"))
+    assert before[0].version == 2 and before[1][0, 0] == 1 and before[1][1, 0] == 6
+    with ServerProcess(*flags, "--no-snapshot-on-exit") as last, Client(last.address) as ps:
+        assert ps.info("t") == before[0]
+        np.testing.assert_array_equal(ps.read("t"), before[1])
+    assert not any("not applied" in line for line in last.log), last.log

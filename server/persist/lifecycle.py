@@ -7,8 +7,9 @@
 - periodic (worker 0, which a restart replaces): a snapshot when --snapshot-every seconds have passed
   since the newest one (the shared state remembers it across worker restarts).
 - exit (supervisor, once the workers have stopped): a last snapshot unless --no-snapshot-on-exit.
-- sweep (supervisor, after a worker died): Store.sweep_path, with what it undoes of the dead worker's
-  writes logged (Ops._log_undone), since their records may already be in the log.
+- sweep (supervisor, at start once the settings are recorded, and after a worker died): Store.sweep, with
+  what it undoes of dead processes' writes logged (Ops._log_undone), since their records may already be
+  in the log.
 """
 
 from __future__ import annotations
@@ -132,14 +133,22 @@ def sweep(store_path: str) -> None:
     except (StoreError, OSError) as exc:
         log.warning("cannot sweep the store %s: %s", store_path, exc)
         return
-    ops = Ops(store)
     try:
-        store.sweep()
+        sweep_store(store)
     except (StoreError, OSError) as exc:
         log.warning("cannot sweep the store %s: %s", store_path, exc)
     finally:
-        ops.close()
         store.close()
+
+
+def sweep_store(store: Store) -> None:
+    """store.sweep(), with what it undoes of dead processes' writes logged if the store persists (its
+    settings recorded by start())."""
+    ops = Ops(store)
+    try:
+        store.sweep()
+    finally:
+        ops.close()
 
 
 class Periodic:
