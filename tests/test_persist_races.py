@@ -262,3 +262,24 @@ def test_a_restart_on_the_existing_store_logs_what_its_sweep_undoes(tmp_path: Pa
         assert ps.info("t") == before[0]
         np.testing.assert_array_equal(ps.read("t"), before[1])
     assert not any("not applied" in line for line in last.log), last.log
+
+
+def test_a_restart_on_the_existing_store_without_a_data_dir_persists_nothing(tmp_path: Path) -> None:
+    """The store outlives a server that persisted; started again on it without --data-dir, the server
+    (and a same-host client) logs nothing to the old directory, which it does not hold."""
+    data_dir = tmp_path / "data"
+    with crashing("--data-dir", str(data_dir), "--wal", "always", "--snapshot-every", "0") as server:
+        with Client(server.address) as ps:
+            ps.create("v", value=np.zeros(4))
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        logs = {p.name: p.stat().st_size for p in data_dir.glob("wal-*.log")}
+        with (
+            crashing(workers=1, store=server.store) as again,
+            Client(again.address) as ps,
+            Client(f"shm://{again.store}") as local,
+        ):
+            ps.assign("v", np.ones(4))
+            local.assign("v", np.full(4, 2.0))
+            assert not ps.server_info().data_dir
+    assert {p.name: p.stat().st_size for p in data_dir.glob("wal-*.log")} == logs

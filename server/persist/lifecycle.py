@@ -27,7 +27,7 @@ from tensorps.server.ops import Ops
 from tensorps.server.persist import layout
 from tensorps.server.persist.restore import CorruptSnapshot, restore
 from tensorps.server.persist.snapshot import SnapshotError
-from tensorps.server.persist.state import Settings, SharedState, write_settings
+from tensorps.server.persist.state import Settings, SharedState, clear_settings, write_settings
 from tensorps.server.store import Store, StoreError
 
 log = logging.getLogger("tensorps.server")
@@ -44,6 +44,7 @@ def start(store: Store, config: ServerConfig) -> int | None:
     workers): the caller closes it at exit. None without a data directory.
     """
     if config.data_dir is None:
+        clear_settings(store.path)  # a store that an earlier server persisted: its settings are not ours
         return None
     data_dir = os.path.abspath(config.data_dir)
     held = _claim(data_dir)
