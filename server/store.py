@@ -750,15 +750,23 @@ class Store:
         struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, segment)
 
     def unpin(self, slot: int, segment: int) -> None:
-        if self.pinned(slot, segment):
+        if segment and self._pin(slot) == segment:
             struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, 0)
 
-    def pinned(self, slot: int, segment: int) -> bool:
-        """Whether a snapshot still reads `segment` (which must then be neither written nor reused)."""
-        if segment == 0:
-            return False
+    def _pin(self, slot: int) -> int:
         pinned: int = struct.unpack_from("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN)[0]
-        return pinned == segment
+        return pinned
+
+    def pinned(self, slot: int, segment: int) -> bool:
+        """Whether a snapshot still reads `segment` (which must then be neither written nor reused); the
+        caller holds the slot's stripe. A pin whose snapshot is no longer running (its process died amid
+        it: nobody holds locks.pins) is dropped, so that writes go back to writing in place."""
+        if segment == 0 or self._pin(slot) != segment:
+            return False
+        if self.locks.held_elsewhere(self.locks.pins):
+            return True
+        struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, 0)
+        return False
 
     def forget_segments(self, slot: int) -> None:
         """Make the slot name no segment (before deleting a slot whose segment someone else frees)."""

@@ -283,3 +283,42 @@ def test_a_restart_on_the_existing_store_without_a_data_dir_persists_nothing(tmp
             local.assign("v", np.full(4, 2.0))
             assert not ps.server_info().data_dir
     assert {p.name: p.stat().st_size for p in data_dir.glob("wal-*.log")} == logs
+
+
+SNAPSHOT_DIES = """
+import os, sys
+from tensorps.server.ops import Ops
+from tensorps.server.persist import snapshot
+from tensorps.server.store import Store
+
+def die(*args, **kwargs):
+    os._exit(9)
+
+snapshot._write = die  # after the cut: every buffer pinned
+ops = Ops(Store.attach(sys.argv[1]))
+assert ops.persistence is not None
+ops.persistence.snapshot(ops)
+"""
+
+
+def test_the_pins_of_a_snapshot_whose_process_died_are_dropped(tmp_path: Path) -> None:
+    """A same-host process dies amid its snapshot, its buffers pinned: writes do not go on copying whole
+    values for a snapshot that will never finish (an unlocked add writes in place again, a locked
+    scatter writes its rows in place), and the next snapshot is taken as usual."""
+    flags = ("--data-dir", str(tmp_path / "data"), "--snapshot-every", "0", "--no-snapshot-on-exit")
+    with ServerProcess(*flags) as server, Client(f"shm://{server.store}") as local:
+        local.create("t", value=np.zeros((1000, 4), np.float32))
+        child = subprocess.run([sys.executable, "-c", SNAPSHOT_DIES, server.store], check=False, timeout=60)
+        assert child.returncode == 9, "the child should have died amid its snapshot"
+        store = Store.attach(server.store)
+        try:
+            slot = store.find("t")
+            assert slot is not None
+            segment = store.active(slot).segment
+            local.assign_add("t", np.ones((1000, 4), np.float32))  # unlocked: in place unless pinned
+            local.scatter_add("t", np.array([3]), np.ones((1, 4), np.float32), use_locking=True)
+            assert store.active(slot).segment == segment
+        finally:
+            store.close()
+        assert local.snapshot().variables == 1
+        assert local.read("t").sum() == 4004

@@ -88,12 +88,17 @@ def take(ops: Ops, data_dir: str, state: SharedState, *, keep: int) -> SnapshotI
     with layout.snapshot_lock(data_dir):
         layout.sweep_partial(data_dir)
         started = time.monotonic()
-        pinned, generation, cut_time, pause = _cut(ops, state)
+        locks = ops.store.locks
+        locks.acquire(locks.pins, exclusive=True)  # while it lasts, this snapshot's pins hold (store.pinned)
         try:
-            path, total = _write(ops, pinned, data_dir, generation, cut_time=cut_time, pause=pause)
+            pinned, generation, cut_time, pause = _cut(ops, state)
+            try:
+                path, total = _write(ops, pinned, data_dir, generation, cut_time=cut_time, pause=pause)
+            finally:
+                for p in pinned:
+                    ops.store.unpin(p.slot, p.d.segment)
         finally:
-            for p in pinned:
-                ops.store.unpin(p.slot, p.d.segment)
+            locks.release(locks.pins)
         seconds = time.monotonic() - started
         layout.prune(data_dir, keep)
         info = SnapshotInfo(path, generation, len(pinned), total, seconds, pause * 1000, cut_time)
