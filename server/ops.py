@@ -279,12 +279,16 @@ class Ops:
         """Before an unlocked write lets go of `stripes` to copy in place: take their copy locks (shared;
         never waited for, as a snapshot's cut takes them only while it holds every stripe), so that a cut
         waits for the copy instead of pinning and saving a half-written buffer whose log record went to
-        the log before it."""
+        the log before it. Without persistence (no snapshots) there is nothing to wait for."""
+        if self.persistence is None:
+            return
         for stripe in stripes:
             self.locks.acquire(self.locks.copy_lock(stripe), exclusive=False)
 
     def end_copy(self, stripes: list[int]) -> None:
         """The copy is done (before the stripes are taken again: a cut holding them waits for this)."""
+        if self.persistence is None:
+            return
         for stripe in stripes:
             self.locks.release(self.locks.copy_lock(stripe))
 
