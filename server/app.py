@@ -146,7 +146,6 @@ def serve(config: ServerConfig) -> int:
         for key, value in wanted.items():
             if value != actual[key]:
                 log.warning("the existing store keeps --%s %s (not %s)", key, actual[key], value)
-    store.sweep()  # what processes that died amid a change left behind (logged)
     try:
         data_dir_held = lifecycle.start(store, config)  # restore a new store from --data-dir
     except lifecycle.PersistStartupError as exc:
@@ -154,6 +153,9 @@ def serve(config: ServerConfig) -> int:
         if created:
             Store.remove_files(config.store_path)
         raise StartupError(str(exc)) from None
+    # What processes that died amid a change left behind (logged), once the write-ahead log is set up:
+    # undoing a write they had logged is logged too.
+    lifecycle.sweep_store(store)
     try:
         shard = Shard(config.cluster, config.shard_index)
         shard.warn_if_elsewhere(config.port)

@@ -639,9 +639,11 @@ class _Atomic:
                 self.ops.retire(name, slot)  # its last write happened, whatever becomes of this batch
             for name, request, version, value in self.superseded:
                 record.add(commits.REQUEST, name=name, payload=pack_applied(request, version, value))
-            self._log(last_write)
             if patches.patches:
                 patches.apply(record)
+            # Logged once every step that may fail is done (a failure before the commit point changes
+            # nothing, so its record must not be in the log either), and before the commit point.
+            self._log(last_write)
             record.commit()
             committed = True
             # From here on the batch is applied: if finishing it fails (a mapping or a file cannot be made,

@@ -40,6 +40,7 @@ from contextlib import contextmanager
 FLOCK = struct.Struct("hhxxxxqqixxxx")
 _SETLKW = fcntl.F_OFD_SETLKW  # type: ignore[attr-defined,unused-ignore]
 OFD_SETLK: int = fcntl.F_OFD_SETLK  # type: ignore[attr-defined,unused-ignore]
+_GETLK: int = fcntl.F_OFD_GETLK  # type: ignore[attr-defined,unused-ignore]
 # A waiter with a deadline polls (the kernel offers no timed F_OFD_SETLKW), sleeping from _FIRST_PAUSE
 # doubling up to _LONGEST_PAUSE: a lock freed meanwhile costs a waiter at most that much extra latency.
 _FIRST_PAUSE = 50e-6
@@ -126,8 +127,12 @@ class StripedLocks:
     """`stripes` reader-writer locks plus one catalog lock, all in one lock file.
 
     Byte i (i < stripes) is stripe i; byte `stripes` is the catalog lock that guards the variable table
-    and the byte budget. Lock order, always: a stripe, then the catalog. Not reentrant: a thread must not
-    take a lock it already holds.
+    and the byte budget; byte `stripes + 1 + i` is stripe i's copy lock (past the file's end, which
+    byte-range locks allow): an unlocked write holds it shared while it copies in place after letting go
+    of its stripe, and a snapshot's cut takes it exclusive (after every stripe) to wait for such copies;
+    byte `2 * stripes + 1` is held by a snapshot while it keeps buffers pinned (`pins`).
+    Lock order, always: a stripe, then the catalog; a stripe, then copy locks. Not reentrant: a thread must
+    not take a lock it already holds.
     """
 
     def __init__(self, path: str, stripes: int, opener: Callable[[], int] | None = None) -> None:
@@ -194,6 +199,21 @@ class StripedLocks:
 
     def stripe(self, name: str) -> int:
         return stripe_of(name, self.stripes)
+
+    def copy_lock(self, stripe: int) -> int:
+        """The index of `stripe`'s copy lock (see the class's docstring)."""
+        return self.stripes + 1 + stripe
+
+    @property
+    def pins(self) -> int:
+        """The index of the lock a snapshot holds (exclusive) while it keeps buffers pinned: a pin that
+        outlived its snapshot's process is then known stale (store.pinned)."""
+        return 2 * self.stripes + 1
+
+    def held_elsewhere(self, index: int) -> bool:
+        """Whether another open file description holds lock `index` exclusive (a probe: takes nothing)."""
+        raw = fcntl.fcntl(self._fd(), _GETLK, FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, index, 1, 0))
+        return bool(FLOCK.unpack(raw)[0] != fcntl.F_UNLCK)
 
     def close(self) -> None:
         """Close every thread's descriptor (releasing any lock still held through it)."""

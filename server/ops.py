@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from tensorps.server.persist.runtime import Persistence
 from tensorps.server.requests import INLINE, Applied
 from tensorps.server.store import Descriptor, Store, StoreFullError
 
+logger = logging.getLogger("tensorps.server")
 T = TypeVar("T")
 P = ParamSpec("P")
 NO_REQUEST = bytes(16)
@@ -193,6 +195,8 @@ class Ops:
         self.on_lock_wait: Callable[[float], None] | None = None
         # The data directory's snapshots and write-ahead log, if the store's server has one.
         self.persistence = Persistence.attach(store.path)
+        if self.persistence is not None and self.persistence.journal is not None:
+            store.on_undone = self._log_undone
 
     def log(self, *entries: Entry) -> None:
         """Append a write's record to the write-ahead log (if any); the caller holds its stripes and has
@@ -207,6 +211,22 @@ class Ops:
             raise ResourceExhausted(
                 f"the write of {what} cannot be logged: {exc.strerror}; nothing was changed"
             ) from None
+
+    def _log_undone(self, undone: list[tuple[str, Descriptor | None, Any]]) -> None:
+        """A process that died amid a write may have logged it (records go to the log before the write is
+        visible): its change is undone now (Store.recover), so the log gets each variable as it is again,
+        ordered before any later write of it (whose writer waits for this recovery). A log that cannot
+        take it is reported: a restore would then replay the dead write."""
+        entries = [
+            Entry(records.DELETE, name)
+            if d is None
+            else Entry(records.PUT, name, d.dtype, d.shape, d.initialized, d.version, raw)
+            for name, d, raw in undone
+        ]
+        try:
+            self.log(*entries)
+        except OpError as exc:
+            logger.error("cannot log the undoing of a dead process's write: %s", exc)
 
     def close(self) -> None:
         """Make this process's logged writes durable and let go of the log (a stopping worker or client)."""
@@ -254,6 +274,23 @@ class Ops:
             yield
         finally:
             self.locks.release(stripe)
+
+    def begin_copy(self, stripes: list[int]) -> None:
+        """Before an unlocked write lets go of `stripes` to copy in place: take their copy locks (shared;
+        never waited for, as a snapshot's cut takes them only while it holds every stripe), so that a cut
+        waits for the copy instead of pinning and saving a half-written buffer whose log record went to
+        the log before it. Without persistence (no snapshots) there is nothing to wait for."""
+        if self.persistence is None:
+            return
+        for stripe in stripes:
+            self.locks.acquire(self.locks.copy_lock(stripe), exclusive=False)
+
+    def end_copy(self, stripes: list[int]) -> None:
+        """The copy is done (before the stripes are taken again: a cut holding them waits for this)."""
+        if self.persistence is None:
+            return
+        for stripe in stripes:
+            self.locks.release(self.locks.copy_lock(stripe))
 
     def _lookup(self, name: str, request: bytes | None) -> int:
         """A write's slot; a retried write of a variable deleted since still finds its outcome (-1)."""
@@ -511,9 +548,13 @@ class Ops:
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
             target = self._view(slot, current)
+            self.begin_copy([stripe])
         finally:
             self.locks.release(stripe)
-        np.copyto(target, value)
+        try:
+            np.copyto(target, value)
+        finally:
+            self.end_copy([stripe])
         self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, shape, True, version)
         return info, (target.copy() if read_value else None)
@@ -559,10 +600,14 @@ class Ops:
             self.log(update)
             self.retire(name, slot)
             version = self.store.bump_version(slot, NO_REQUEST)
+            self.begin_copy([stripe])
         finally:
             self.locks.release(stripe)
-        with np.errstate(all="ignore"):
-            ufunc(source, delta, out=source)
+        try:
+            with np.errstate(all="ignore"):
+                ufunc(source, delta, out=source)
+        finally:
+            self.end_copy([stripe])
         self._applied_unlocked(name, slot, version, request)
         info = Info(name, dtype, delta.shape, True, version)
         return info, (source.copy() if read_value else None)

@@ -235,11 +235,15 @@ def update(
         for t in targets:
             ops.retire(t.name, t.slot)
             versions.append(ops.store.bump_version(t.slot, NO_REQUEST))
+        ops.begin_copy(stripes)
     finally:
         for stripe in reversed(taken):
             ops.locks.release(stripe)
     # Unlocked, as TF's kernels without use_locking: in place, after the locks.
-    _write_in_place(targets, planned)
+    try:
+        _write_in_place(targets, planned)
+    finally:
+        ops.end_copy(stripes)
     ops._applied_unlocked(name, slot, versions[0], request)
     info = _info(name, targets[0].d, versions[0])
     return info, (targets[0].view.copy() if read_value else None)
@@ -365,7 +369,8 @@ def _publish_dense(
     entries: Sequence[Entry],
 ) -> Info:
     """Fill the second buffers of every target and publish them together: a crash leaves all or none.
-    `entries` go to the write-ahead log once the buffers are filled, before anything is published."""
+    `entries` go to the write-ahead log once the buffers (and the commit record) are ready, before
+    anything is published."""
     store = ops.store
     prepared: list[tuple[int, Descriptor]] = []
     for i, (t, value) in enumerate(zip(targets, new, strict=True)):
@@ -378,8 +383,8 @@ def _publish_dense(
         d = Descriptor(t.d.dtype, True, value.shape, t.d.version + 1, nbytes, segment, capacity, rid)
         np.copyto(ops._view(t.slot, d), value)
         prepared.append((t.slot, d))
-    ops.log(*entries)
     if len(prepared) == 1:
+        ops.log(*entries)
         ops.retire(targets[0].name, targets[0].slot)
         store.publish(*prepared[0])
         return _info(targets[0].name, prepared[0][1])
@@ -390,6 +395,8 @@ def _publish_dense(
         flips = [(slot, store.prepare(slot, d)) for slot, d in prepared]
         for slot, selector in flips:
             record.add(commits.FLIP, slot, selector)
+        # Logged once the commit record (which may fail: the store's filesystem full) is ready.
+        ops.log(*entries)
         for t in targets:
             ops.retire(t.name, t.slot)
         record.commit()

@@ -47,7 +47,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -198,6 +198,9 @@ class Store:
         self._segments: dict[int, tuple[Any, int]] = {}
         self._segments_lock = threading.Lock()
         self._seen_freed = 0
+        # Told, under the catalog lock, what recover() just undid of a dead process's change: (name, its
+        # active descriptor now or None if it does not exist, its bytes) for each variable (Ops logs it).
+        self.on_undone: Callable[[list[tuple[str, Descriptor | None, Any]]], None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -586,10 +589,18 @@ class Store:
         """Finish or undo every atomic batch whose process died while publishing, and clear the mark of
         `stripe` (which the caller holds: its marker is dead; a sweep names none); returns how many."""
         done = 0
+        undone: set[str] = set()
         with self.locks.hold(self.locks.catalog):
             for record, state, entries in commits.orphans(self._dir_fd):
                 for entry in entries:
                     slot = self._probe(entry.name, locked=True) if entry.name else None
+                    if state != commits.COMMITTED:
+                        if entry.name:
+                            undone.add(entry.name)
+                        elif entry.kind == commits.FLIP:
+                            _seq, slot_state, slot_name = self._read_slot_head(entry.slot)
+                            if slot_state == USED:
+                                undone.add(slot_name)
                     if state == commits.COMMITTED and entry.kind == commits.FLIP:
                         self.flip(entry.slot, entry.selector)
                     elif state == commits.COMMITTED and entry.kind == commits.DELETE:
@@ -605,13 +616,29 @@ class Store:
                         self._delete_slot(slot)
                 os.unlink(record, dir_fd=self._dir_fd)
                 done += 1
-            done += undo.recover(self._dir_fd, self._restore_rows, self._count_rows)
+            done += undo.recover(
+                self._dir_fd, lambda section: self._restore_rows(section, undone), self._count_rows
+            )
+            if undone and self.on_undone is not None:
+                self.on_undone([self._current(name) for name in sorted(undone)])
             if stripe is not None:
                 self.mark_in_commit([stripe], False)
         return done
 
-    def _restore_rows(self, section: undo.Section) -> None:
+    def _current(self, name: str) -> tuple[str, Descriptor | None, Any]:
+        """A variable as it is now, for on_undone; the caller holds the catalog lock."""
+        slot = self._probe(name, locked=True)
+        if not isinstance(slot, int):
+            return name, None, b""
+        d = self.active(slot)
+        raw: Any = b""
+        if d.initialized and d.shape is not None and d.nbytes:
+            raw = self.segment_array(slot, d.segment, d.capacity, d.nbytes)
+        return name, d, raw
+
+    def _restore_rows(self, section: undo.Section, undone: set[str]) -> None:
         """Write back the old rows of a locked sparse update that died before its last row."""
+        undone.add(self._read_slot_head(section.slot)[2])
         d = self.active(section.slot)
         if d.segment != section.segment or section.row_bytes == 0 or not section.rows.size:
             return
@@ -723,15 +750,23 @@ class Store:
         struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, segment)
 
     def unpin(self, slot: int, segment: int) -> None:
-        if self.pinned(slot, segment):
+        if segment and self._pin(slot) == segment:
             struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, 0)
 
-    def pinned(self, slot: int, segment: int) -> bool:
-        """Whether a snapshot still reads `segment` (which must then be neither written nor reused)."""
-        if segment == 0:
-            return False
+    def _pin(self, slot: int) -> int:
         pinned: int = struct.unpack_from("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN)[0]
-        return pinned == segment
+        return pinned
+
+    def pinned(self, slot: int, segment: int) -> bool:
+        """Whether a snapshot still reads `segment` (which must then be neither written nor reused); the
+        caller holds the slot's stripe. A pin whose snapshot is no longer running (its process died amid
+        it: nobody holds locks.pins) is dropped, so that writes go back to writing in place."""
+        if segment == 0 or self._pin(slot) != segment:
+            return False
+        if self.locks.held_elsewhere(self.locks.pins):
+            return True
+        struct.pack_into("<Q", self._meta, self._slot_offset(slot) + _OFF_PIN, 0)
+        return False
 
     def forget_segments(self, slot: int) -> None:
         """Make the slot name no segment (before deleting a slot whose segment someone else frees)."""

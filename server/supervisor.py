@@ -19,8 +19,8 @@ from typing import NoReturn
 from tensorps.server.auth import TokenAuth
 from tensorps.server.config import ServerConfig
 from tensorps.server.metrics import Metrics
+from tensorps.server.persist import lifecycle
 from tensorps.server.signals import SignalPipe, blocked, die_with_parent
-from tensorps.server.store import Store
 from tensorps.server.worker import StartupError, run_worker
 
 log = logging.getLogger("tensorps.server")
@@ -244,7 +244,7 @@ class Supervisor:
             failures = worker.failures + 1 if lived < 5.0 else 0
             delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2**failures) if failures else 0.0
             log.warning("worker %d %s; restarting it in %.1f s", worker.pid, cause, delay)
-            Store.sweep_path(self.config.store_path)  # it may have died amid a create or a delete
+            lifecycle.sweep(self.config.store_path)  # it may have died amid a create or a delete
             self.status[0] = 0
             self._worker_died(slot, replaced=True)
             self._sleep(delay)

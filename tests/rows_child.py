@@ -3,7 +3,8 @@
 argv: store path, where to die, variable name, then the slot names (a sparse_apply_adagrad with one slot,
 or a scatter_add without). Steps: "ready" (the undo record complete, half the rows written with garbage,
 as a kill amid the row writes leaves them), "written" (every row written, no version counted yet),
-"prepare" (while the undo record is written, before any row). The same update in an atomic batch (rows in
+"prepare" (while the undo record is written, before any row), "logged" (its write-ahead log record
+appended, before any row: a store with persistence). The same update in an atomic batch (rows in
 place, tied to the batch's commit record): "batch-commit" (rows written, at the commit point),
 "batch-count" (after the commit point, before the versions are counted).
 """
@@ -19,6 +20,7 @@ from tensorps.server import commits, row_ops, row_patches, undo
 from tensorps.server.batch import BatchOp, run_batch
 from tensorps.server.ops import Ops
 from tensorps.server.optimizers import Flags
+from tensorps.server.persist.records import Entry
 from tensorps.server.row_ops import RowArgs
 from tensorps.server.store import Store
 from tensorps.v1 import tensorps_pb2 as pb
@@ -51,6 +53,14 @@ def main() -> None:
             os._exit(9)
         original_add(self, *args, **kwargs)  # type: ignore[arg-type]
 
+    if where == "logged":
+        log_record = ops.log
+
+        def log_then_die(*entries: Entry) -> None:
+            log_record(*entries)
+            os._exit(9)
+
+        ops.log = log_then_die  # type: ignore[method-assign]
     if where.startswith("batch-"):
         _die_in_batch(ops, where, name, slots)
     undo.UndoRecord.state = state  # type: ignore[method-assign,assignment]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,18 @@ def ops() -> Iterator[Ops]:
     store.destroy()
 
 
+@contextlib.contextmanager
+def snapshot_running(path: str) -> Iterator[None]:
+    """Hold the lock a snapshot holds while its pins last (locks.pins), through a store handle of its own
+    (another process's snapshot, as the writers see it)."""
+    other = Store.attach(path)
+    try:
+        other.locks.acquire(other.locks.pins, exclusive=True)
+        yield
+    finally:
+        other.close()
+
+
 def test_writers_never_change_a_pinned_buffer(ops: Ops) -> None:
     """While a snapshot pins a variable's buffer, unlocked assigns and updates copy first and locked
     writes never reuse it as their spare: the pinned bytes stay those of the cut."""
@@ -36,18 +49,19 @@ def test_writers_never_change_a_pinned_buffer(ops: Ops) -> None:
     slot = store.find("v")
     assert slot is not None
     cut = store.active(slot)
-    store.pin(slot, cut.segment)
-    pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
-    before = pinned.copy()
-    ops.assign("v", np.full(1024, 5, np.float32), use_locking=False)
-    ops.assign_add("v", np.ones(1024, np.float32), use_locking=False)
-    for value in (7, 8, 9):  # each locked write's spare is the other buffer, pinned every other time
-        ops.assign("v", np.full(1024, value, np.float32))
-    ops.assign_add("v", np.ones(1024, np.float32))
-    assert np.array_equal(pinned, before)
-    assert ops.read("v", lambda info, view: view.copy()).tolist() == [10.0] * 1024
-    store.unpin(slot, cut.segment)
-    assert not store.pinned(slot, cut.segment)
+    with snapshot_running(store.path):
+        store.pin(slot, cut.segment)
+        pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+        before = pinned.copy()
+        ops.assign("v", np.full(1024, 5, np.float32), use_locking=False)
+        ops.assign_add("v", np.ones(1024, np.float32), use_locking=False)
+        for value in (7, 8, 9):  # each locked write's spare is the other buffer, pinned every other time
+            ops.assign("v", np.full(1024, value, np.float32))
+        ops.assign_add("v", np.ones(1024, np.float32))
+        assert np.array_equal(pinned, before)
+        assert ops.read("v", lambda info, view: view.copy()).tolist() == [10.0] * 1024
+        store.unpin(slot, cut.segment)
+        assert not store.pinned(slot, cut.segment)
 
 
 def _record(i: int) -> bytes:
@@ -191,12 +205,13 @@ def test_row_updates_never_change_a_pinned_buffer(ops: Ops) -> None:
     slot = store.find("t")
     assert slot is not None
     cut = store.active(slot)
-    store.pin(slot, cut.segment)
-    pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
-    args = RowArgs(inputs=(np.array([1, 2]), np.ones((2, 4), np.float32)))
-    for use_locking in (False, True, True):
-        row_ops.update(ops, pb.BATCH_OP_SCATTER_ADD, "t", args, use_locking=use_locking, read_value=False)
-    assert not pinned.any()
+    with snapshot_running(store.path):
+        store.pin(slot, cut.segment)
+        pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+        args = RowArgs(inputs=(np.array([1, 2]), np.ones((2, 4), np.float32)))
+        for use_locking in (False, True, True):
+            row_ops.update(ops, pb.BATCH_OP_SCATTER_ADD, "t", args, use_locking=use_locking, read_value=False)
+        assert not pinned.any()
     value = ops.read("t", lambda info, view: view.copy())
     assert value[1:3].tolist() == [[3.0] * 4] * 2 and not value[3:].any()
 
@@ -211,13 +226,14 @@ def test_an_atomic_batch_never_patches_a_pinned_table_in_place() -> None:
             slot = store.find("t")
             assert slot is not None
             cut = store.active(slot)
-            store.pin(slot, cut.segment)
-            pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
-            with local.pipeline(atomic=True) as pipe:
-                pipe.scatter_add("t", np.array([0, 5]), np.ones((2, 4), np.float32), use_locking=True)
-            assert not pinned.any()
-            assert store.active(slot).segment != cut.segment
-            store.unpin(slot, cut.segment)
+            with snapshot_running(server.store):
+                store.pin(slot, cut.segment)
+                pinned = store.segment_array(slot, cut.segment, cut.capacity, cut.nbytes)
+                with local.pipeline(atomic=True) as pipe:
+                    pipe.scatter_add("t", np.array([0, 5]), np.ones((2, 4), np.float32), use_locking=True)
+                assert not pinned.any()
+                assert store.active(slot).segment != cut.segment
+                store.unpin(slot, cut.segment)
         finally:
             store.close()
         value = local.read("t")

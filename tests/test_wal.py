@@ -89,10 +89,10 @@ class Load:
 
 
 @contextlib.contextmanager
-def crashing(*flags: str) -> Iterator[ServerProcess]:
-    """A 2-worker server in a process group of its own, SIGKILLed whole when the block ends (if the block
-    did not already), its store then removed, as after a reboot."""
-    server = ServerProcess(*flags, workers=2, session=True)
+def crashing(*flags: str, workers: int = 2, store: str | None = None) -> Iterator[ServerProcess]:
+    """A server (2 workers by default) in a process group of its own, SIGKILLed whole when the block ends
+    (if the block did not already), its store then removed, as after a reboot."""
+    server = ServerProcess(*flags, workers=workers, session=True, store=store)
     try:
         yield server
     finally:

@@ -67,7 +67,7 @@ class Journal:
         size = sum(memoryview(p).nbytes for p in parts)
         generation = self._state.generation
         with self._lock:
-            fd = self._file(generation)
+            fd, synced = self._file(generation)
             if size <= ONE_WRITE:
                 # One writev of an O_APPEND regular file: Linux appends it whole, never interleaved with
                 # another process's append; a failure (disk full) writes nothing or leaves a short record,
@@ -77,6 +77,11 @@ class Journal:
                 self._append_locked(fd, parts, size)
             self._appended += 1
             ticket = self._appended
+        if synced:
+            # After self._lock: sync() takes the condition's lock, then self._lock (never the reverse).
+            with self._synced_cond:
+                self._synced = max(self._synced, synced)
+                self._synced_cond.notify_all()
         if self.mode == "everysec" and self._flusher is None:
             self._start_flusher()
         return ticket
@@ -96,16 +101,17 @@ class Journal:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _file(self, generation: int) -> int:
-        """The descriptor of generation `generation`'s log; the caller holds self._lock."""
+    def _file(self, generation: int) -> tuple[int, int]:
+        """The descriptor of generation `generation`'s log, and how many records are durable if moving to
+        it fsynced the old one (0: none); the caller holds self._lock."""
         if generation == self._generation and self._fd >= 0:
-            return self._fd
+            return self._fd, 0
+        synced = 0
         if self._fd >= 0:
             os.fsync(self._fd)  # the old generation's tail, before its snapshot may be pruned away
             os.close(self._fd)
             self._fd = -1
-            with self._synced_cond:
-                self._synced = self._appended
+            synced = self._appended
         path = os.path.join(self.data_dir, layout.log_name(generation))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -114,7 +120,7 @@ class Journal:
             os.close(fd)
             raise
         self._fd, self._generation = fd, generation
-        return fd
+        return fd, synced
 
     # ---- durability ----------------------------------------------------------------------------
 

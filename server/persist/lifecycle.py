@@ -7,6 +7,9 @@
 - periodic (worker 0, which a restart replaces): a snapshot when --snapshot-every seconds have passed
   since the newest one (the shared state remembers it across worker restarts).
 - exit (supervisor, once the workers have stopped): a last snapshot unless --no-snapshot-on-exit.
+- sweep (supervisor, at start once the settings are recorded, and after a worker died): Store.sweep, with
+  what it undoes of dead processes' writes logged (Ops._log_undone), since their records may already be
+  in the log.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from tensorps.server.ops import Ops
 from tensorps.server.persist import layout
 from tensorps.server.persist.restore import CorruptSnapshot, restore
 from tensorps.server.persist.snapshot import SnapshotError
-from tensorps.server.persist.state import Settings, SharedState, write_settings
+from tensorps.server.persist.state import Settings, SharedState, clear_settings, write_settings
 from tensorps.server.store import Store, StoreError
 
 log = logging.getLogger("tensorps.server")
@@ -41,6 +44,7 @@ def start(store: Store, config: ServerConfig) -> int | None:
     workers): the caller closes it at exit. None without a data directory.
     """
     if config.data_dir is None:
+        clear_settings(store.path)  # a store that an earlier server persisted: its settings are not ours
         return None
     data_dir = os.path.abspath(config.data_dir)
     held = _claim(data_dir)
@@ -121,6 +125,31 @@ def snapshot_now(store_path: str, *, why: str) -> None:
     finally:
         ops.close()
         store.close()
+
+
+def sweep(store_path: str) -> None:
+    """Sweep the store after a worker died (Store.sweep_path), logging what it undoes; logs failures."""
+    try:
+        store = Store.attach(store_path, wait=0.0)
+    except (StoreError, OSError) as exc:
+        log.warning("cannot sweep the store %s: %s", store_path, exc)
+        return
+    try:
+        sweep_store(store)
+    except (StoreError, OSError) as exc:
+        log.warning("cannot sweep the store %s: %s", store_path, exc)
+    finally:
+        store.close()
+
+
+def sweep_store(store: Store) -> None:
+    """store.sweep(), with what it undoes of dead processes' writes logged if the store persists (its
+    settings recorded by start())."""
+    ops = Ops(store)
+    try:
+        store.sweep()
+    finally:
+        ops.close()
 
 
 class Periodic:

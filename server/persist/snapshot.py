@@ -9,8 +9,10 @@ fills the spare buffer as always (a spare that is pinned is replaced, not reused
 update of a pinned buffer copies first (ops.py); a variable deleted or resized after the cut keeps its
 pinned pages alive through the mapping. Each shard's pins are released once its file is written.
 
-An unlocked write (use_locking=False) whose copy is under way at the cut, outside any lock as TensorFlow
-does it, may be seen in part, as concurrent readers may see it: its bytes are "undefined" until it ends.
+An unlocked write (use_locking=False) copies in place outside its stripe, as TensorFlow does, but holds
+its stripe's copy lock meanwhile (locks.py): the cut, once it holds every stripe, waits for those copies
+(at most one per unlocked write under way, whose record is in the log the cut ends), so that the
+snapshot holds their whole values and its checksums match the bytes it writes.
 
 On disk: .partial-snap-<g>-<pid>/ gets the shards (safetensors, at most SHARD_BYTES each but one
 variable per shard at least), each fsynced, then manifest.json; the directory is fsynced and renamed
@@ -34,6 +36,7 @@ import numpy as np
 from safetensors import SafetensorError, TensorSpec, serialize_file
 
 from tensorps.client.codec import dtype_from_code
+from tensorps.server.locks import LockTimeout, StripedLocks
 from tensorps.server.persist import layout, tensors
 from tensorps.server.persist.state import LastSnapshot, SharedState
 from tensorps.server.store import Descriptor
@@ -46,6 +49,8 @@ log = logging.getLogger("tensorps.server")
 FORMAT = "tensorps-snapshot"
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 << 30
+# How long a cut waits for unlocked writes that copy in place (one copy each) before it gives up.
+COPY_WAIT = 10.0
 _EMPTY = np.empty(0, np.uint8)
 
 
@@ -83,12 +88,17 @@ def take(ops: Ops, data_dir: str, state: SharedState, *, keep: int) -> SnapshotI
     with layout.snapshot_lock(data_dir):
         layout.sweep_partial(data_dir)
         started = time.monotonic()
-        pinned, generation, cut_time, pause = _cut(ops, state)
+        locks = ops.store.locks
+        locks.acquire(locks.pins, exclusive=True)  # while it lasts, this snapshot's pins hold (store.pinned)
         try:
-            path, total = _write(ops, pinned, data_dir, generation, cut_time=cut_time, pause=pause)
+            pinned, generation, cut_time, pause = _cut(ops, state)
+            try:
+                path, total = _write(ops, pinned, data_dir, generation, cut_time=cut_time, pause=pause)
+            finally:
+                for p in pinned:
+                    ops.store.unpin(p.slot, p.d.segment)
         finally:
-            for p in pinned:
-                ops.store.unpin(p.slot, p.d.segment)
+            locks.release(locks.pins)
         seconds = time.monotonic() - started
         layout.prune(data_dir, keep)
         info = SnapshotInfo(path, generation, len(pinned), total, seconds, pause * 1000, cut_time)
@@ -114,6 +124,7 @@ def _cut(ops: Ops, state: SharedState) -> tuple[list[_Pinned], int, float, float
         for stripe in range(store.locks.stripes):
             ops.acquire(stripe, exclusive=False)
             held.append(stripe)
+        _wait_for_copies(store.locks)
         cut_time = time.time()
         for name, slot in store.slots():
             d = store.active(slot)
@@ -132,6 +143,22 @@ def _cut(ops: Ops, state: SharedState) -> tuple[list[_Pinned], int, float, float
         for stripe in reversed(held):
             store.locks.release(stripe)
     return pinned, generation, cut_time, time.monotonic() - started
+
+
+def _wait_for_copies(locks: StripedLocks) -> None:
+    """Wait (under every stripe, so no new one starts) for the unlocked writes still copying in place:
+    their records are in the log this cut ends, so the snapshot must hold their whole values, and its
+    checksums must match the bytes it writes."""
+    for stripe in range(locks.stripes):
+        index = locks.copy_lock(stripe)
+        try:
+            locks.acquire(index, exclusive=True, timeout=COPY_WAIT)
+        except LockTimeout:
+            raise SnapshotError(
+                f"an unlocked write is still copying after {COPY_WAIT:g} s (a stopped same-host client?); "
+                "no snapshot taken, earlier snapshots are intact"
+            ) from None
+        locks.release(index)
 
 
 def _shards(pinned: list[_Pinned]) -> list[list[_Pinned]]:

@@ -53,6 +53,12 @@ def write_settings(store_path: str, settings: Settings) -> None:
     os.replace(tmp, os.path.join(store_path, SETTINGS_FILE))
 
 
+def clear_settings(store_path: str) -> None:
+    """The store persists nothing (any more): a server started on it without --data-dir."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(store_path, SETTINGS_FILE))
+
+
 def read_settings(store_path: str) -> Settings | None:
     try:
         with open(os.path.join(store_path, SETTINGS_FILE)) as handle:
