@@ -270,6 +270,28 @@ def test_a_damaged_snapshot_is_refused_and_the_one_before_used(data_dir: str, da
     assert any(first.path in line and "restored" in line for line in server.log), server.log
 
 
+def test_no_valid_snapshot_refuses_to_start_rather_than_serve_a_partial_model(data_dir: str) -> None:
+    """Every snapshot damaged: the logs alone would be a partial model, so the server refuses to start
+    with a clear error naming the way out; --no-restore starts empty; the files are left as they were."""
+    flags = ("--data-dir", data_dir, "--wal", "always", "--no-snapshot-on-exit", "--snapshot-keep", "1")
+    with ServerProcess(*flags) as server, Client(server.address) as ps:
+        ps.create("v", value=np.zeros(4, np.float32))
+        ps.snapshot()
+        ps.assign("v", np.ones(4, np.float32))
+        only = ps.snapshot()  # the first log is pruned with the first snapshot: history starts here
+        ps.assign_add("v", np.ones(4, np.float32))
+    _corrupt(Path(only.path, "shard-00000.safetensors"))
+    refused = ServerProcess("--data-dir", data_dir, wait=False)
+    code = refused.proc.wait(30)
+    refused.stop()
+    log = "\n".join(refused.log)
+    assert code == 1 and "refusing to start from its logs alone" in log and "--no-restore" in log, log
+    assert "Traceback" not in log and not os.path.exists(refused.store)
+    assert os.path.exists(only.path)
+    with _server(data_dir, "--no-restore") as server, Client(server.address) as ps:
+        assert ps.list() == []
+
+
 def test_restore_picks_a_snapshot_or_none(data_dir: str) -> None:
     """--restore PATH starts from that snapshot (and later starts from that state); --no-restore starts
     empty."""

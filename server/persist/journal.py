@@ -17,7 +17,8 @@ replay skips (records.scan).
 Durability: `always` acknowledges a write only after an fsync that followed its append; concurrent writers
 share one (the first to wait runs it for everyone appended so far: group commit). `everysec` fsyncs from a
 background thread once a second. The generation changes under every stripe lock (a snapshot's cut); the
-first append after it moves this process to the new file, after an fsync of the old one.
+first append after it moves this process to the new file, after an fsync of the older ones (whoever
+appended to them: a record in the new file may depend on another process's record in an old one).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
             synced = self._appended
+        _sync_older_logs(self.data_dir, generation)
         path = os.path.join(self.data_dir, layout.log_name(generation))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -195,6 +197,23 @@ class Journal:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _sync_older_logs(data_dir: str, generation: int) -> None:
+    """fsync every earlier generation's log, whoever wrote it, before this process's first record in
+    generation `generation`: a record here may depend on a write another process appended there (before
+    the cut) and has not made durable yet; if the snapshot of the cut never completes, replay needs both."""
+    for older, path in layout.logs(data_dir):
+        if older >= generation:
+            break
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # pruned meanwhile: its snapshot is complete
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_all(fd: int, parts: list[Any], size: int) -> None:

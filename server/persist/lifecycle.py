@@ -94,7 +94,8 @@ def _restore(store: Store, config: ServerConfig, data_dir: str) -> None:
     try:
         restored = restore(store, data_dir, snapshot=config.restore)
     except CorruptSnapshot as exc:
-        raise PersistStartupError(f"cannot restore {config.restore}: {exc}") from None
+        source = config.restore if config.restore is not None else f"from {data_dir}"
+        raise PersistStartupError(f"cannot restore {source}: {exc}") from None
     except (OSError, ValueError, StoreError) as exc:
         raise PersistStartupError(f"cannot restore from {data_dir}: {exc}") from None
     if restored.snapshot is None and restored.records == 0:

@@ -288,7 +288,13 @@ def restore(store: Store, data_dir: str, *, snapshot: str | None = None) -> Rest
             log.error("snapshot refused, trying the one before: %s", exc)
             _empty(store)
     if chosen is None and layout.snapshots(data_dir):
-        log.error("no valid snapshot in %s: restoring from its logs alone", data_dir)
+        # The logs alone hold only the writes since the oldest kept snapshot: a partial model, served as if
+        # whole. Refuse loudly instead; the files stay as they are for whoever decides.
+        raise CorruptSnapshot(
+            f"no snapshot in {data_dir} passes its checks (each is named above): refusing to start from its "
+            "logs alone, which would serve a partial model; start with --restore PATH (a good copy), or "
+            "--no-restore to start empty"
+        )
     replayed = 0
     for log_generation, path in layout.logs(data_dir):
         if log_generation >= generation:
