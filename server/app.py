@@ -114,7 +114,7 @@ def serve(config: ServerConfig) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
     check_security(config)
     check_process_limits(config)
-    port = claim_port(config)
+    port, held_port = claim_port(config)
     config = replace(config, port=port)
     # From here on SIGTERM and SIGINT are queued rather than fatal, so that one that comes while the store
     # is being made still stops the server cleanly (and removes the store).
@@ -177,6 +177,7 @@ def serve(config: ServerConfig) -> int:
         if config.data_dir is not None and not config.no_snapshot_on_exit:
             lifecycle.snapshot_now(config.store_path, why="at exit")
     finally:
+        held_port.close()
         if metrics is not None:
             metrics.close()
         if data_dir_held is not None:

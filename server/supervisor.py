@@ -43,11 +43,14 @@ def claim_bulk_ports(config: ServerConfig) -> None:
                 raise StartupError(f"bulk port {port} (worker {index}) on {config.host} {what}") from None
 
 
-def claim_port(config: ServerConfig) -> int:
-    """Fail if any socket holds the port; resolve port 0 to a free port.
+def claim_port(config: ServerConfig) -> tuple[int, socket.socket]:
+    """Fail if any socket holds the port; resolve port 0 to a free port; return it with a socket that
+    holds it for the server's lifetime.
 
     gRPC sets SO_REUSEPORT, which would let a second server silently share a busy port, so the check binds a
-    plain socket first.
+    plain socket first. The held socket (SO_REUSEPORT like the workers' gRPC sockets, never listening) keeps
+    anything else from taking the port before the workers bind it: an ephemeral bind of another process, or
+    of a worker's own bulk listener.
     """
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -59,7 +62,15 @@ def claim_port(config: ServerConfig) -> int:
                 raise StartupError(f"port {config.port} on {config.host} is already in use") from None
             raise StartupError(f"cannot bind {config.address}: {exc.strerror}") from None
         port: int = probe.getsockname()[1]
-        return port
+    held = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((config.host.strip("[]"), port))
+    except OSError as exc:
+        held.close()
+        taken = f"port {port} on {config.host} was taken while the server started: {exc.strerror}"
+        raise StartupError(taken) from None
+    return port, held
 
 
 @dataclass

@@ -343,7 +343,12 @@ def test_row_pipelines_are_atomic_on_one_shard_only(cc: ClusterClient) -> None:
     with pytest.raises(TensorPSError, match=r"indices\[0\] = 9 is not in \[0, 4\)"):
         cc.pipeline(atomic=True).scatter_add(w, [0], np.ones((1, 2), F32)).gather(w, [9]).execute()
     assert np.array_equal(cc.read(w), before)  # atomic: the failure changed nothing
-    emb = prefix + "emb"
+    # A table whose first and last parts live on different shards (parts are placed by their own names).
+    emb = next(
+        name
+        for name in (f"{prefix}emb{i}" for i in range(1000))
+        if placement.owner(f"{name}/part_0", 3) != placement.owner(f"{name}/part_2", 3)
+    )
     cc.create(emb, value=np.zeros((6, 2), F32), partitioner=fixed_size_partitioner(3))
     with pytest.raises(UsageError, match="atomic per shard"):
         cc.pipeline(atomic=True).scatter_add(emb, [0, 5], np.ones((2, 2), F32)).execute()
