@@ -49,7 +49,8 @@ def add_connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -
     group.add_argument(
         "--target",
         default=default(_env("TENSORPS_TARGET") or DEFAULT_TARGET),
-        help=f"host:port, or shm://STORE: a server's store on this host [TENSORPS_TARGET; {DEFAULT_TARGET}]",
+        help="host:port; a cluster as host:port,host:port,... or cluster://host:port (one member); or "
+        f"shm://STORE: a server's store on this host [TENSORPS_TARGET; {DEFAULT_TARGET}]",
     )
     group.add_argument(
         "--token", default=default(_env("TENSORPS_TOKEN")), help="bearer token [TENSORPS_TOKEN]"

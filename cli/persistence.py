@@ -13,15 +13,14 @@ start-up restore (--data-dir, --restore).
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any
 
 from tensorps.cli.commands import Session, command
 from tensorps.cli.exits import CommandError
 from tensorps.cli.output import shape_text
 from tensorps.client import Client
+from tensorps.client.cluster import ClusterClient, members_of
 from tensorps.client.cluster import is_cluster_target as is_cluster
-from tensorps.client.cluster import members_of
 from tensorps.client.snapshot import SnapshotInfo
 from tensorps.server.persist.restore import CorruptSnapshot, SnapshotVariable, read_snapshot
 
@@ -59,10 +58,11 @@ def snapshot(session: Session) -> int | None:
         session.out.result(_snapshot_json(info), _snapshot_text("", info))
         return None
     # A cluster: each shard snapshots its own variables (each a cut of its own; shards are not cut together).
-    taken = []
-    for index, member in enumerate(members):
-        with replace(connection, target=member).client() as client:
-            taken.append((index, member, client.snapshot()))
+    assert isinstance(session.client, ClusterClient)
+    taken = [
+        (index, member, info)
+        for index, (member, info) in enumerate(zip(members, session.client.snapshot(), strict=True))
+    ]
     data = {"shards": [{"shard": i, "member": m, **_snapshot_json(info)} for i, m, info in taken]}
     text = "\n".join(_snapshot_text(f"shard {i} ({m}): ", info) for i, m, info in taken)
     session.out.result(data, text)

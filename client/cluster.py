@@ -49,6 +49,7 @@ from tensorps.client.infos import ServerInfo, VariableInfo
 from tensorps.client.layouts import Layouts, logical_info, read_records
 from tensorps.client.placement import PartitionSpec
 from tensorps.client.rows import RowCalls
+from tensorps.client.snapshot import SnapshotInfo
 
 T = TypeVar("T")
 Array = np.ndarray[Any, Any]
@@ -302,6 +303,13 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
         self._check_open()
         found = self._gathered({i: c.server_info for i, c in enumerate(self.shards)})
         return [found[i] for i in range(len(self.shards))]
+
+    def snapshot(self) -> builtins.list[SnapshotInfo]:  # type: ignore[override]
+        """Every shard's snapshot, in shard order: each shard takes its own point-in-time cut of its own
+        variables (shards are not cut together)."""
+        self._check_open()
+        taken = self._gathered({i: c.snapshot for i, c in enumerate(self.shards)})
+        return [taken[i] for i in range(len(self.shards))]
 
     # ---- reads and writes ----------------------------------------------------------------------
 

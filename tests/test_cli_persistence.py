@@ -8,10 +8,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from cluster_support import free_ports
 from test_cli import tensorps
 
 from support import ServerProcess
 from tensorps.client import Client
+from tensorps.client.cluster import ClusterClient
 
 VALUES: dict[str, np.ndarray[Any, Any]] = {
     "w": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -97,3 +99,31 @@ def test_snapshot_needs_a_data_dir_and_restore_works_over_shm(tmp_path: Path) ->
         with Client(target.address) as ps:
             assert [info.name for info in ps.list()] == ["w"]
             np.testing.assert_array_equal(ps.read("w"), VALUES["w"])
+
+
+def test_a_cluster_snapshots_every_shard(tmp_path: Path) -> None:
+    """ClusterClient.snapshot() and `tensorps snapshot` on a cluster target: one snapshot per shard, each
+    on its own data directory, in shard order."""
+    ports = free_ports(2)
+    members = ",".join(f"127.0.0.1:{port}" for port in ports)
+    servers: list[ServerProcess] = []
+    try:
+        for i, port in enumerate(ports):
+            data_dir = str(tmp_path / f"data-{i}")
+            flags = ("--cluster", members, "--shard-index", str(i), "--data-dir", data_dir)
+            servers.append(ServerProcess(*flags, "--no-snapshot-on-exit", port=port))
+        with Client(members) as cc:
+            assert isinstance(cc, ClusterClient)
+            for k in range(8):
+                cc.create(f"v{k}", value=np.full(3, k, np.float32))
+            taken = cc.snapshot()
+            assert [Path(info.path).parent.name for info in taken] == ["data-0", "data-1"]
+            assert sum(info.variables for info in taken) == 8 and all(info.variables for info in taken)
+        result = tensorps("--target", members, "--json", "snapshot")
+        assert result.code == 0, result.stderr
+        shards = result.json()["shards"]
+        assert [s["shard"] for s in shards] == [0, 1] and [s["member"] for s in shards] == members.split(",")
+        assert all(s["generation"] > t.generation for s, t in zip(shards, taken, strict=True))
+    finally:
+        for server in servers:
+            server.stop()
