@@ -27,7 +27,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from tensorps.server.locks import FLOCK, OFD_SETLK, remove_if_unlocked
+from tensorps.server.locks import FLOCK, OFD_SETLK, dead_records
 
 PREFIX = "commit-"
 STAGING = "new-commit-"
@@ -103,25 +103,9 @@ def orphans(directory: int) -> Iterator[tuple[str, int, list[Entry]]]:
     """(file name, state, entries) of every record in the directory (a descriptor) whose writer is dead;
     its file stays locked by the caller until the generator moves on, so that two recovering processes
     never replay one record at once."""
-    names = os.listdir(directory)
-    for name in names:
-        if name.startswith(STAGING):
-            remove_if_unlocked(directory, name)  # killed before it became a record
-    for name in (n for n in names if n.startswith(PREFIX)):
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-            except OSError:
-                continue  # its writer is alive
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-            # Empty: created and killed before its first byte; it changed nothing (and is removed).
-            yield name, data[0] if data else PREPARING, list(_entries(data))
-        finally:
-            os.close(fd)
+    for name, data in dead_records(directory, PREFIX, STAGING):
+        # Empty: created and killed before its first byte; it changed nothing (and is removed).
+        yield name, data[0] if data else PREPARING, list(_entries(data))
 
 
 def _entries(data: bytes) -> Iterator[Entry]:

@@ -244,3 +244,26 @@ def remove_if_unlocked(directory: int, name: str) -> None:
         pass  # its writer is alive (or another process removed it)
     finally:
         os.close(fd)
+
+
+def dead_records(directory: int, prefix: str, staging: str) -> Iterator[tuple[str, bytes]]:
+    """(file name, contents) of every record file named `prefix`... in `directory` whose writer is dead,
+    each held under its OFD lock until the generator moves on (two recovering processes never take one
+    record); half-made `staging`... files of dead writers are removed first."""
+    names = os.listdir(directory)
+    for name in names:
+        if name.startswith(staging):
+            remove_if_unlocked(directory, name)
+    for name in (n for n in names if n.startswith(prefix)):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            except OSError:
+                continue  # its writer is alive
+            yield name, os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)

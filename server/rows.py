@@ -141,19 +141,33 @@ def gather(name: str, table: Array, indices: Array, batch_dims: int = 0) -> Arra
 # ---- scatter --------------------------------------------------------------------------------------
 
 
-def plan_scatter(
-    kind: str, name: str, shape: Shape, dtype: str, *, indices: Array, updates: Array, initialized: bool
-) -> Patch:
-    """Every check of ResourceScatter<kind> for a table of `shape`/`dtype`; the rows it touches."""
-    op = OP_NAMES[kind]
+def _check_scatter(
+    op: str,
+    allowed: tuple[str, ...],
+    name: str,
+    dtype: str,
+    indices: Array,
+    *,
+    updates: Array,
+    initialized: bool,
+) -> None:
+    """The checks every Scatter and ScatterNd kernel runs first, in TF's order."""
     check_indices_dtype(indices)
-    check_kernel_dtype(op, name, dtype, SCATTER_DTYPES[kind])
+    check_kernel_dtype(op, name, dtype, allowed)
     if updates.dtype != dtype_of(dtype).numpy:
         raise InvalidArgument(
             f"DType of scatter resource and updates does not match. (variable '{name}' is {dtype}, "
             f"updates are {dtype_of(updates.dtype).name})"
         )
     check_initialized(name, initialized)
+
+
+def plan_scatter(
+    kind: str, name: str, shape: Shape, dtype: str, *, indices: Array, updates: Array, initialized: bool
+) -> Patch:
+    """Every check of ResourceScatter<kind> for a table of `shape`/`dtype`; the rows it touches."""
+    op = OP_NAMES[kind]
+    _check_scatter(op, SCATTER_DTYPES[kind], name, dtype, indices, updates=updates, initialized=initialized)
     if len(shape) < 1:
         raise InvalidArgument(
             f"params must be at least 1-D, got shape {format_shape(shape)} (variable '{name}')"
@@ -181,14 +195,9 @@ def plan_scatter_nd(
 ) -> Patch:
     """Every check of ResourceScatterNd<kind>: indices[..., :k] address slices table[i0..ik-1]."""
     op = ND_OP_NAMES[kind]
-    check_indices_dtype(indices)
-    check_kernel_dtype(op, name, dtype, SCATTER_ND_DTYPES[kind])
-    if updates.dtype != dtype_of(dtype).numpy:
-        raise InvalidArgument(
-            f"DType of scatter resource and updates does not match. (variable '{name}' is {dtype}, "
-            f"updates are {dtype_of(updates.dtype).name})"
-        )
-    check_initialized(name, initialized)
+    _check_scatter(
+        op, SCATTER_ND_DTYPES[kind], name, dtype, indices, updates=updates, initialized=initialized
+    )
     if len(shape) < 1:
         raise InvalidArgument(
             f"Output must be at least 1-D, got shape: {format_shape(shape)} (variable '{name}')"

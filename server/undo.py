@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tensorps.server.locks import FLOCK, OFD_SETLK, remove_if_unlocked
+from tensorps.server.locks import FLOCK, OFD_SETLK, dead_records
 
 PREFIX = "undo-"
 STAGING = "new-undo-"
@@ -127,32 +127,16 @@ def recover(
     count(section) the versions of a WRITTEN one; returns how many records there were.
     The caller holds the store's catalog lock (so that two processes never replay one record)."""
     done = 0
-    names = os.listdir(directory)
-    for name in names:
-        if name.startswith(STAGING):
-            remove_if_unlocked(directory, name)
-    for name in (n for n in names if n.startswith(PREFIX)):
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=directory)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.fcntl(fd, OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-            except OSError:
-                continue  # its writer is alive
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-            if len(data) >= _HEAD.size:
-                (state,) = _HEAD.unpack_from(data, 0)
-                for section in _sections(data):
-                    if state == READY:
-                        restore(section)
-                    elif state == WRITTEN:
-                        count(section)
-            os.unlink(name, dir_fd=directory)
-            done += 1
-        finally:
-            os.close(fd)
+    for name, data in dead_records(directory, PREFIX, STAGING):
+        if len(data) >= _HEAD.size:
+            (state,) = _HEAD.unpack_from(data, 0)
+            for section in _sections(data):
+                if state == READY:
+                    restore(section)
+                elif state == WRITTEN:
+                    count(section)
+        os.unlink(name, dir_fd=directory)  # still locked by dead_records until the loop moves on
+        done += 1
     return done
 
 
