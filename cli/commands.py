@@ -178,7 +178,7 @@ def _progress_argument(parser: argparse.ArgumentParser) -> None:
 def get(session: Session) -> int | None:
     name = session.args.name
     found = session.client.info(name)  # its size first: a large value is then read as a stream
-    with session.out.transfer(f"get {name}", nbytes(found)):
+    with session.out.transfer(f"get {name}", None if session.connection.local else nbytes(found)):
         value = session.client.read(name)
     output = session.args.output
     if output is not None:
@@ -232,7 +232,7 @@ def _load(path: str, dtype: str | None) -> Array:
                 f"--dtype {dtype} has {wanted.itemsize}-byte items, {path} holds {array.dtype} of "
                 f"{array.dtype.itemsize} bytes"
             )
-        array = np.ascontiguousarray(array).view(wanted)
+        array = array.view(wanted)
     return array
 
 
@@ -248,7 +248,7 @@ def put(session: Session) -> int | None:
         if args.no_create:
             raise
         created = True
-    with session.out.transfer(f"put {args.name}", value.nbytes):
+    with session.out.transfer(f"put {args.name}", None if session.connection.local else value.nbytes):
         written = None
         if created:
             try:

@@ -9,22 +9,16 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from tensorps.client import VariableInfo, progress
+from tensorps.client import VariableInfo, codec, progress
+from tensorps.client.transport import STREAM_THRESHOLD
 
 Array = np.ndarray[Any, Any]
-# Transfers from this size on get a progress bar (when stderr is a terminal, or with --progress).
-PROGRESS_BYTES = 4 << 20
 SHOWN_VALUES = 8
 
 
 def nbytes(info: VariableInfo) -> int | None:
     """A variable's size in bytes (None: its shape is not known yet)."""
-    if info.shape is None:
-        return None
-    count = 1
-    for dim in info.shape:
-        count *= dim
-    return count * info.dtype.itemsize
+    return None if info.shape is None else codec.nbytes_of(info.shape, codec.dtype_of(info.dtype))
 
 
 def shape_text(shape: tuple[int, ...] | None) -> str:
@@ -120,8 +114,9 @@ class Output:
 
     @contextmanager
     def transfer(self, what: str, total: int | None) -> Iterator[None]:
-        """A progress bar on stderr for a streamed transfer of `total` bytes, if large enough."""
-        if not self.progress_bars or total is None or total < PROGRESS_BYTES:
+        """A progress bar on stderr for a streamed transfer of `total` bytes (the client streams values
+        above STREAM_THRESHOLD; None: no bar, e.g. over shm://, where a value moves in one copy)."""
+        if not self.progress_bars or total is None or total <= STREAM_THRESHOLD:
             yield
             return
         from tqdm import tqdm  # noqa: PLC0415 (only for large transfers)

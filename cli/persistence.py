@@ -111,12 +111,11 @@ def restore(session: Session) -> int | None:
     create, assign, left = _plan(client, variables)
     total = sum(len(v.data) for v in (*create, *assign) if v.data is not None)
     if not args.dry_run:
-        with session.out.transfer(f"restore {args.path}", total):
-            for start in range(0, len(create), _BATCH):
-                client.create_many({v.name: _create_spec(v) for v in create[start : start + _BATCH]})
-            for start in range(0, len(assign), _BATCH):
-                values = {v.name: v.array() for v in assign[start : start + _BATCH]}
-                client.assign_many(values, validate_shape=False)
+        for start in range(0, len(create), _BATCH):
+            client.create_many({v.name: _create_spec(v) for v in create[start : start + _BATCH]})
+        for start in range(0, len(assign), _BATCH):
+            values = {v.name: v.array() for v in assign[start : start + _BATCH]}
+            client.assign_many(values, validate_shape=False)
     verb = "would create" if args.dry_run else "created"
     data = {
         "snapshot": args.path,

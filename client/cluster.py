@@ -335,12 +335,13 @@ class ClusterClient(ClusterRowCalls, ClusterBatchCalls, Client):  # type: ignore
         use_locking: bool = True,
         read_value: bool = True,
     ) -> Any:
-        name = self._checked(name)
-        flags = {"validate_shape": validate_shape, "use_locking": use_locking, "read_value": read_value}
-        return self._routed(
+        return self._update(
+            "assign",
             name,
-            lambda c: c.assign(name, value, **flags),
-            lambda spec: self._one("assign", name, value, **flags),
+            value,
+            validate_shape=validate_shape,
+            use_locking=use_locking,
+            read_value=read_value,
         )
 
     def assign_add(self, name: str, delta: Any, *, use_locking: bool = False, read_value: bool = True) -> Any:

@@ -41,7 +41,7 @@ def logical_info(spec: PartitionSpec, parts: list[VariableInfo]) -> VariableInfo
 
 
 def join_values(values: list[Array]) -> Array:
-    joined = np.concatenate(values, axis=0) if len(values) > 1 else np.array(values[0])
+    joined = np.concatenate(values, axis=0)
     joined.flags.writeable = False
     return joined
 

@@ -191,9 +191,6 @@ class LocalClient(Client):
         with self._errors():
             return self._ops.read(name, copy)
 
-    def _read_stream(self, name: str) -> Array:
-        return self._read(name)
-
     def _send_write(self, name: str, array: Array, op: int, flags: WriteFlags) -> Any:
         read_value = flags.read_value
         self._ops.store.release_unused()

@@ -102,13 +102,15 @@ def crashing(*flags: str, workers: int = 2, store: str | None = None) -> Iterato
         server.kill()
 
 
-def _crash_and_restart(tmp_path: Path, *flags: str) -> tuple[Load, float, Client, ServerProcess]:
+def _crash_and_restart(
+    tmp_path: Path, *flags: str, seconds: float = 1.5
+) -> tuple[Load, float, Client, ServerProcess]:
     data_dir = str(tmp_path / "data")
     with crashing("--data-dir", data_dir, *flags) as server:
         load = Load(server.address)
         with Client(server.address) as ps:
             load.setup(ps)
-        killed = load.run_then_kill(server, 1.5)
+        killed = load.run_then_kill(server, seconds)
     assert all(load.acked.values()) and load.adds, "the load acknowledged nothing before the kill"
     again = ServerProcess("--data-dir", data_dir, "--no-snapshot-on-exit", *flags)
     return load, killed, Client(again.address), again
@@ -138,11 +140,13 @@ def test_wal_always_keeps_every_acknowledged_write(tmp_path: Path) -> None:
 
 def test_wal_everysec_loses_at_most_about_a_second(tmp_path: Path) -> None:
     """--wal everysec: everything acknowledged more than ~1 s before the kill is there."""
-    load, killed, ps, server = _crash_and_restart(tmp_path, "--wal", "everysec")
+    # The load runs 3 s, so that writes acknowledged more than 1.5 s before the kill exist to be checked.
+    load, killed, ps, server = _crash_and_restart(tmp_path, "--wal", "everysec", seconds=3.0)
     with server, ps:
         for name, acked in load.acked.items():
             value = int(ps.read(name)[0])
             older = [i for t, i in acked if t < killed - 1.5]
+            assert older, f"{name}: nothing was acknowledged 1.5 s before the kill"
             assert value >= (older[-1] if older else 0), (name, value)
             assert value <= acked[-1][1] + 1
             assert ps.info(name).version == value + 1
